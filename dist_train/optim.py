@@ -1,0 +1,76 @@
+"""AdamW with parameter groups and the learning-rate schedules (warmup + cosine, WSD, constant).
+
+Clipping and accumulation are DeepSpeed's (`gradient_clipping`, `gradient_accumulation_steps` in the
+generated ds_config); the optimizer here is a client `torch.optim.AdamW`, which needs no JIT-compiled op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_train.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases, LayerScale gains (ndim < 2) and embeddings are left alone, as in
+    GPT-NeoX and nanoGPT, because shrinking them toward zero does not regularise, it only hurts."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be skipped (a non-finite loss): DeepSpeed's ZeRO wrappers call the inner
+    optimizer's `step()`, so skipping here leaves weights and moments untouched at every ZeRO stage."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skip_next_step = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, fused: bool = False) -> SkippableAdamW:
+    return SkippableAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                          fused=fused or None)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "cosine":
+        span = max(1, t.max_steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    # wsd: warmup, a long stable phase at lr, then a linear decay to min_lr over the last decay_fraction.
+    decay_steps = max(1, round(t.max_steps * t.decay_fraction))
+    decay_start = t.max_steps - decay_steps
+    if step < decay_start:
+        return t.lr
+    progress = min(1.0, (step - decay_start) / decay_steps)
+    return t.lr + (t.min_lr - t.lr) * progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that DeepSpeed steps once per optimizer step; its state is saved with the checkpoint."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)

@@ -1,0 +1,247 @@
+"""The training loop, top to bottom: set up, resume, train, evaluate, checkpoint, stop.
+
+One code path for one process, N processes and N nodes: the launcher's environment says where this process
+sits (dist_train.distributed), DeepSpeed does data parallelism and ZeRO from the generated ds_config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train import distributed
+from dist_train.checkpoint import Checkpointer, TrainState
+from dist_train.config import Config, deepspeed_config
+from dist_train.data import TokenLoader
+from dist_train.distributed import ProcessPlace, Rank0
+from dist_train.metrics import build_logger
+from dist_train.model import build_model
+from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler
+from dist_train.preflight import preflight
+from dist_train.scaling import flops_per_token, peak_flops
+from dist_train.signals import EXIT_PREEMPTED, StopRequest
+
+EXIT_COMPLETED = 0
+
+
+class TooManyBadSteps(RuntimeError):
+    """Raised after train.max_bad_steps non-finite losses in a row; the last good checkpoint is intact."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the step's micro-batches and all ranks (nan when any rank's loss was not finite)."""
+    skipped: bool
+    """True when the update was skipped for a non-finite loss."""
+    stop_requested: bool
+    """True when any rank received a stop signal."""
+
+
+def train(cfg: Config, resume: str = "latest") -> int:
+    """Train to cfg.train.max_steps (resuming when a checkpoint exists); return the process exit code."""
+    place = distributed.discover()
+    preflight(cfg, place.world_size)
+    distributed.prepare_accelerator()
+    device = distributed.init(place)
+    import deepspeed  # after prepare_accelerator: DeepSpeed picks its accelerator at import time
+
+    rank0 = Rank0(place)
+    run_dir = Path(cfg.run.out_dir)
+    ds_config = deepspeed_config(cfg, place.world_size)
+    rank0.run(write_run_files, run_dir, cfg, ds_config)
+    stop = StopRequest().install()
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+
+    t = cfg.train
+    accum = ds_config["gradient_accumulation_steps"]
+    train_data = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size,
+                             place.rank, place.world_size, t.seed)
+    checkpointer = Checkpointer(run_dir, cfg, engine, place)
+    state = TrainState()
+    found = checkpointer.find(resume)
+    if found is not None:
+        state, loader_state, changes = checkpointer.load(found)
+        train_data.load_state_dict(loader_state)
+        rank0.print(f"resumed from {found} at step {state.step}"
+                    + (f"; config changes: {'; '.join(changes)}" if changes else ""))
+    log_process_places(run_dir, place, rank0, state.step)
+    logger = build_logger(cfg, run_dir, place, state, resumed=found is not None)
+
+    tokens_per_step = t.micro_batch_size * accum * place.world_size * cfg.model.seq_len
+    flops_per_step = flops_per_token(cfg.model) * tokens_per_step
+    peak = peak_flops(device)
+    window_seconds, window_steps, val_loss, last_loss = 0.0, 0, None, math.nan
+    saved_step = state.step
+    invocation_start = time.perf_counter()
+
+    while state.step < t.max_steps:
+        step_start = time.perf_counter()
+        result = train_step(engine, optimizer, train_data, accum, device, stop)
+        window_seconds += time.perf_counter() - step_start
+        window_steps += 1
+        state.step += 1
+        state.tokens += tokens_per_step
+        count_bad_step(state, result, t.max_bad_steps)
+        last_loss = result.loss if not result.skipped else last_loss
+
+        if state.step % t.log_every == 0 or state.step == t.max_steps:
+            step_seconds = window_seconds / window_steps
+            record = {
+                "step": state.step, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": _grad_norm(engine), "tokens": state.tokens,
+                "tokens_per_s": tokens_per_step / step_seconds,
+                "mfu": flops_per_step / step_seconds / (peak * place.world_size) if peak else None,
+                "mem_gb": memory_gb(device), "skipped_steps": state.skipped_steps,
+            }
+            if cfg.precision == "fp16":
+                record["loss_scale"] = float(engine.optimizer.cur_scale)
+            logger.log(record)
+            rank0.print(format_log_line(record, t.max_steps))
+            window_seconds, window_steps = 0.0, 0
+
+        if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
+            val_loss = evaluate(engine, cfg, place, device)
+            logger.log({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            rank0.print(f"step {state.step} | val_loss {val_loss:.4f}")
+
+        if result.stop_requested:
+            state.wall_s += time.perf_counter() - invocation_start
+            checkpointer.save(state, train_data.state_dict())
+            rank0.print(f"stop signal ({stop.signal_name or 'on another rank'}): saved step {state.step}, "
+                        f"exiting with {EXIT_PREEMPTED} so the job can be requeued")
+            logger.close()
+            distributed.shutdown()
+            return EXIT_PREEMPTED
+
+        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+            checkpointer.save(state, train_data.state_dict())
+            saved_step = state.step
+
+    if t.eval_every:
+        val_loss = evaluate(engine, cfg, place, device)
+        logger.log({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+    state.wall_s += time.perf_counter() - invocation_start
+    if saved_step != state.step:
+        checkpointer.save(state, train_data.state_dict())
+    summary = {"final_step": state.step, "train_loss": last_loss, "val_loss": val_loss, "tokens": state.tokens,
+               "wall_s": state.wall_s, "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
+               "skipped_steps": state.skipped_steps, "world_size": place.world_size}
+    logger.summary(summary)
+    logger.close()
+    rank0.print(f"done: step {state.step}, train_loss {last_loss:.4f}, val_loss {val_loss}, "
+                f"run folder {run_dir.resolve()}")
+    distributed.shutdown()
+    return EXIT_COMPLETED
+
+
+def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum: int, device: torch.device,
+               stop: StopRequest) -> StepResult:
+    """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
+    non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
+    loss_sum, bad = 0.0, False
+    for micro in range(accum):
+        inputs, targets = data.next_batch()
+        loss = engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+        value = loss.detach().float().item()
+        bad = bad or not math.isfinite(value)
+        loss_sum += value
+        engine.backward(loss)
+        if micro == accum - 1:
+            flags = reduce_step(loss_sum / accum, bad, stop.requested)
+            optimizer.skip_next_step = flags.skipped
+        engine.step()
+    optimizer.skip_next_step = False  # DeepSpeed's fp16 overflow check may have skipped the inner step itself
+    return flags
+
+
+def reduce_step(local_loss: float, bad: bool, stop: bool) -> StepResult:
+    values = torch.tensor([0.0 if bad else local_loss, float(bad), float(stop)], dtype=torch.float64)
+    totals = distributed.sum_over_ranks(values)
+    world = distributed.world_size()
+    skipped = totals[1].item() > 0
+    return StepResult(loss=math.nan if skipped else totals[0].item() / world, skipped=skipped,
+                      stop_requested=totals[2].item() > 0)
+
+
+def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) -> None:
+    if not result.skipped:
+        state.consecutive_bad_steps = 0
+        return
+    state.consecutive_bad_steps += 1
+    state.skipped_steps += 1
+    if state.consecutive_bad_steps >= max_bad_steps:
+        raise TooManyBadSteps(
+            f"{state.consecutive_bad_steps} steps in a row (up to step {state.step}) had a non-finite loss and "
+            f"were skipped (train.max_bad_steps={max_bad_steps}); stopping. The last good checkpoint is intact: "
+            f"lower train.lr, raise train.warmup_steps or use precision=bf16, then re-run to resume.")
+
+
+@torch.no_grad()
+def evaluate(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device) -> float:
+    """Mean loss over the first train.eval_steps validation batches (the same batches every time)."""
+    val_data = TokenLoader(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
+                           place.rank, place.world_size, cfg.train.seed)
+    engine.eval()
+    total = 0.0
+    for _ in range(cfg.train.eval_steps):
+        inputs, targets = val_data.next_batch()
+        total += engine(inputs.to(device), targets.to(device)).float().item()
+    engine.train()
+    return distributed.mean_over_ranks(total / cfg.train.eval_steps)
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or this process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def format_log_line(r: dict[str, Any], max_steps: int) -> str:
+    grad = f"{r['grad_norm']:.3f}" if r["grad_norm"] is not None else "n/a"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {grad} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {r['mem_gb']:.2f} GB")
+
+
+def write_run_files(run_dir: Path, cfg: Config, ds_config: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
+def log_process_places(run_dir: Path, place: ProcessPlace, rank0: Rank0, step: int) -> None:
+    """Append where every rank ran (host, SLURM node, restart count) to RUN/ranks.jsonl, one line per rank."""
+    places = distributed.all_gather_objects(place)
+
+    def write() -> None:
+        with open(run_dir / "ranks.jsonl", "a") as f:
+            f.writelines(json.dumps({"start_step": step, "time": time.time(), "rank": p.rank,
+                                    "local_rank": p.local_rank, "world_size": p.world_size, "host": p.host,
+                                    "slurm_node": p.slurm_node, "slurm_job_id": p.slurm_job_id,
+                                    "slurm_restart_count": p.slurm_restart_count}) + "\n" for p in places)
+
+    rank0.run(write)
+    if place.slurm_job_id:
+        rank0.print(f"SLURM job {place.slurm_job_id}, restart count {place.slurm_restart_count}")

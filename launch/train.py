@@ -1,0 +1,36 @@
+"""Train a model: `deepspeed launch/train.py --config configs/tiny.yaml [key=value ...]`.
+
+Also runs under `torchrun --nproc_per_node N launch/train.py ...`, `srun` and plain `python launch/train.py`.
+Exit codes: 0 done, 2 bad config (refused before any process group starts), 75 stopped by a signal after
+saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from dist_train.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--resume", default="latest",
+                        help="latest (default: resume if the run folder has a checkpoint), none, or a checkpoint folder")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from dist_train.trainer import train
+
+        return train(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
