@@ -43,6 +43,8 @@ class StepResult:
     """True when the update was skipped for a non-finite loss."""
     stop_requested: bool
     """True when any rank received a stop signal."""
+    grad_norm: float | None = None
+    """Global gradient norm before clipping (when measured)."""
 
 
 def train(cfg: Config, resume: str = "latest") -> int:
@@ -90,7 +92,8 @@ def train(cfg: Config, resume: str = "latest") -> int:
 
     while state.step < t.max_steps:
         step_start = time.perf_counter()
-        result = train_step(engine, optimizer, train_data, accum, device, stop)
+        log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+        result = train_step(engine, optimizer, train_data, accum, device, stop, measure_grad_norm=log_now)
         window_seconds += time.perf_counter() - step_start
         window_steps += 1
         state.step += 1
@@ -98,11 +101,11 @@ def train(cfg: Config, resume: str = "latest") -> int:
         count_bad_step(state, result, t.max_bad_steps)
         last_loss = result.loss if not result.skipped else last_loss
 
-        if state.step % t.log_every == 0 or state.step == t.max_steps:
+        if log_now:
             step_seconds = window_seconds / window_steps
             record = {
                 "step": state.step, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": _grad_norm(engine), "tokens": state.tokens,
+                "grad_norm": result.grad_norm, "tokens": state.tokens,
                 "tokens_per_s": tokens_per_step / step_seconds,
                 "mfu": flops_per_step / step_seconds / (peak * place.world_size) if peak else None,
                 "mem_gb": memory_gb(device), "skipped_steps": state.skipped_steps,
@@ -149,7 +152,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
 
 
 def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum: int, device: torch.device,
-               stop: StopRequest) -> StepResult:
+               stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
     non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
     loss_sum, bad = 0.0, False
@@ -163,8 +166,13 @@ def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum:
         if micro == accum - 1:
             flags = reduce_step(loss_sum / accum, bad, stop.requested)
             optimizer.skip_next_step = flags.skipped
+            # ZeRO 1-3 record the norm in step(); stage 0 does not, so read the reduced gradients before it.
+            stage0 = engine.zero_optimization_stage() == 0
+            stage0_norm = _module_grad_norm(engine.module) if measure_grad_norm and stage0 else None
         engine.step()
     optimizer.skip_next_step = False  # DeepSpeed's fp16 overflow check may have skipped the inner step itself
+    if measure_grad_norm:
+        flags.grad_norm = stage0_norm if stage0_norm is not None else _engine_grad_norm(engine)
     return flags
 
 
@@ -204,7 +212,12 @@ def evaluate(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device
     return distributed.mean_over_ranks(total / cfg.train.eval_steps)
 
 
-def _grad_norm(engine: Any) -> float | None:
+def _module_grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def _engine_grad_norm(engine: Any) -> float | None:
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
