@@ -1,0 +1,148 @@
+"""Bad configs are refused before launch with a message that names the key and the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.config import ConfigError, deepspeed_config, load_config
+from dist_train.preflight import preflight
+from distributed_helpers import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def refused(overrides: list[str], path: Path | None = CONFIGS / "tiny.yaml") -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    return str(e.value)
+
+
+def test_tiny_config_loads_with_typed_overrides():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.lr=1e-3", "model.n_layers=3", "wandb.tags=[a, b]"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.model.n_layers == 3
+    assert cfg.wandb.tags == ["a", "b"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "llama-7b"])
+def test_every_preset_loads(preset):
+    cfg = load_config(CONFIGS / f"{preset}.yaml", ["data.path=somewhere"])
+    assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_unknown_key_is_named_with_the_closest_valid_key():
+    msg = refused(["model.n_layer=2"])
+    assert "unknown config key 'model.n_layer'" in msg and "did you mean 'model.n_layers'" in msg
+
+
+def test_unknown_section_is_named():
+    assert "did you mean 'train'" in refused(["trian.lr=1"])
+
+
+def test_wrong_type_is_named():
+    msg = refused(["train.max_steps=ten"])
+    assert "train.max_steps" in msg and "expected an integer" in msg
+    assert "expected true or false" in refused(["model.bias=3"])
+
+
+def test_d_model_not_divisible_by_n_heads():
+    msg = refused(["model.d_model=130", "model.n_heads=4"])
+    assert "model.d_model (130) must be divisible by model.n_heads (4)" in msg
+
+
+def test_n_heads_not_divisible_by_n_kv_heads():
+    msg = refused(["model.n_heads=4", "model.n_kv_heads=3"])
+    assert "model.n_heads (4) must be divisible by model.n_kv_heads (3)" in msg
+
+
+@pytest.mark.parametrize("stage", [-1, 4])
+def test_zero_stage_outside_0_to_3(stage):
+    assert "deepspeed.zero_stage must be 0, 1, 2 or 3" in refused([f"deepspeed.zero_stage={stage}"])
+
+
+def test_min_lr_above_lr():
+    assert "train.min_lr (0.1) must be between 0 and train.lr (0.001)" in refused(["train.lr=1e-3",
+                                                                                    "train.min_lr=0.1"])
+
+
+def test_missing_data_path():
+    assert "data.path is missing" in refused(["data.path=null"])
+
+
+def test_enum_value_lists_the_choices():
+    assert "precision: 'fp8' is not one of bf16, fp16, fp32" in refused(["precision=fp8"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    assert f"config file {tmp_path / 'nope.yaml'} does not exist" in refused([], tmp_path / "nope.yaml")
+
+
+def test_global_batch_that_does_not_divide_is_refused():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.micro_batch_size=4", "train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match=r"not divisible by train.micro_batch_size \(4\) x world size \(2\)"):
+        deepspeed_config(cfg, world_size=2)
+    assert deepspeed_config(cfg, world_size=3)["gradient_accumulation_steps"] == 1
+
+
+def test_deepspeed_config_is_generated_from_ours():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                                              "precision=bf16", "train.grad_accum_steps=4"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 4 * 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fp16_without_cuda_is_refused(shard_dir):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={shard_dir}", "precision=fp16"])
+    with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA GPU"):
+        preflight(cfg, world_size=1)
+
+
+def test_seq_len_longer_than_the_data_is_refused(shard_dir):
+    val_tokens = json.loads((Path(shard_dir) / "manifest.json").read_text())["splits"]["val"]["num_tokens"]
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={shard_dir}", f"model.seq_len={val_tokens + 10}"])
+    with pytest.raises(ConfigError, match=r"model.seq_len \(\d+\) is longer than the val split"):
+        preflight(cfg, world_size=1)
+
+
+def test_seq_len_longer_than_the_models_positions_is_refused(shard_dir, tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2, vocab_size=4096).save_pretrained(tmp_path)
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={shard_dir}", f"model.hf_config={tmp_path}",
+                                              "model.seq_len=128"])
+    with pytest.raises(ConfigError, match=r"model.seq_len \(128\) is longer than the model's positions \(64"):
+        preflight(cfg, world_size=1)
+
+
+def test_vocabulary_smaller_than_the_tokenizers_is_refused(shard_dir):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={shard_dir}", "model.vocab_size=100"])
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary"):
+        preflight(cfg, world_size=1)
+
+
+def test_data_path_that_does_not_exist_is_refused(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="data.path: .*missing does not exist; make it with"):
+        preflight(cfg, world_size=1)
+
+
+def test_bad_config_is_refused_before_any_process_starts(tmp_path):
+    """The launcher entry exits 2 with the message, and writes no run folder."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
+                           str(CONFIGS / "tiny.yaml"), "model.n_layer=2", f"run.out_dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "did you mean 'model.n_layers'" in proc.stderr
+    assert not out.exists()
