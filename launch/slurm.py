@@ -1,0 +1,211 @@
+"""Train on a SLURM cluster: submit a run, see how it is doing, cancel it.
+
+    python -m launch.slurm submit --config configs/X.yaml --nodes 4 --gpus-per-node 8 [key=value ...]
+    python -m launch.slurm run    --config configs/X.yaml --nodes 1 --gpus-per-node 8   # no sbatch
+    python -m launch.slurm status JOBID
+    python -m launch.slurm cancel JOBID
+
+`submit` validates the config, writes `RUN_DIR/slurm/job.sbatch` (see launch/sbatch.py) and hands it to
+`sbatch`; the job's output goes to `RUN_DIR/slurm/JOBID.out`. `run` writes the same script and runs it in the
+foreground: inside an `salloc` allocation it uses that one, otherwise `srun` allocates the nodes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dist_train.config import ConfigError, load_config
+from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, render
+
+
+class SlurmError(RuntimeError):
+    """SLURM is missing or refused a request; the message says what to do."""
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SlurmError(f"`{name}` is not installed or not on PATH: run this on a SLURM login node "
+                         "(or use `submit --dry-run` to only print the batch script)")
+    return path
+
+
+def _call(name: str, *args: str) -> str:
+    """Run a SLURM client; its own error message becomes ours."""
+    proc = subprocess.run([_tool(name), *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise SlurmError(f"`{name} {' '.join(args)}` failed (exit {proc.returncode}): {detail}")
+    return proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# submit / run
+
+def job_spec(args: argparse.Namespace) -> JobSpec:
+    """Validate the config first (nothing is written or submitted for a bad one), then the job request."""
+    config = Path(args.config)
+    if not config.is_file():
+        raise ConfigError(f"config file {config} does not exist")
+    cfg = load_config(config, args.overrides)
+    run_dir = Path(cfg.run.out_dir).resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.run.name or run_dir.name)
+    return JobSpec(
+        config=config.resolve(), run_dir=run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        overrides=tuple(args.overrides), launcher=args.launcher, cpu=args.cpu, partition=args.partition,
+        account=args.account, time=args.time, cpus_per_task=args.cpus_per_task, grace_s=args.grace,
+        job_name=f"dist_train-{name}",
+    )
+
+
+def write_script(spec: JobSpec) -> Path:
+    spec.script_path.parent.mkdir(parents=True, exist_ok=True)
+    spec.script_path.write_text(render(spec))
+    spec.script_path.chmod(0o755)
+    return spec.script_path
+
+
+def submit(spec: JobSpec) -> dict[str, Any]:
+    """Write the script and sbatch it; returns the job id and where its output goes."""
+    _tool("sbatch")
+    script = write_script(spec)
+    out = _call("sbatch", "--parsable", str(script)).strip()
+    job_id = out.split(";")[0]  # `--parsable` prints "ID" or "ID;CLUSTER"
+    return {"job_id": job_id, "script": str(script), "log": str(spec.log_pattern).replace("%j", job_id),
+            "run_dir": str(spec.run_dir)}
+
+
+def run_here(spec: JobSpec) -> int:
+    """Write the script and run it in the foreground, without sbatch."""
+    _tool("srun")
+    return subprocess.call(["bash", str(write_script(spec))])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# status / cancel
+
+_FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9/:_]*)=")
+
+
+def parse_scontrol_line(line: str) -> dict[str, str]:
+    """`scontrol show job -o` prints `Key=value` pairs; a value may hold spaces or '=' (TRES=cpu=2,...)."""
+    keys = list(_FIELD.finditer(line.strip()))
+    fields: dict[str, str] = {}
+    for this, nxt in zip(keys, keys[1:] + [None]):
+        end = nxt.start() if nxt is not None else len(line.strip())
+        fields[this.group(1)] = line.strip()[this.end():end].strip()
+    return fields
+
+
+def job_status(job_id: str) -> dict[str, Any]:
+    try:
+        out = _call("scontrol", "show", "job", "-o", job_id)
+    except SlurmError as e:
+        if "Invalid job id" in str(e):
+            raise SlurmError(f"job {job_id} is not known to SLURM: a wrong id, or it ended more than "
+                             "MinJobAge seconds ago (its log is in RUN_DIR/slurm/)") from None
+        raise
+    fields = parse_scontrol_line(out.splitlines()[0])
+    return {
+        "job_id": fields.get("JobId", job_id), "name": fields.get("JobName"), "state": fields.get("JobState"),
+        "reason": fields.get("Reason"), "restarts": int(fields.get("Restarts", "0")),
+        "nodes": fields.get("NodeList"), "run_time": fields.get("RunTime"),
+        "time_limit": fields.get("TimeLimit"), "exit_code": fields.get("ExitCode"),
+        "log": fields.get("StdOut"), "fields": fields,
+    }
+
+
+def cancel(job_id: str) -> dict[str, Any]:
+    _call("scancel", job_id)
+    return {"job_id": job_id, "cancel_requested": True}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config (YAML), validated before anything is written")
+    p.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
+    p.add_argument("--gpus-per-node", type=int, required=True,
+                   help="GPUs per node = training processes per node (with --cpu: processes per node)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--account", help="SLURM account to charge")
+    p.add_argument("--time", help="time limit (HH:MM:SS, D-HH:MM, minutes); USR1 comes --grace seconds before")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per training process (data loader workers etc.)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="srun",
+                   help="srun: one task per GPU, ranks from SLURM (default); "
+                        "deepspeed: one task per node running the deepspeed launcher with --no_ssh")
+    p.add_argument("--cpu", action="store_true", help="train on CPUs (gloo), ask for no GPUs")
+    p.add_argument("--grace", type=int, default=300, metavar="SECONDS",
+                   help="seconds before the time limit at which training is told to checkpoint (default 300)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="write RUN_DIR/slurm/job.sbatch and submit it with sbatch")
+    _add_job_options(p)
+    p.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    p = sub.add_parser("run", help="write the script and run it here with srun, without sbatch "
+                                   "(inside salloc, or letting srun allocate)")
+    _add_job_options(p)
+    commands = {"status": "show a job's state, restarts and log",
+                "cancel": "scancel a job; training saves a checkpoint, then stops"}
+    for name, text in commands.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id", metavar="JOBID")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _print(result: dict[str, Any], as_json: bool, text: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else text)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        s = job_status(args.job_id)
+        _print(s, args.json, f"job {s['job_id']} ({s['name']}): {s['state']} (reason {s['reason']}), "
+                             f"restarts {s['restarts']}, nodes {s['nodes']}, run time {s['run_time']} of "
+                             f"{s['time_limit']}, exit code {s['exit_code']}\nlog: {s['log']}")
+        return 0
+    if args.command == "cancel":
+        _print(cancel(args.job_id), args.json,
+               f"cancel requested for job {args.job_id}: training saves a checkpoint, then stops")
+        return 0
+    spec = job_spec(args)
+    if args.command == "run":
+        return run_here(spec)
+    if args.dry_run:
+        _print({"script_path": str(spec.script_path), "script": render(spec)}, args.json, render(spec))
+        return 0
+    r = submit(spec)
+    _print(r, args.json, f"submitted job {r['job_id']}\n  script: {r['script']}\n  log:    {r['log']}\n"
+                         f"  status: python -m launch.slurm status {r['job_id']}\n"
+                         f"  cancel: python -m launch.slurm cancel {r['job_id']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, JobSpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SlurmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
