@@ -1,0 +1,272 @@
+"""Reading a corpus: input paths → HF `datasets` → batches of document texts.
+
+Accepted inputs (mixed freely; the order of the paths is the order of the documents):
+- text files (`.txt`): one document per line (`--sample-by line`, HF's default), per blank-line
+  separated paragraph (`paragraph`) or per file (`document`);
+- JSON lines / JSON files (`.jsonl`, `.json`): one document per record, its text in `--text-field`;
+- parquet files (`.parquet`): one document per row, its text in the `--text-field` column;
+- a folder written by `Dataset.save_to_disk` (its `train` split if it is a `DatasetDict`);
+- any other folder: every file with one of the extensions above inside it, in sorted path order.
+Compressed files (`.gz`, `.bz2`, `.xz`, `.zst`) are read by `datasets` as they are.
+
+`datasets` reports bad input without naming the file (a bare `UnicodeDecodeError`, "JSON parse error in
+row 1"). Scanning a terabyte up front to name it would double the work, so `reading_inputs` only scans
+when something failed, to turn the failure into an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import json
+import lzma
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import datasets
+
+from data_prep.errors import DataPrepError
+
+FORMAT_OF_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+SAMPLE_BY = ("line", "paragraph", "document")
+TEXT_COLUMN = "text"  # every source is normalised to one string column of this name
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """One input: a file read by a packaged `datasets` builder, or a saved dataset folder (`disk`)."""
+
+    format: str  # text | json | parquet | disk
+    path: str  # absolute
+
+    def describe(self) -> dict:
+        """Identity for the manifest and for resuming: a changed file is a different dataset."""
+        stat = os.stat(self.path)
+        return {"path": self.path, "format": self.format, "bytes": _tree_bytes(self.path),
+                "mtime_ns": stat.st_mtime_ns}
+
+
+class MissingTextError(DataPrepError):
+    """A document whose text field is missing, null or not a string (raised inside `map` workers)."""
+
+    @classmethod
+    def at(cls, row: int, value: object) -> MissingTextError:
+        what = "has no text" if value is None else f"holds a {type(value).__name__}, not text"
+        return cls(f"document {row} (counting from 0 over all inputs) {what}")
+
+
+def _tree_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _file_format(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return FORMAT_OF_SUFFIX.get(Path(name).suffix)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def resolve_inputs(paths: Sequence[str]) -> list[InputSource]:
+    """Expand input paths into sources, refusing missing, empty and unknown inputs by name."""
+    if not paths:
+        raise DataPrepError("no input given: pass --input FILE_OR_FOLDER ...")
+    sources: list[InputSource] = []
+    for raw in paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.exists():
+            raise DataPrepError(f"input {raw} does not exist")
+        if path.is_dir() and _is_saved_dataset(path):
+            sources.append(InputSource("disk", str(path)))
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) \
+            if path.is_dir() else [path]
+        known = [f for f in files if _file_format(f)]
+        if path.is_file() and not known:
+            raise DataPrepError(f"input {raw} is not a known format: name it *.txt, *.jsonl, *.json or "
+                                f"*.parquet (optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})")
+        if not known:
+            raise DataPrepError(f"input folder {raw} holds no .txt, .jsonl, .json or .parquet files")
+        for file in known:
+            if file.stat().st_size == 0:
+                raise DataPrepError(f"input {file} is empty")
+            sources.append(InputSource(_file_format(file), str(file)))
+    return sources
+
+
+def _open_text(path: str) -> IO[bytes]:
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix, open)
+    return opener(path, "rb")
+
+
+def _check_first_record(source: InputSource, text_field: str) -> None:
+    """Cheap up-front check of one record per JSON lines file: catches a wrong --text-field at once."""
+    if Path(source.path).suffix == ".zst":
+        return
+    with _open_text(source.path) as f:
+        first = f.readline()
+    try:
+        record = json.loads(first)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # a JSON array file, or broken: the full read reports it with its line
+    if isinstance(record, dict) and text_field not in record:
+        raise DataPrepError(f"{source.path} line 1: record has no '{text_field}' field (its fields: "
+                            f"{sorted(record)}); pass --text-field NAME to choose the field holding the text")
+
+
+def _select_text(ds: datasets.Dataset | datasets.IterableDataset, text_field: str, where: str):
+    features = ds.features
+    if features is not None and text_field not in features:
+        raise DataPrepError(f"{where} has no '{text_field}' column (its columns: {sorted(features)}); "
+                            f"pass --text-field NAME to choose the column holding the text")
+    if features is not None:
+        kind = getattr(features[text_field], "dtype", None)
+        if kind not in ("string", "large_string", "null"):
+            raise DataPrepError(f"{where}: column '{text_field}' holds {features[text_field]}, not text; "
+                                f"pass --text-field NAME to choose the column holding the text")
+    ds = ds.select_columns([text_field])
+    if text_field != TEXT_COLUMN:
+        ds = ds.rename_column(text_field, TEXT_COLUMN)
+    if features is not None and features[text_field].dtype != "string":
+        ds = ds.cast_column(TEXT_COLUMN, datasets.Value("string"))
+    return ds
+
+
+def _groups(sources: Sequence[InputSource]) -> Iterator[tuple[str, list[str]]]:
+    """Consecutive sources of one format, so one `load_dataset` call reads many files in order."""
+    group: list[InputSource] = []
+    for source in sources:
+        if group and (source.format != group[0].format or source.format == "disk"):
+            yield group[0].format, [s.path for s in group]
+            group = []
+        group.append(source)
+    if group:
+        yield group[0].format, [s.path for s in group]
+
+
+def _load_group(fmt: str, paths: list[str], text_field: str, sample_by: str, streaming: bool,
+                cache_dir: str | None):
+    if fmt == "disk":
+        ds = datasets.load_from_disk(paths[0])
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataPrepError(f"saved dataset {paths[0]} has splits {sorted(ds)} and no 'train': "
+                                    f"pass the folder of the split to use, e.g. {paths[0]}/{min(ds)}")
+            ds = ds["train"]
+        if streaming:
+            ds = ds.to_iterable_dataset(num_shards=1)  # one shard keeps the row order
+        return _select_text(ds, text_field, paths[0])
+    kwargs = {"sample_by": sample_by} if fmt == "text" else {}
+    ds = datasets.load_dataset(fmt, data_files=paths, split="train", streaming=streaming,
+                               cache_dir=cache_dir, **kwargs)
+    return _select_text(ds, TEXT_COLUMN if fmt == "text" else text_field, ", ".join(paths))
+
+
+def load_corpus(sources: Sequence[InputSource], text_field: str = "text", sample_by: str = "line",
+                streaming: bool = False, cache_dir: str | None = None
+                ) -> list[datasets.Dataset | datasets.IterableDataset]:
+    """The corpus as datasets with one string column `text`, in input order (one per format group).
+
+    Non-streaming groups are Arrow datasets (cached on disk by `datasets`); streaming groups are
+    `IterableDataset`s that read the files lazily, so memory stays flat whatever the corpus size.
+    """
+    if sample_by not in SAMPLE_BY:
+        raise DataPrepError(f"--sample-by must be one of {SAMPLE_BY}, not {sample_by!r}")
+    for source in sources:
+        if source.format == "json":
+            _check_first_record(source, text_field)
+    return [_load_group(fmt, paths, text_field, sample_by, streaming, cache_dir)
+            for fmt, paths in _groups(sources)]
+
+
+def iter_text_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], batch_size: int,
+                      start: int = 0) -> Iterator[tuple[int, list]]:
+    """(index of the first document, texts) batches over all parts, skipping the first `start` rows.
+
+    Skipped rows of a streaming part are still parsed (a stream cannot seek) but not tokenized.
+    """
+    row = 0
+    for part in parts:
+        if isinstance(part, datasets.Dataset):
+            if row + len(part) <= start:
+                row += len(part)
+                continue
+            table = part.with_format("arrow")
+            for lo in range(max(start - row, 0), len(part), batch_size):
+                yield row + lo, table[lo:lo + batch_size].column(TEXT_COLUMN).to_pylist()
+            row += len(part)
+            continue
+        for batch in part.iter(batch_size=batch_size):
+            texts = batch[TEXT_COLUMN]
+            if row + len(texts) > start:
+                skip = max(start - row, 0)
+                yield row + skip, texts[skip:]
+            row += len(texts)
+
+
+def _first_problem_in_file(source: InputSource, text_field: str) -> str | None:
+    """Scan one text/JSON file for the first line that is not UTF-8, not JSON or lacks the text."""
+    with _open_text(source.path) as f:
+        lines = 0
+        for lineno, raw in enumerate(f, start=1):
+            lines += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{source.path} line {lineno} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at "
+                        f"column {err.start + 1}); convert the file to UTF-8, e.g. with iconv")
+            if source.format != "json" or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if lineno == 1 and line.lstrip().startswith("["):
+                    return None  # a JSON array file: not line-oriented
+                return f"{source.path} line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(record, dict):
+                return f"{source.path} line {lineno} is a JSON {type(record).__name__}, not an object"
+            value = record.get(text_field)
+            if not isinstance(value, str):
+                what = "has no" if value is None else f"has a {type(value).__name__} in its"
+                return (f"{source.path} line {lineno}: record {what} '{text_field}' field (its fields: "
+                        f"{sorted(record)}); pass --text-field NAME to choose the field holding the text")
+        if source.format == "json" and lines == 0:
+            return f"{source.path} holds no JSON records"
+    return None
+
+
+def find_input_problem(sources: Sequence[InputSource], text_field: str) -> str | None:
+    """The first problem in the inputs, named by file and line; None if the scan finds none."""
+    for source in sources:
+        if source.format in ("text", "json") and Path(source.path).suffix != ".zst":
+            problem = _first_problem_in_file(source, text_field)
+            if problem:
+                return problem
+    return None
+
+
+@contextlib.contextmanager
+def reading_inputs(sources: Sequence[InputSource], text_field: str) -> Iterator[None]:
+    """Turn a failure while reading the inputs into a `DataPrepError` naming the file and line."""
+    try:
+        yield
+    except MissingTextError as err:
+        raise DataPrepError(find_input_problem(sources, text_field) or
+                            f"{err}; pass --text-field NAME to choose the field holding the text") from err
+    except DataPrepError:
+        raise
+    except Exception as err:
+        problem = find_input_problem(sources, text_field)
+        if problem is None:
+            raise
+        raise DataPrepError(problem) from err

@@ -1,0 +1,163 @@
+"""`manifest.json`: the one description of a shard folder, shared by the writer and the training loader.
+
+    {
+      "vocab_size": 2048, "dtype": "uint16", "eos_token_id": 0, "tokenizer": "/abs/tok",
+      "sources": [{"path": "/abs/corpus.jsonl", "format": "json", "bytes": 5334777, "mtime_ns": ...}],
+      "splits": {
+        "train": {"num_tokens": N, "num_documents": D,
+                  "shards": [{"path": "train_00000.bin", "num_tokens": n, "sha256": "..."}, ...]},
+        "val":   {...}
+      },
+      "prep": {"text_field": "text", "sample_by": "line", "val_fraction": 0.05, "seed": 0,
+               "shard_tokens": 100000000, "tokenizer_sha256": "..."}
+    }
+
+A shard is a flat little-endian array of `dtype` token ids: the split's documents in input order, each
+followed by EOS, cut every `shard_tokens` tokens (a document may continue in the next shard). Shard
+paths are relative to the folder. `prep` records the settings, so that re-running a command on a
+folder can tell "same dataset" from "different dataset". The manifest is written last and atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import DataPrepError
+
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REBUILD = "rebuild the folder with `python -m data_prep.shard`"
+
+
+class ManifestError(DataPrepError):
+    """A manifest or shard that is missing, malformed, truncated or corrupted; the message names the file."""
+
+
+def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> str:
+    """`uint16` when every token id fits (vocab ≤ 65,536), else `uint32`; refuse a dtype too small."""
+    fits16 = vocab_size <= np.iinfo(np.uint16).max + 1
+    if requested == "auto":
+        return "uint16" if fits16 else "uint32"
+    if requested not in DTYPES:
+        raise DataPrepError(f"dtype must be auto, uint16 or uint32, not {requested!r}")
+    if requested == "uint16" and not fits16:
+        raise DataPrepError(f"a vocabulary of {vocab_size} tokens does not fit uint16 (ids up to 65535): "
+                            f"use --dtype uint32 or --dtype auto")
+    return requested
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    """Write JSON to a temporary name, flush it to disk, then rename: readers see all or nothing."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """`path` itself if it names a file, else `path/manifest.json`."""
+    path = Path(path).expanduser()
+    return path if path.suffix == ".json" else path / MANIFEST_NAME
+
+
+def _require(cond: bool, where: Path, key: str, what: str) -> None:
+    if not cond:
+        raise ManifestError(f"{where}: `{key}` {what}; {_REBUILD}")
+
+
+def _validate_split(split: dict, name: str, where: Path) -> None:
+    key = f"splits.{name}"
+    _require(isinstance(split, dict), where, key, "is missing or not an object")
+    _require(isinstance(split.get("num_tokens"), int) and split["num_tokens"] >= 0, where,
+             f"{key}.num_tokens", "must be a non-negative integer")
+    _require(isinstance(split.get("shards"), list), where, f"{key}.shards", "must be a list")
+    total = 0
+    for i, shard in enumerate(split["shards"]):
+        skey = f"{key}.shards[{i}]"
+        _require(isinstance(shard, dict), where, skey, "must be an object")
+        rel = shard.get("path")
+        _require(isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts,
+                 where, f"{skey}.path", "must be a path relative to the folder")
+        _require(isinstance(shard.get("num_tokens"), int) and shard["num_tokens"] > 0, where,
+                 f"{skey}.num_tokens", "must be a positive integer")
+        _require(isinstance(shard.get("sha256"), str) and bool(_SHA256.match(shard["sha256"])), where,
+                 f"{skey}.sha256", "must be 64 lowercase hex digits")
+        total += shard["num_tokens"]
+    _require(total == split["num_tokens"], where, f"{key}.num_tokens",
+             f"is {split['num_tokens']} but its shards hold {total} tokens")
+
+
+def validate_manifest(manifest: object, where: Path) -> dict:
+    """Check every field the loader relies on; the error names the file and the key."""
+    _require(isinstance(manifest, dict), where, "(top level)", "must be a JSON object")
+    vocab = manifest.get("vocab_size")
+    _require(isinstance(vocab, int) and vocab > 0, where, "vocab_size", "must be a positive integer")
+    _require(manifest.get("dtype") in DTYPES, where, "dtype", f"must be one of {sorted(DTYPES)}")
+    _require(manifest["dtype"] == "uint32" or vocab <= 65536, where, "dtype",
+             f"uint16 cannot hold a vocabulary of {vocab} tokens")
+    eos = manifest.get("eos_token_id")
+    _require(isinstance(eos, int) and 0 <= eos < vocab, where, "eos_token_id",
+             f"must be an integer in [0, {vocab})")
+    _require(isinstance(manifest.get("tokenizer"), str), where, "tokenizer", "must be a path or name")
+    _require(isinstance(manifest.get("sources"), list), where, "sources", "must be a list")
+    _require(isinstance(manifest.get("splits"), dict), where, "splits", "must be an object")
+    for name in SPLITS:
+        _validate_split(manifest["splits"].get(name), name, where)
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read and validate a shard folder's manifest (`path` is the folder or the manifest file)."""
+    file = manifest_path(path)
+    if not file.is_file():
+        raise ManifestError(f"{file} does not exist: {path} is not a finished shard folder; "
+                            f"make one with `python -m data_prep.shard --input ... --tokenizer ... --out ...`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{file} is not valid JSON ({err}); {_REBUILD}") from err
+    return validate_manifest(manifest, file)
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_shards(folder: str | os.PathLike, manifest: dict, splits: tuple[str, ...] = SPLITS,
+                 checksums: bool = False) -> None:
+    """Refuse a missing or wrong-sized shard (always) or one whose sha256 differs (`checksums=True`).
+
+    The size check costs one `stat` per shard; the checksum reads every byte, so it is opt-in.
+    """
+    folder = Path(folder)
+    itemsize = DTYPES[manifest["dtype"]].itemsize
+    for split in splits:
+        for shard in manifest["splits"][split]["shards"]:
+            path = folder / shard["path"]
+            if not path.is_file():
+                raise ManifestError(f"shard {path} is missing (listed in {folder / MANIFEST_NAME}); {_REBUILD}")
+            expected = shard["num_tokens"] * itemsize
+            size = path.stat().st_size
+            if size != expected:
+                what = "truncated" if size < expected else "too long"
+                raise ManifestError(f"shard {path} is {what}: {size} bytes, the manifest says {expected} "
+                                    f"({shard['num_tokens']} {manifest['dtype']} tokens); {_REBUILD}")
+            if checksums and file_sha256(path) != shard["sha256"]:
+                raise ManifestError(f"shard {path} is corrupted: its sha256 differs from the manifest's; "
+                                    f"{_REBUILD}")
