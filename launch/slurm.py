@@ -52,8 +52,6 @@ def _call(name: str, *args: str) -> str:
 def job_spec(args: argparse.Namespace) -> JobSpec:
     """Validate the config first (nothing is written or submitted for a bad one), then the job request."""
     config = Path(args.config)
-    if not config.is_file():
-        raise ConfigError(f"config file {config} does not exist")
     cfg = load_config(config, args.overrides)
     run_dir = Path(cfg.run.out_dir).resolve()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.run.name or run_dir.name)

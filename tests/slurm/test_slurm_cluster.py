@@ -1,0 +1,166 @@
+"""Training through real SLURM daemons: sbatch, srun, requeue and scancel on the two-node test cluster
+(tests/slurm/cluster.sh), with real training processes on the CPU.
+
+Each test submits with `python -m launch.slurm` exactly as a user would and then reads the run folder:
+`metrics.jsonl` (one line per step here), `ranks.jsonl` (one line per rank per start), `checkpoints/latest`,
+`summary.json`, and the job's log `RUN_DIR/slurm/JOBID.out`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from slurm_helpers import (
+    ACTIVE_STATES,
+    NODES,
+    TINY,
+    Cluster,
+    job_env,
+    latest_checkpoint_step,
+    read_jsonl,
+    slurm_cli,
+    tail,
+    tiny_run,
+    trained_steps,
+)
+
+from launch.slurm import job_status
+
+pytestmark = pytest.mark.slow
+
+
+def submit(run_dir: Path, overrides: list[str], *options: str) -> tuple[str, Path]:
+    """Submit a CPU job on both nodes, one training process each; return the job id and its log."""
+    proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--json",
+                     *options, *overrides, env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert Path(result["script"]) == run_dir / "slurm" / "job.sbatch"
+    return result["job_id"], Path(result["log"])
+
+
+def wait_for_step(cluster: Cluster, job_id: str, run_dir: Path, log: Path, step: int,
+                  timeout_s: float = 180) -> int:
+    """Wait until the running job has logged `step`; return the newest step seen."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = trained_steps(run_dir)
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        state = job_status(job_id)["state"]
+        if state not in ACTIVE_STATES:
+            pytest.fail(f"job {job_id} ended ({state}) before step {step}; its log:\n{tail(log)}")
+        time.sleep(0.3)
+    pytest.fail(f"job {job_id} did not reach step {step} within {timeout_s:.0f} s; its log:\n{tail(log)}")
+
+
+def starts(run_dir: Path) -> dict[int, list[dict]]:
+    """ranks.jsonl grouped by SLURM restart count: one entry per rank per start of the job."""
+    out: dict[int, list[dict]] = {}
+    for line in read_jsonl(run_dir / "ranks.jsonl"):
+        out.setdefault(line["slurm_restart_count"], []).append(line)
+    return out
+
+
+def test_two_node_job_trains_tiny_config_to_its_last_step_and_completes(slurm_cluster, shard_dir, tmp_path):
+    run_dir = tmp_path / "two_nodes"
+    job_id, log = submit(run_dir, tiny_run(shard_dir, run_dir, "train.max_steps=6", "checkpoint.every=3"))
+    proc = slurm_cli("status", job_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert (status["job_id"], status["name"], status["log"]) == (job_id, "dist_train-two_nodes", str(log))
+
+    status = slurm_cluster.wait_for_end(job_id, log)
+    assert status["state"] == "COMPLETED", tail(log)
+    assert status["exit_code"] == "0:0"
+    assert trained_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert latest_checkpoint_step(run_dir) == 6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_step"] == 6
+    assert summary["world_size"] == 2
+
+    ranks = starts(run_dir)
+    assert list(ranks) == [0], "one start, no restart"
+    assert sorted(r["rank"] for r in ranks[0]) == [0, 1]
+    assert {r["world_size"] for r in ranks[0]} == {2}
+    assert sorted(r["slurm_node"] for r in ranks[0]) == list(NODES), "one rank on each node"
+    assert {r["slurm_job_id"] for r in ranks[0]} == {job_id}
+    assert all(r["host"] for r in ranks[0])
+    assert "training exited with code 0" in log.read_text()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_without_training_a_step_twice(slurm_cluster, shard_dir,
+                                                                             tmp_path):
+    max_steps = 60
+    run_dir = tmp_path / "preempted"
+    # No periodic checkpoints: the only one the first start can leave is the one the signal makes.
+    overrides = tiny_run(shard_dir, run_dir, f"train.max_steps={max_steps}", "checkpoint.every=0",
+                         "wandb.enabled=true", "wandb.mode=offline")
+    job_id, log = submit(run_dir, overrides)
+    seen = wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)
+    # What `--signal=B:USR1@grace` does when the time limit nears: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+
+    status = slurm_cluster.wait_for_end(job_id, log)
+    text = log.read_text()
+    assert status["state"] == "COMPLETED", tail(log)
+    assert status["restarts"] == 1
+    assert "training exited with code 75" in text
+    assert "SLURM_RESTART_COUNT=1" in text
+
+    ranks = starts(run_dir)
+    assert sorted(ranks) == [0, 1], "the job started twice"
+    assert [sorted(r["slurm_node"] for r in ranks[k]) for k in (0, 1)] == [list(NODES)] * 2
+    resumed_at = {r["start_step"] for r in ranks[1]}
+    assert len(resumed_at) == 1
+    resumed_at = resumed_at.pop()
+    # Resuming before a step we saw trained would train that step again; at max_steps nothing was left to do.
+    assert seen <= resumed_at < max_steps
+    assert trained_steps(run_dir) == list(range(1, max_steps + 1))
+    assert json.loads((run_dir / "summary.json").read_text())["final_step"] == max_steps
+
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2, "one W&B folder per start"
+    assert len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1, "the restart continues the same W&B run"
+
+
+def test_scancel_makes_the_trainer_save_a_checkpoint_before_it_exits(slurm_cluster, shard_dir, tmp_path):
+    run_dir = tmp_path / "cancelled"
+    overrides = tiny_run(shard_dir, run_dir, "train.max_steps=100000", "checkpoint.every=0")
+    job_id, log = submit(run_dir, overrides)
+    seen = wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)
+    proc = slurm_cli("cancel", job_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"job_id": job_id, "cancel_requested": True}
+
+    status = slurm_cluster.wait_for_end(job_id, log)
+    assert status["state"] == "CANCELLED"
+    assert "training exited with code 75" in log.read_text(), tail(log)
+    saved = latest_checkpoint_step(run_dir)
+    assert saved is not None, "no checkpoint was saved on scancel"
+    assert saved >= seen
+    assert saved == trained_steps(run_dir)[-1], "the checkpoint holds the last step trained"
+
+
+def test_local_srun_without_sbatch_trains_two_processes_on_one_node(slurm_cluster, shard_dir, tmp_path):
+    run_dir = tmp_path / "local_srun"
+    proc = slurm_cli("run", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--cpu",
+                     *tiny_run(shard_dir, run_dir, "train.max_steps=4", "checkpoint.every=0"),
+                     env=job_env(), timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert trained_steps(run_dir) == [1, 2, 3, 4]
+    ranks = starts(run_dir)[0]
+    assert sorted((r["rank"], r["local_rank"]) for r in ranks) == [(0, 0), (1, 1)]
+    assert {r["world_size"] for r in ranks} == {2}
+    assert len({r["slurm_node"] for r in ranks}) == 1, "both processes on the one node"
+    assert len({r["slurm_job_id"] for r in ranks}) == 1 and ranks[0]["slurm_job_id"], "srun made an allocation"
+
+
+def test_status_of_an_unknown_job_says_so(slurm_cluster):
+    proc = slurm_cli("status", "999999")
+    assert proc.returncode == 1
+    assert "error: job 999999 is not known to SLURM" in proc.stderr
