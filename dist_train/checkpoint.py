@@ -153,7 +153,7 @@ class Checkpointer:
             # Left by a run killed between this rename and `latest`: it is not the latest, so replace it.
             shutil.rmtree(final)
         os.rename(tmp_root / tag, final)
-        tmp_root.rmdir()
+        shutil.rmtree(tmp_root)  # DeepSpeed also drops its zero_to_fp32.py scripts here
         _write_atomic(self.dir / "latest", tag + "\n")
         self._prune(keep=final)
 
