@@ -23,7 +23,7 @@ from dist_train.data import TokenLoader
 from dist_train.distributed import ProcessPlace, Rank0
 from dist_train.metrics import build_logger
 from dist_train.model import build_model
-from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler
+from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, lr_at
 from dist_train.preflight import preflight
 from dist_train.scaling import flops_per_token, peak_flops
 from dist_train.signals import EXIT_PREEMPTED, StopRequest
@@ -88,7 +88,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
     peak = peak_flops(device)
     window_seconds, window_steps, val_loss, last_loss = 0.0, 0, None, math.nan
     saved_step = state.step
-    invocation_start = time.perf_counter()
+    clock = WallClock(state.wall_s)
 
     while state.step < t.max_steps:
         step_start = time.perf_counter()
@@ -104,7 +104,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
         if log_now:
             step_seconds = window_seconds / window_steps
             record = {
-                "step": state.step, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
+                "step": state.step, "loss": result.loss, "lr": lr_at(state.step - 1, t),
                 "grad_norm": result.grad_norm, "tokens": state.tokens,
                 "tokens_per_s": tokens_per_step / step_seconds,
                 "mfu": flops_per_step / step_seconds / (peak * place.world_size) if peak else None,
@@ -122,7 +122,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
             rank0.print(f"step {state.step} | val_loss {val_loss:.4f}")
 
         if result.stop_requested:
-            state.wall_s += time.perf_counter() - invocation_start
+            state.wall_s = clock.total()
             checkpointer.save(state, train_data.state_dict())
             rank0.print(f"stop signal ({stop.signal_name or 'on another rank'}): saved step {state.step}, "
                         f"exiting with {EXIT_PREEMPTED} so the job can be requeued")
@@ -131,13 +131,14 @@ def train(cfg: Config, resume: str = "latest") -> int:
             return EXIT_PREEMPTED
 
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+            state.wall_s = clock.total()
             checkpointer.save(state, train_data.state_dict())
             saved_step = state.step
 
     if t.eval_every:
         val_loss = evaluate(engine, cfg, place, device)
         logger.log({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-    state.wall_s += time.perf_counter() - invocation_start
+    state.wall_s = clock.total()
     if saved_step != state.step:
         checkpointer.save(state, train_data.state_dict())
     summary = {"final_step": state.step, "train_loss": last_loss, "val_loss": val_loss, "tokens": state.tokens,
@@ -149,6 +150,17 @@ def train(cfg: Config, resume: str = "latest") -> int:
                 f"run folder {run_dir.resolve()}")
     distributed.shutdown()
     return EXIT_COMPLETED
+
+
+class WallClock:
+    """Seconds of training summed over restarts: what the checkpoint carried plus this invocation's."""
+
+    def __init__(self, carried_s: float):
+        self.carried_s = carried_s
+        self.start = time.perf_counter()
+
+    def total(self) -> float:
+        return self.carried_s + time.perf_counter() - self.start
 
 
 def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum: int, device: torch.device,
