@@ -1,0 +1,123 @@
+"""The fp32 weights of a checkpoint or of a weights folder, read one tensor at a time.
+
+Two sources, one interface (`Weights`: the run's config, the parameter names, `get(name)`):
+- a checkpoint folder (`RUN/checkpoints/step_N`) of any ZeRO stage. ZeRO 1-3 master weights are gathered with
+  DeepSpeed's `zero_to_fp32` in lazy mode: the shards are memory-mapped and their optimizer moments dropped,
+  and under ZeRO-3 each tensor is assembled from its per-rank slices only when asked for, so consolidating
+  never holds more than the tensors the caller keeps (export keeps one output shard).
+- a weights folder written by `dist_train.average` (`model.safetensors` in our parameter names,
+  `config.yaml`, `weights.json`), read lazily with safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train.checkpoint import read_client_state, resolve_checkpoint
+from dist_train.config import Config, config_from_dict, load_config
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_META = "weights.json"
+
+
+@dataclass
+class Weights:
+    config: Config
+    """The config of the run that trained these weights (its model section builds the model)."""
+    names: list[str]
+    """Parameter names in our scheme (`dist_train.model`), a tied tensor under each of its names."""
+    getter: Callable[[str], torch.Tensor]
+    """Materialises one fp32 tensor."""
+    source: str
+    """Human-readable origin: `RUN/checkpoints/step_N` or a weights folder."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """step (checkpoints) or the averaged steps (weights folders)."""
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """{alias: name} of tensors stored once under another name (a tied output head)."""
+        m = self.config.model
+        return {"lm_head.weight": "tok_emb.weight"} if m.tie_embeddings and not m.hf_config else {}
+
+    @property
+    def unique_names(self) -> list[str]:
+        return [n for n in self.names if n not in self.aliases]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.getter(self.aliases.get(name, name)).float()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield name, self.get(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All tensors at once (one full copy): for evaluation, which needs the whole model anyway."""
+        return dict(self.items())
+
+
+def _zero_state(path: Path) -> dict[str, Any]:
+    """Lazy fp32 state dict of a ZeRO 1-3 checkpoint (values have `.contiguous()`), or of a stage-0 one."""
+    if not list(path.glob("*_optim_states.pt")):
+        # ZeRO stage 0: the module's own state dict is the whole model (fp32 unless trained in bf16/fp16).
+        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        return sd["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout may carry --json
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
+
+
+def checkpoint_weights(path: Path) -> Weights:
+    meta = read_client_state(path)
+    cfg = config_from_dict(meta["config"])
+    lazy = _zero_state(path)
+    return Weights(config=cfg, names=list(lazy), getter=lambda name: lazy[name].contiguous(), source=str(path),
+                   meta={"step": meta["train_state"]["step"]})
+
+
+def folder_weights(path: Path) -> Weights:
+    from safetensors import safe_open
+
+    if not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a weights folder (no {WEIGHTS_FILE}); make one with "
+                                f"`python -m dist_train.average --run RUN --last K --out {path}`")
+    cfg = load_config(path / "config.yaml")
+    meta = json.loads((path / WEIGHTS_META).read_text()) if (path / WEIGHTS_META).exists() else {}
+    handle = safe_open(str(path / WEIGHTS_FILE), framework="pt")
+    weights = Weights(config=cfg, names=list(handle.keys()), getter=handle.get_tensor, source=str(path), meta=meta)
+    weights.names += [alias for alias in weights.aliases if alias not in weights.names]
+    return weights
+
+
+def open_weights(run: Path | None = None, step: int | None = None, weights: Path | None = None) -> Weights:
+    """A weights folder, or the checkpoint of `step` (default: the latest) of a run folder."""
+    if weights is not None:
+        return folder_weights(Path(weights))
+    if run is None:
+        raise ValueError("give a run folder (--run) or a weights folder (--weights)")
+    return checkpoint_weights(resolve_checkpoint(Path(run), step))
+
+
+def save_weights_folder(out: Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any]) -> None:
+    """Write a weights folder atomically (into OUT.tmp, then renamed); `tensors` holds no tied alias."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    (tmp / "config.yaml").write_text(cfg.to_yaml())
+    (tmp / WEIGHTS_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
