@@ -52,12 +52,13 @@ class InputSource:
 
 
 class MissingTextError(DataPrepError):
-    """A document whose text field is missing, null or not a string (raised inside `map` workers)."""
+    """A text field that is missing, null or not a string; `reading_inputs` finds the file and line."""
 
     @classmethod
     def at(cls, row: int, value: object) -> MissingTextError:
         what = "has no text" if value is None else f"holds a {type(value).__name__}, not text"
-        return cls(f"document {row} (counting from 0 over all inputs) {what}")
+        return cls(f"document {row} (counting from 0 over all inputs) {what}; pass --text-field NAME to "
+                   f"choose the field holding the text")
 
 
 def _tree_bytes(path: str) -> int:
@@ -132,7 +133,7 @@ def _select_text(ds: datasets.Dataset | datasets.IterableDataset, text_field: st
     if features is not None:
         kind = getattr(features[text_field], "dtype", None)
         if kind not in ("string", "large_string", "null"):
-            raise DataPrepError(f"{where}: column '{text_field}' holds {features[text_field]}, not text; "
+            raise MissingTextError(f"{where}: column '{text_field}' holds {features[text_field]}, not text; "
                                 f"pass --text-field NAME to choose the column holding the text")
     ds = ds.select_columns([text_field])
     if text_field != TEXT_COLUMN:
@@ -237,9 +238,10 @@ def _first_problem_in_file(source: InputSource, text_field: str) -> str | None:
                 return f"{source.path} line {lineno} is a JSON {type(record).__name__}, not an object"
             value = record.get(text_field)
             if not isinstance(value, str):
-                what = "has no" if value is None else f"has a {type(value).__name__} in its"
-                return (f"{source.path} line {lineno}: record {what} '{text_field}' field (its fields: "
-                        f"{sorted(record)}); pass --text-field NAME to choose the field holding the text")
+                what = (f"record has no '{text_field}' field" if value is None else
+                        f"the record's '{text_field}' field holds a {type(value).__name__}, not text")
+                return (f"{source.path} line {lineno}: {what} (its fields: {sorted(record)}); "
+                        f"pass --text-field NAME to choose the field holding the text")
         if source.format == "json" and lines == 0:
             return f"{source.path} holds no JSON records"
     return None
@@ -260,9 +262,8 @@ def reading_inputs(sources: Sequence[InputSource], text_field: str) -> Iterator[
     """Turn a failure while reading the inputs into a `DataPrepError` naming the file and line."""
     try:
         yield
-    except MissingTextError as err:
-        raise DataPrepError(find_input_problem(sources, text_field) or
-                            f"{err}; pass --text-field NAME to choose the field holding the text") from err
+    except MissingTextError as err:  # the scan can name the file and line
+        raise DataPrepError(find_input_problem(sources, text_field) or str(err)) from err
     except DataPrepError:
         raise
     except Exception as err:
