@@ -86,8 +86,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd); cos, sin: (T, hd) in fp32, cast to x's dtype as HF does."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    """x: (B, nh, T, hd); cos, sin: (T, hd), already in x's dtype (computed in fp32 and cast, as HF does)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -213,7 +212,10 @@ class Transformer(nn.Module):
                                  f"positions (model.seq_len)")
             x = x + self.pos_emb(torch.arange(T, device=input_ids.device))  # (B, T, C)
         x = self.emb_dropout(x)
-        rope = self.rotary(T, input_ids.device) if self.rotary is not None else None  # 2 x (T, hd)
+        rope = None
+        if self.rotary is not None:
+            # Cast once here rather than in every layer: each cast is a (T, hd) copy kept for the backward.
+            rope = tuple(t.to(x.dtype) for t in self.rotary(T, input_ids.device))  # 2 x (T, hd)
         recompute = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             # Recompute keeps only each block's input for the backward pass instead of all its activations.

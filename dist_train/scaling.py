@@ -36,17 +36,19 @@ __all__ = [
 ]
 
 
+NO_DATA = "<not needed for sizing>"
+
+
 def load_sizing_config(path: str | Path | None, overrides: list[str]) -> Config:
     """A config for sizing: like `load_config`, but a missing data section is fine (nothing is read)."""
     # Sizing needs no data; a placeholder only satisfies the trainer's check that a data source is named.
     # An explicit data.path / data.sources in the file or the overrides is kept and validated as usual.
-    placeholder = ["data.path=<not needed for sizing>"]
     try:
         return load_config(path, overrides)
     except ConfigError as e:
         if "data.path is missing" not in str(e):
             raise
-        return load_config(path, [*overrides, *placeholder])
+        return load_config(path, [*overrides, f"data.path={NO_DATA}"])
 
 
 def _fmt_count(n: float) -> str:
@@ -90,6 +92,64 @@ def cmd_count(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# plan
+
+# Without --config, plan for a Llama-family model with a real-world vocabulary (the tiny defaults of
+# ModelConfig would make the embedding dominate any budget worth planning).
+PLAN_DEFAULTS = ["model.vocab_size=32000", "model.seq_len=2048"]
+
+
+def _plan_text(r: dict[str, Any]) -> str:
+    lines = [(f"{'method':<11} {'a':>6} {'params N':>10} {'tokens D':>10} {'D/N':>6} {'C (6ND)':>10}  "
+             f"{'loss':>5}  source")]
+    for row in r["laws"]:
+        loss = f"{row['loss']:.3f}" if row["loss"] is not None else "-"
+        mark = "*" if row["method"] == r["method"] else " "
+        lines.append(f"{row['method'] + mark:<11} {row['a']:>6.3f} {_fmt_count(row['params']):>10} "
+                     f"{_fmt_count(row['tokens']):>10} {row['tokens_per_param']:>6.1f} "
+                     f"{row['compute']:>10.3e}  {loss:>5}  {row['source']}")
+    s, p = r["shape"], r["params"]
+    kv = f", n_kv_heads {s['n_kv_heads']}" if s["n_kv_heads"] else ""
+    lines += ["",
+              (f"shape for {r['method']} (* above): n_layers {s['n_layers']}, d_model {s['d_model']}, "
+              f"n_heads {s['n_heads']}{kv}, d_ff {s['d_ff']} (head dim {s['d_model'] // s['n_heads']}, "
+              f"{s['mlp']}, vocab {s['vocab_size']}, seq_len {s['seq_len']})"),
+              (f"parameters      {p['total']:,} ({r['params_error']:+.1%} from N = "
+              f"{_fmt_count(r['target_params'])}), non-embedding {p['non_embedding']:,}"),
+              f"tokens          {r['tokens']:,} ({r['tokens_per_param']:.1f} per parameter)",
+              f"training FLOPs  {r['run_flops']:.3e} ({r['flops_per_token']:,} per token, attention included)",
+              (f"time            {r['hours']:,.1f} h on {r['gpus']} GPU(s) at {r['mfu']:.0%} MFU of "
+              f"{r['peak_tflops']:g} TFLOP/s ({r['gpu_hours']:,.0f} GPU-hours)")]
+    if r.get("config"):
+        lines.append(f"config          {r['config']} (train.max_steps {r['max_steps']:,})")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from dist_train.scaling_laws import compute_from_hardware
+    from dist_train.scaling_plan import plan, planned_config, write_config
+
+    budget = [x is not None for x in (args.compute, args.params, args.tokens, args.hours)]
+    if sum(budget) != 1:
+        raise ValueError("give exactly one budget: --compute C, --params N, --tokens D, or --gpus G --hours H "
+                         "(with --peak-tflops and --mfu)")
+    compute = args.compute
+    if args.hours is not None:
+        compute = compute_from_hardware(args.gpus, args.hours, args.peak_tflops, args.mfu)
+    cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *args.set])
+    r = plan(cfg, compute=compute, params=args.params, tokens=args.tokens, method=args.method,
+             gpus=args.gpus, peak_tflops=args.peak_tflops, mfu=args.mfu)
+    if args.write_config:
+        if cfg.data.path == NO_DATA:
+            raise ValueError("--write-config needs a data source for the trainer: pass --config with data.path "
+                             "or --set data.path=<shard folder>")
+        out = planned_config(cfg, r, world_size=args.gpus)
+        r["config"] = str(write_config(out, args.write_config))
+        r["max_steps"] = out.train.max_steps
+    _emit(r, args.json, _plan_text(r))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -108,12 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, help="training tokens of the run: also print the run's FLOPs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("plan", help="compute-optimal N and D under each published law, a shape and a config",
+                       description="Budget: exactly one of --compute, --params, --tokens, or --gpus/--hours. "
+                                   "Without --config the family is Llama-style with vocab 32000, seq_len 2048.")
+    p.add_argument("--compute", type=float, help="training budget in FLOPs (C = 6ND convention)")
+    p.add_argument("--params", type=float, help="model size N: gives each law's compute-optimal D and C")
+    p.add_argument("--tokens", type=float, help="token budget D: gives each law's compute-optimal N and C")
+    p.add_argument("--hours", type=float, help="wall-clock hours on --gpus GPUs (derives C with --peak-tflops, "
+                                               "--mfu)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
+    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"],
+                   help="peak TFLOP/s per GPU (default H100 SXM dense bf16, 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument("--method", default="besiroglu",
+                   choices=["approach1", "approach2", "approach3", "besiroglu"],
+                   help="law whose N and D the shape and config follow (default besiroglu)")
+    _add_config_args(p)
+    p.add_argument("--write-config", metavar="F.yaml", help="write the planned config (base: --config)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "tokens", None) is not None:
+    if args.command == "count" and args.tokens is not None:
         args.tokens = int(args.tokens)
     try:
         args.func(args)
