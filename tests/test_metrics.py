@@ -1,0 +1,133 @@
+"""The metrics logger: who gets which backends, training without wandb, per-rank throughput."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_helpers import run_distributed
+
+from dist_train.checkpoint import TrainState
+from dist_train.config import load_config
+from dist_train.distributed import ProcessPlace
+from dist_train.metrics import (
+    ForwardTimer,
+    JsonlBackend,
+    build_logger,
+    gather_rank_throughput,
+    read_metrics,
+)
+
+
+def place(rank: int) -> ProcessPlace:
+    return ProcessPlace(rank=rank, local_rank=rank, world_size=2, host="h", slurm_node=None,
+                        slurm_job_id=None, slurm_restart_count=0)
+
+
+def config(run_dir: Path, *overrides: str):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return load_config(None, [f"run.out_dir={run_dir}", f"data.path={run_dir}", *overrides])
+
+
+class Untouchable(types.ModuleType):
+    """Stands in for `wandb` in sys.modules: any use of it fails the test."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"wandb.{name} was used")
+
+
+def test_only_rank0_gets_backends_and_other_ranks_never_touch_wandb(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", Untouchable("wandb"))
+    cfg = config(tmp_path / "run", "wandb.enabled=true")
+    state = TrainState()
+    logger = build_logger(cfg, tmp_path / "run", place(1), state, resumed=False)
+    logger.log({"step": 1, "loss": 1.0})
+    logger.close()
+    assert logger.backends == []
+    assert state.wandb_run_id is None
+    assert list((tmp_path / "run").iterdir()) == []  # rank 1 writes nothing in the run folder
+
+
+@pytest.mark.parametrize("how", ["package missing", "mode disabled", "not enabled"])
+def test_training_logs_unchanged_without_wandb(tmp_path, monkeypatch, capsys, how) -> None:
+    if how == "package missing":
+        monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+        cfg = config(tmp_path / "run", "wandb.enabled=true")
+    else:
+        monkeypatch.setitem(sys.modules, "wandb", Untouchable("wandb"))
+        cfg = config(tmp_path / "run", *(["wandb.enabled=true", "wandb.mode=disabled"]
+                                         if how == "mode disabled" else []))
+    logger = build_logger(cfg, tmp_path / "run", place(0), TrainState(), resumed=False)
+    logger.log({"step": 1, "loss": 2.0, "mfu": None})
+    logger.summary({"final_step": 1})
+    logger.close()
+
+    assert [type(b) for b in logger.backends] == [JsonlBackend]
+    assert read_metrics(tmp_path / "run") == [{"step": 1, "loss": 2.0, "mfu": None}]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"final_step": 1}
+    assert not (tmp_path / "run" / "wandb").exists()
+    out = capsys.readouterr().out
+    if how == "package missing":
+        assert "the wandb package is not installed; logging to metrics.jsonl only" in out
+    else:
+        assert out == ""
+
+
+def test_resumed_jsonl_drops_the_steps_the_resumed_run_trains_again(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [{"step": s, "loss": 1.0} for s in range(1, 9)] + [{"step": 4, "val_loss": 2.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 9, "lo')
+    JsonlBackend(run_dir, resume_step=4).close()
+    assert [(r["step"], "val_loss" in r) for r in read_metrics(run_dir)] == [
+        (1, False), (2, False), (3, False), (4, False), (4, True)]
+
+
+class SlowOnRank(torch.nn.Module):
+    """A linear layer whose forward sleeps on one rank: a straggler."""
+
+    def __init__(self, slow_rank: int, rank: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.delay_s = 0.05 if rank == slow_rank else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.linear(x)
+
+
+def _throughput_with_a_straggler(rank: int, world_size: int) -> tuple[dict, list[float]]:
+    model = SlowOnRank(slow_rank=1, rank=rank)
+    timer = ForwardTimer(model, torch.device("cpu"))
+    step_seconds = []
+    for _ in range(4):  # data-parallel steps: forward, backward, then an all-reduce that waits for everyone
+        start = time.perf_counter()
+        model(torch.randn(4, 8)).sum().backward()
+        grad = model.linear.weight.grad
+        torch.distributed.all_reduce(grad)
+        step_seconds.append(time.perf_counter() - start)
+    model.eval()
+    model.delay_s = 1.0 if rank == 0 else 0.0
+    with torch.no_grad():
+        model(torch.randn(4, 8))  # evaluation forward passes are not training throughput
+    model.train()
+    return gather_rank_throughput(timer, tokens_per_forward=4 * 16), step_seconds
+
+
+@pytest.mark.slow
+def test_rank_throughput_shows_the_straggler_that_step_times_hide() -> None:
+    (record, steps0), (record1, steps1) = run_distributed(_throughput_with_a_straggler, 2)
+
+    assert record == record1  # every rank gets the gathered values
+    assert record["slowest_rank"] == 1
+    per_rank = [record["fwd_tokens_per_s/rank_0"], record["fwd_tokens_per_s/rank_1"]]
+    assert record["fwd_tokens_per_s_min"] == per_rank[1] and record["fwd_tokens_per_s_max"] == per_rank[0]
+    assert per_rank[1] == pytest.approx(64 / 0.05, rel=0.3)  # 64 tokens per 50 ms forward
+    assert per_rank[0] > 10 * per_rank[1]
+    # Why forward time: the all-reduce makes the fast rank wait, so its step time is the straggler's too.
+    assert sum(steps0[1:]) == pytest.approx(sum(steps1[1:]), rel=0.3)

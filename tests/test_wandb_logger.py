@@ -1,0 +1,124 @@
+"""The W&B backend with real `wandb` (offline) in real processes: run identity, kill and resume, fallbacks.
+
+Each "job" below is a fresh process that builds the logger exactly as the trainer does (rank 0) and logs
+records shaped like the trainer's; a killed job dies by SIGKILL, so W&B gets no `finish()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from distributed_helpers import REPO, cpu_env
+
+from dist_train import wandb_reader
+from dist_train.metrics import WANDB_ID_FILE, read_metrics
+
+pytest.importorskip("wandb")
+pytestmark = pytest.mark.slow  # each test runs real wandb in fresh processes
+
+JOB = """
+import json, os, signal, sys
+from pathlib import Path
+from dist_train.checkpoint import TrainState
+from dist_train.config import load_config
+from dist_train.distributed import ProcessPlace
+from dist_train.metrics import build_logger
+
+spec = json.loads(sys.argv[1])
+cfg = load_config(None, spec["overrides"])
+Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)  # the trainer's write_run_files does this
+state = TrainState(step=spec["resume_step"], tokens=100 * spec["resume_step"], wandb_run_id=spec["state_id"])
+place = ProcessPlace(rank=0, local_rank=0, world_size=1, host="h", slurm_node=None, slurm_job_id=None,
+                     slurm_restart_count=0)
+logger = build_logger(cfg, Path(cfg.run.out_dir), place, state, resumed=spec["resume_step"] > 0)
+for step in range(spec["resume_step"] + 1, spec["last_step"] + 1):
+    logger.log({"step": step, "loss": 10.0 / step, "lr": 1e-3, "tokens": 100 * step, "tokens_per_s": 5.0})
+    if step % 4 == 0:
+        logger.log({"step": step, "tokens": 100 * step, "val_loss": 20.0 / step, "val_ppl": 2.0})
+print("STATE_ID", state.wandb_run_id, flush=True)
+if spec["kill"]:
+    os.kill(os.getpid(), signal.SIGKILL)
+logger.summary({"final_step": spec["last_step"], "train_loss": 10.0 / spec["last_step"]})
+logger.close()
+"""
+
+
+def job(run_dir: Path, resume_step: int, last_step: int, state_id: str | None = None, kill: bool = False,
+        mode: str = "offline", env: dict[str, str] | None = None) -> tuple[str, subprocess.CompletedProcess]:
+    spec = {"overrides": [f"run.out_dir={run_dir}", f"data.path={run_dir}", "wandb.enabled=true",
+                          f"wandb.mode={mode}"],
+            "resume_step": resume_step, "last_step": last_step, "state_id": state_id, "kill": kill}
+    proc = subprocess.run([sys.executable, "-c", JOB, json.dumps(spec)], check=False, cwd=REPO,
+                          env=cpu_env(env), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == (-9 if kill else 0), proc.stderr
+    (line,) = [s for s in proc.stdout.splitlines() if s.startswith("STATE_ID ")]
+    return line.split()[1], proc
+
+
+def rows_by_step(records: list[dict]) -> dict[int, dict]:
+    """metrics.jsonl lines merged per step, as W&B merges the records of one step into one row."""
+    merged: dict[int, dict] = defaultdict(dict)
+    for r in records:
+        merged[r["step"]].update({k: v for k, v in r.items() if k != "step"})
+    return dict(merged)
+
+
+def test_fresh_run_gets_a_named_run_with_the_resolved_config_and_its_id_in_the_run_folder(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "tiny-run"
+    run_id, proc = job(run_dir, resume_step=0, last_step=4)
+
+    assert (run_dir / WANDB_ID_FILE).read_text().strip() == run_id
+    assert f"W&B: run {run_id} (tiny-run), offline; upload later: wandb sync {run_dir}/wandb/offline-run-" \
+        in proc.stdout
+    (path,) = wandb_reader.run_files(run_dir)
+    run = wandb_reader.read_run_file(path)
+    assert (run.run_id, run.name, run.project) == (run_id, "tiny-run", "dist_train")
+    assert run.config["run"]["out_dir"] == str(run_dir) and run.config["model"]["n_layers"] > 0
+    assert run.config["wandb"]["mode"] == "offline"
+    assert run.summary["final_step"] == 4
+    assert run.exit_code == 0
+
+
+def test_killed_then_resumed_job_continues_the_same_wandb_run_with_each_step_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first_id, _ = job(run_dir, resume_step=0, last_step=10, kill=True)  # killed at step 10, checkpoint at 6
+    held_before_resume = wandb_reader.last_step(run_dir, first_id)
+    assert held_before_resume is None or held_before_resume < 10  # the kill lost W&B's unflushed rows
+
+    resumed_id, _ = job(run_dir, resume_step=6, last_step=14, state_id=first_id)
+
+    assert resumed_id == first_id == (run_dir / WANDB_ID_FILE).read_text().strip()
+    files = wandb_reader.run_files(run_dir)
+    assert [f.name for f in files] == [f"run-{first_id}.wandb"] * 2
+    history = wandb_reader.read_history(run_dir, first_id)
+    steps = [row["_step"] for row in history]
+    assert steps == sorted(set(steps)), f"steps repeat or go back across the resume: {steps}"
+    jsonl = rows_by_step(read_metrics(run_dir))
+    assert steps == sorted(jsonl) == list(range(1, 15))
+    for row in history:
+        logged = {k: v for k, v in row.items() if not k.startswith("_")}
+        assert logged == jsonl[row["_step"]], f"step {row['_step']}"
+
+
+def test_fresh_start_after_a_run_without_checkpoint_starts_a_new_wandb_run(tmp_path: Path) -> None:
+    first_id, _ = job(tmp_path / "run", resume_step=0, last_step=3, kill=True)
+    second_id, _ = job(tmp_path / "run", resume_step=0, last_step=3)
+    assert second_id != first_id
+    assert (tmp_path / "run" / WANDB_ID_FILE).read_text().strip() == second_id
+    assert [r["_step"] for r in wandb_reader.read_history(tmp_path / "run", second_id)] == [1, 2, 3]
+
+
+def test_online_without_an_api_key_falls_back_to_offline_and_says_how_to_upload(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    os.makedirs(env["HOME"])
+    run_id, proc = job(tmp_path / "run", resume_step=0, last_step=2, mode="online", env=env)
+    assert "W&B: online init failed" in proc.stdout and "logging offline instead" in proc.stdout
+    assert f"W&B: run {run_id} (run), offline" in proc.stdout
+    assert [r["_step"] for r in wandb_reader.read_history(tmp_path / "run", run_id)] == [1, 2]
