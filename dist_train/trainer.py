@@ -21,7 +21,7 @@ from dist_train.checkpoint import Checkpointer, TrainState
 from dist_train.config import Config, deepspeed_config
 from dist_train.data import TokenLoader
 from dist_train.distributed import ProcessPlace, Rank0
-from dist_train.metrics import build_logger
+from dist_train.metrics import ForwardTimer, build_logger, gather_rank_throughput
 from dist_train.model import build_model
 from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, lr_at
 from dist_train.preflight import preflight
@@ -67,6 +67,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
     scheduler = build_scheduler(optimizer, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    forward_timer = ForwardTimer(engine.module, device)  # each rank's own speed: stragglers show in the log
 
     t = cfg.train
     accum = ds_config["gradient_accumulation_steps"]
@@ -110,6 +111,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
                 "mfu": flops_per_step / step_seconds / (peak * place.world_size) if peak else None,
                 "mem_gb": memory_gb(device), "skipped_steps": state.skipped_steps,
             }
+            record.update(gather_rank_throughput(forward_timer, t.micro_batch_size * cfg.model.seq_len))
             if cfg.precision == "fp16":
                 record["loss_scale"] = float(engine.optimizer.cur_scale)
             logger.log(record)
@@ -118,7 +120,8 @@ def train(cfg: Config, resume: str = "latest") -> int:
 
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
             val_loss = evaluate(engine, cfg, place, device)
-            logger.log({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            logger.log({"step": state.step, "tokens": state.tokens, "val_loss": val_loss,
+                        "val_ppl": math.exp(min(val_loss, 50))})
             rank0.print(f"step {state.step} | val_loss {val_loss:.4f}")
 
         if result.stop_requested:
@@ -137,7 +140,8 @@ def train(cfg: Config, resume: str = "latest") -> int:
 
     if t.eval_every:
         val_loss = evaluate(engine, cfg, place, device)
-        logger.log({"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+        logger.log({"step": state.step, "tokens": state.tokens, "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50))})
     state.wall_s = clock.total()
     if saved_step != state.step:
         checkpointer.save(state, train_data.state_dict())
