@@ -1,0 +1,95 @@
+"""The trainer under real launchers and real DeepSpeed engines, several processes on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distributed_helpers import REPO, launch_training
+from dist_train.metrics import read_metrics
+
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 4
+
+
+def short_run(shard_dir, out_dir, *extra: str) -> list[str]:
+    return [f"data.path={shard_dir}", f"run.out_dir={out_dir}", "model.n_layers=2", f"train.max_steps={STEPS}",
+            "train.log_every=1", "train.eval_every=0", "checkpoint.every=0", "train.warmup_steps=2",
+            "precision=fp32", *extra]
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def stage_losses(shard_dir, tmp_path_factory) -> dict[str, list[float]]:
+    """fp32 losses of 2-process runs at ZeRO 0-3 and of one process at the same global batch."""
+    out = {}
+    for stage in range(4):
+        run = tmp_path_factory.mktemp(f"zero{stage}")
+        proc = launch_training(TINY, short_run(shard_dir, run, f"deepspeed.zero_stage={stage}",
+                                               "train.grad_accum_steps=2"), nproc=2, launcher="deepspeed")
+        assert_ok(proc)
+        out[f"zero{stage}x2"] = losses(run)
+    run = tmp_path_factory.mktemp("single")
+    proc = launch_training(TINY, short_run(shard_dir, run, "deepspeed.zero_stage=2", "train.grad_accum_steps=4"),
+                           nproc=1, launcher="torchrun")
+    assert_ok(proc)
+    out["zero2x1"] = losses(run)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_agree_with_stage0_step_by_step(stage_losses, stage):
+    reference, other = stage_losses["zero0x2"], stage_losses[f"zero{stage}x2"]
+    print(f"zero0 {reference}\nzero{stage} {other}")
+    assert len(reference) == len(other) == STEPS
+    for a, b in zip(reference, other):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert reference[-1] < reference[0], "the loss should fall over the first steps"
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one_at_the_same_global_batch(stage_losses):
+    two, one = stage_losses["zero2x2"], stage_losses["zero2x1"]
+    print(f"2 procs {two}\n1 proc  {one}")
+    for a, b in zip(two, one):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_plain_python_run_writes_the_run_folder(shard_dir, tmp_path):
+    proc = launch_training(TINY, short_run(shard_dir, tmp_path, "train.eval_every=2", "train.eval_steps=2"),
+                           nproc=1, launcher="python")
+    assert_ok(proc)
+    records = read_metrics(tmp_path)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    for r in (r for r in records if "loss" in r):
+        assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gb"} <= r.keys()
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    assert [r["step"] for r in records if "val_loss" in r] == [2, STEPS]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_step"] == STEPS and summary["tokens"] == STEPS * 8 * 2 * 128
+    assert (tmp_path / "ds_config.json").exists() and (tmp_path / "config.yaml").exists()
+    assert "| loss " in proc.stdout and "tok/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bf16_run_tracks_the_fp32_losses(shard_dir, tmp_path, stage_losses):
+    proc = launch_training(TINY, short_run(shard_dir, tmp_path, "precision=bf16", "deepspeed.zero_stage=2",
+                                           "train.grad_accum_steps=2"), nproc=2, launcher="torchrun")
+    assert_ok(proc)
+    bf16, fp32 = losses(tmp_path), stage_losses["zero2x2"]
+    print(f"bf16 {bf16}\nfp32 {fp32}")
+    for a, b in zip(fp32, bf16):
+        assert b == pytest.approx(a, rel=2e-2)
+    assert bf16 != fp32, "bf16 must actually run in bf16"
