@@ -17,6 +17,8 @@
   last, atomically, so it never points at missing or partial shards.
 - Re-running a finished command is a no-op; a different command on the same OUT is refused.
 - Bad input stops the run with an error naming the file (and line) and removes what it wrote.
+- An empty document (text "") has no tokens and gets no EOS; every other document is kept whole, so
+  a split's num_tokens = Σ (len(tokenizer(doc)) + 1) over its documents.
 """
 
 from __future__ import annotations
@@ -67,9 +69,14 @@ _OURS = re.compile(rf"^({'|'.join(SPLITS)})(_\d{{5,}}\.bin|\.partial)$|^(manifes
                    rf"|^{re.escape(TOKENIZED_DIR)}$")
 
 
+_WHAT_DIFFERS = {"sources": "sources (the input files, their sizes or modification times)",
+                 "tokenizer": "tokenizer (its path)"}
+
+
 def _differences(old: dict, new: dict) -> list[str]:
+    """Human-readable names of the settings in which two dataset headers differ."""
     keys = sorted(set(old) | set(new))
-    diffs = [k for k in keys if k != "prep" and old.get(k) != new.get(k)]
+    diffs = [_WHAT_DIFFERS.get(k, k) for k in keys if k != "prep" and old.get(k) != new.get(k)]
     old_prep, new_prep = old.get("prep", {}), new.get("prep", {})
     diffs += [f"prep.{k}" for k in sorted(set(old_prep) | set(new_prep)) if old_prep.get(k) != new_prep.get(k)]
     return diffs

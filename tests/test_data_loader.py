@@ -118,7 +118,7 @@ def test_mixing_two_sources_0_7_0_3_gives_their_weights_within_2_percent_over_10
     for g in range(0, 10_000, 997):  # the window really comes from the picked source
         source, i = loader.sample_index(g)
         assert loader.window(g).tolist() == streams[source][i * SEQ:i * SEQ + SEQ + 1].tolist()
-    # Within its epoch (~4,200 samples) the second source never repeats a sample.
+    # Within its epoch the second source never repeats a sample.
     second = [loader.sample_index(g)[1] for g in range(10_000) if picks[g] == 1]
     assert len(second) < loader.num_samples[1]
     assert len(set(second)) == len(second)

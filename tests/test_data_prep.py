@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -12,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_prep.corpora import strip_gutenberg, write_corpus
-from data_prep.encode import in_val_split
+from data_prep.encode import DocumentEncoder, encode_stream, in_val_split
 from data_prep.errors import DataPrepError
 from data_prep.manifest import DTYPES, file_sha256, read_manifest
 from data_prep.shard import shard_corpus
@@ -134,12 +136,32 @@ def test_same_command_twice_gives_byte_identical_shards(shard_dir, corpus_file, 
     assert folder_bytes(tmp_path / "again") == folder_bytes(shard_dir)
 
 
-@pytest.mark.parametrize("variant", [{"num_proc": 2}, {"streaming": True}, {"streaming": True, "num_proc": 2}],
+@pytest.mark.parametrize("variant", [pytest.param({"num_proc": 2}, marks=pytest.mark.slow), {"streaming": True},
+                                     pytest.param({"streaming": True, "num_proc": 2}, marks=pytest.mark.slow)],
                          ids=["num_proc=2", "streaming", "streaming,num_proc=2"])
 def test_num_proc_and_streaming_give_the_same_shards_as_one_process(variant, shard_dir, corpus_file,
                                                                     tokenizer_dir, tmp_path, datasets_cache):
     shard([corpus_file], tokenizer_dir, tmp_path / "out", datasets_cache, **variant)
     assert folder_bytes(tmp_path / "out") == folder_bytes(shard_dir)
+
+
+@pytest.mark.slow
+def test_streaming_encoder_reads_at_most_two_batches_ahead_per_process(tokenizer_dir):
+    pulled = []
+
+    def endless() -> Iterator[tuple[int, list[str]]]:
+        for k in itertools.count():
+            pulled.append(k)
+            yield k * 4, [f"document {k}.{j}" for j in range(4)]
+
+    encoder = DocumentEncoder(str(tokenizer_dir), eos_token_id=0, seed=0, val_fraction=0.0)
+    stream = encode_stream(endless(), encoder, num_proc=2)
+    first = [next(stream) for _ in range(10)]
+    # 10 batches taken, 3 more in flight: memory stays flat (Pool.imap would read the whole input ahead).
+    assert len(pulled) == 10 + 2 * 2 - 1
+    assert [int(b.lengths.sum()) for b in first] == [int(encoder.encode(k * 4, [f"document {k}.{j}" for j in
+                                                     range(4)]).lengths.sum()) for k in range(10)]
+    stream.close()
 
 
 def test_rerunning_a_finished_command_changes_nothing(shard_dir, corpus_file, tokenizer_dir, datasets_cache):
