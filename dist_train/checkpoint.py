@@ -1,15 +1,29 @@
-"""Checkpoints that survive a kill at any moment.
+"""Checkpoints that survive a kill at any moment and resume on any number of processes.
 
 Layout under RUN/checkpoints/:
     step_00000100/            DeepSpeed's files (model + optimizer shards of every rank)
         client_rank00000.pt   this rank's loader position and RNG states
-        client_state.json     step, tokens, config, model hash, W&B id (rank 0)
+        client_state.json     step, tokens, skipped steps, W&B run id, config, model hash (rank 0, written last)
+        universal/            the same state cut per parameter, made on a resume with another world size
     latest                    text file naming the newest *complete* checkpoint; written last, atomically
 
-A checkpoint is written into `.tmp_step_N/` and renamed into place only when every rank has finished, then
-`latest` is replaced (write + fsync + os.replace). A kill before the rename leaves a `.tmp_*` folder that the
-next start deletes; a kill after it leaves `latest` at the previous checkpoint. Old checkpoints are pruned
-only after the new one is complete.
+Saving. Every rank writes its shard into `.tmp_step_N/`; after a barrier rank 0 fsyncs the files, writes
+client_state.json, renames the folder to `step_N/` and then replaces `latest` (write + fsync + os.replace).
+A kill before the rename leaves a `.tmp_*` folder that the next start deletes; a kill after it leaves
+`latest` at the previous checkpoint. Old checkpoints are pruned only after `latest` names the new one, and
+are first renamed to `.trash_*` so a kill while deleting never leaves a half-deleted `step_N/`.
+
+Resuming. `--resume latest` (the default; nothing to resume starts fresh), `none`, or a checkpoint folder.
+A config that changes the tensors (model shape keys, and seq_len for learned positions), the ZeRO stage or the
+precision is refused before any engine starts; any other change (lr, max_steps, ...) is allowed and printed.
+
+World size. The data loader's position is global (`consumed_samples`, equal on every rank): optimizer step s of
+a run with global batch G reads global samples [s*G, (s+1)*G) whatever the number of processes, so every rank
+of the resumed run takes that position. Keep the global batch (set train.global_batch_size: grad_accum_steps
+is then derived for each world size) and every resumed step reads exactly the samples of the uninterrupted
+run; with another global batch the stream still continues with no sample repeated or skipped. The ZeRO
+optimizer shards are re-cut through DeepSpeed's universal format (`dist_train.reshard`); RNG states are
+re-seeded from (seed, step, rank), since old and new ranks do not correspond (this only matters for dropout).
 """
 
 from __future__ import annotations
@@ -27,8 +41,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_train import reshard
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
-from dist_train.distributed import ProcessPlace
+from dist_train.distributed import ProcessPlace, all_gather_objects
 
 CLIENT_STATE = "client_state.json"
 
@@ -118,6 +133,116 @@ def read_client_state(path: Path) -> dict[str, Any]:
     return json.loads((path / CLIENT_STATE).read_text())
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file (and folder entry) under root to disk before the rename publishes it: without it a
+    power loss shortly after could leave a published checkpoint with empty files."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Config changes that make a checkpoint unloadable: tensor shapes, ZeRO stage, precision."""
+    keys = [("model", k) for k in SHAPE_KEYS]
+    if "learned" in (old["model"].get("pos"), new["model"].get("pos")):
+        keys.append(("model", "seq_len"))  # the learned position table has seq_len rows
+    keys += [("deepspeed", "zero_stage"), ("precision", None)]
+    changed = []
+    for section, key in keys:
+        before = old.get(section) if key is None else old.get(section, {}).get(key)
+        after = new.get(section) if key is None else new.get(section, {}).get(key)
+        if before != after:
+            changed.append(f"{section}{'.' + key if key else ''}: {before!r} -> {after!r}")
+    return changed
+
+
+def allowed_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changes = []
+    for section, values in new.items():
+        before = old.get(section)
+        if isinstance(values, dict) and isinstance(before, dict):
+            changes += [f"{section}.{k}: {before.get(k)!r} -> {v!r}" for k, v in values.items() if before.get(k) != v]
+        elif before != values:
+            changes.append(f"{section}: {before!r} -> {values!r}")
+    return changes
+
+
+@dataclass
+class ResumePlan:
+    path: Path
+    """The checkpoint folder to load."""
+    meta: dict[str, Any]
+    """Its client_state.json."""
+    changes: list[str]
+    """Config changes since the checkpoint (allowed ones; breaking ones were refused)."""
+    world_changed: bool
+    """Saved with another number of processes."""
+    universal: bool
+    """Load `path/universal` with DeepSpeed's load_universal (a ZeRO 1-3 checkpoint on another world size)."""
+
+    def describe(self) -> str:
+        step, world = self.meta["train_state"]["step"], self.meta["world_size"]
+        text = f"resumed from {self.path} at step {step}"
+        if self.world_changed:
+            text += f" (saved by {world} processes, re-sharded{' via the universal format' if self.universal else ''})"
+        return text + (f"; config changes: {'; '.join(self.changes)}" if self.changes else "")
+
+
+def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | None:
+    """`latest` (if any), `none`, or an explicit checkpoint folder; first removes what a kill interrupted."""
+    checkpoint_dir = run_dir / "checkpoints"
+    if place.is_rank0 and checkpoint_dir.exists():
+        for stale in [*checkpoint_dir.glob(".tmp_*"), *checkpoint_dir.glob(".trash_*"),
+                      *checkpoint_dir.glob("step_*/.universal_tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    if resume == "none":
+        return None
+    if resume == "latest":
+        return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+    path = Path(resume)
+    if not (path / CLIENT_STATE).exists():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {CLIENT_STATE})")
+    return path
+
+
+def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) -> ResumePlan | None:
+    """Find the checkpoint to resume, refuse an incompatible config, and (rank 0, the others wait) convert a
+    ZeRO checkpoint of another world size to the universal format. Runs before the engine is built, because
+    a universal load must be switched on in the DeepSpeed config."""
+    path = find_checkpoint(run_dir, resume, place)
+    if path is None:
+        return None
+    meta = read_client_state(path)
+    broken = breaking_changes(meta["config"], cfg.to_dict())
+    if broken:
+        raise ConfigError(f"{path} cannot be resumed with this config: {'; '.join(broken)}. Restore these "
+                          f"settings, or start a new run (another run.out_dir, or --resume none)")
+    world_changed = meta["world_size"] != place.world_size
+    universal = world_changed and reshard.is_zero_checkpoint(path)
+    if universal:
+        error = None
+        if place.is_rank0:
+            try:
+                reshard.convert_to_universal(path)
+            except RuntimeError as e:
+                error = str(e)
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise RuntimeError(errors[0])
+    return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
+                      world_changed=world_changed, universal=universal)
+
+
 class Checkpointer:
     """Saves and restores engine + loader + RNG + train state; every rank calls every method."""
 
@@ -148,14 +273,22 @@ class Checkpointer:
     def _publish(self, tmp_root: Path, tag: str, final: Path, state: TrainState) -> None:
         meta = {"train_state": dataclasses.asdict(state), "world_size": self.place.world_size,
                 "model_hash": self.cfg.model_hash(), "config": self.cfg.to_dict()}
+        _fsync_tree(tmp_root / tag)
         _write_atomic(tmp_root / tag / CLIENT_STATE, json.dumps(meta, indent=2))
         if final.exists():
             # Left by a run killed between this rename and `latest`: it is not the latest, so replace it.
-            shutil.rmtree(final)
+            self._discard(final)
         os.rename(tmp_root / tag, final)
         shutil.rmtree(tmp_root)  # DeepSpeed also drops its zero_to_fp32.py scripts here
         _write_atomic(self.dir / "latest", tag + "\n")
         self._prune(keep=final)
+
+    def _discard(self, path: Path) -> None:
+        """Rename, then delete: a kill mid-delete leaves a `.trash_*` folder, never a half `step_*` one."""
+        trash = self.dir / f".trash_{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _prune(self, keep: Path) -> None:
         if self.cfg.checkpoint.keep_last <= 0:
@@ -163,47 +296,29 @@ class Checkpointer:
         complete = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
         for old in complete[:-self.cfg.checkpoint.keep_last]:
             if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                self._discard(old)
 
     # -- resume ----------------------------------------------------------------------------------------
-    def find(self, resume: str) -> Path | None:
-        """`latest` (if any), `none`, or an explicit checkpoint folder."""
-        if self.place.is_rank0 and self.dir.exists():
-            for stale in self.dir.glob(".tmp_*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a save that a kill interrupted
-        _barrier()
-        if resume == "none":
-            return None
-        if resume == "latest":
-            return read_latest(self.dir) if self.dir.exists() else None
-        path = Path(resume)
-        if not (path / CLIENT_STATE).exists():
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {CLIENT_STATE})")
-        return path
-
-    def check_compatible(self, meta: dict[str, Any]) -> list[str]:
-        """Refuse a model-shape change; return the other changed keys (allowed, to be logged)."""
-        old, new = meta["config"], self.cfg.to_dict()
-        broken = [f"model.{k}: {old['model'].get(k)!r} -> {new['model'].get(k)!r}"
-                  for k in SHAPE_KEYS if old["model"].get(k) != new["model"].get(k)]
-        if broken:
-            raise ConfigError("the config changes the model's shape, so the checkpoint cannot be resumed: "
-                              + "; ".join(broken) + ". Use a new run.out_dir or --resume none")
-        return [f"{section}.{k}: {v!r} -> {new[section][k]!r}"
-                for section, values in old.items() if isinstance(values, dict)
-                for k, v in values.items() if new.get(section, {}).get(k) != v]
-
-    def load(self, path: Path) -> tuple[TrainState, dict[str, Any], list[str]]:
-        """Load engine state from `path`; return the train state, this rank's loader state, config changes."""
-        meta = read_client_state(path)
-        changes = self.check_compatible(meta)
-        if meta["world_size"] != self.place.world_size:
-            raise ConfigError(
-                f"{path} was written by {meta['world_size']} processes and this run has "
-                f"{self.place.world_size}: convert it with `python -m dist_train.reshard --checkpoint {path}` "
-                f"or resume with the same number of processes")
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
-        client = torch.load(path / f"client_rank{self.place.rank:05d}.pt", weights_only=False)
-        set_rng_state(client["rng"])
-        return TrainState(**meta["train_state"]), client["loader"], changes
+    def load(self, plan: ResumePlan) -> tuple[TrainState, dict[str, Any]]:
+        """Load engine, RNG and train state; return the train state and the loader state for this rank."""
+        if plan.universal:
+            hyperparameters = reshard.group_hyperparameters(self.engine)
+            self.engine.load_checkpoint(str(plan.path), tag=reshard.UNIVERSAL_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+            if self.cfg.deepspeed.zero_stage == 3:
+                reshard.repair_zero3_optimizer(self.engine, hyperparameters)
+        else:
+            self.engine.load_checkpoint(str(plan.path.parent), tag=plan.path.name, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+        state = TrainState(**plan.meta["train_state"])
+        if plan.world_changed:
+            # The loader position is global (every rank saved the same one); old ranks do not map to new ones.
+            client = torch.load(plan.path / "client_rank00000.pt", weights_only=False)
+            seed = self.cfg.train.seed * 1_000_003 + state.step * 1_009 + self.place.rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        else:
+            client = torch.load(plan.path / f"client_rank{self.place.rank:05d}.pt", weights_only=False)
+            set_rng_state(client["rng"])
+        return state, client["loader"]

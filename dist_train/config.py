@@ -434,8 +434,9 @@ def resolve_grad_accum(cfg: Config, world_size: int) -> int:
     return t.global_batch_size // per_pass
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config generated from ours: never hand-kept twice."""
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config generated from ours: never hand-kept twice. `load_universal` makes the engine load
+    a universal checkpoint (a resume on another world size, see dist_train.reshard)."""
     t, ds = cfg.train, cfg.deepspeed
     accum = resolve_grad_accum(cfg, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -446,7 +447,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if ds.zero_stage == 3:
         # Gather the full weights into the checkpoint's fp32 master copy only on demand (export does it).
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    ds_config = {
         "train_batch_size": t.micro_batch_size * accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
@@ -462,3 +463,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    return ds_config

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dist_train import distributed
-from dist_train.checkpoint import Checkpointer, TrainState
+from dist_train.checkpoint import Checkpointer, TrainState, plan_resume
 from dist_train.config import Config, deepspeed_config
 from dist_train.data import TokenLoader
 from dist_train.distributed import ProcessPlace, Rank0
@@ -57,7 +57,8 @@ def train(cfg: Config, resume: str = "latest") -> int:
 
     rank0 = Rank0(place)
     run_dir = Path(cfg.run.out_dir)
-    ds_config = deepspeed_config(cfg, place.world_size)
+    plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before run files change
+    ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
     rank0.run(write_run_files, run_dir, cfg, ds_config)
     stop = StopRequest().install()
 
@@ -75,14 +76,12 @@ def train(cfg: Config, resume: str = "latest") -> int:
                              place.rank, place.world_size, t.seed)
     checkpointer = Checkpointer(run_dir, cfg, engine, place)
     state = TrainState()
-    found = checkpointer.find(resume)
-    if found is not None:
-        state, loader_state, changes = checkpointer.load(found)
+    if plan is not None:
+        state, loader_state = checkpointer.load(plan)
         train_data.load_state_dict(loader_state)
-        rank0.print(f"resumed from {found} at step {state.step}"
-                    + (f"; config changes: {'; '.join(changes)}" if changes else ""))
+        rank0.print(plan.describe())
     log_process_places(run_dir, place, rank0, state.step)
-    logger = build_logger(cfg, run_dir, place, state, resumed=found is not None)
+    logger = build_logger(cfg, run_dir, place, state, resumed=plan is not None)
 
     tokens_per_step = t.micro_batch_size * accum * place.world_size * cfg.model.seq_len
     flops_per_step = flops_per_token(cfg.model) * tokens_per_step

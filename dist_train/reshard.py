@@ -1,0 +1,100 @@
+"""Resume a checkpoint on another number of processes, optimizer state included.
+
+    python -m dist_train.reshard --checkpoint RUN/checkpoints/step_N     (optional: the trainer does it itself)
+
+A ZeRO 1-3 checkpoint holds each rank's slice of the flat fp32 weights and Adam moments, cut for the world
+size that wrote it, and DeepSpeed refuses to load it into another. DeepSpeed's universal checkpoint format
+stores every parameter whole instead (`zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`), and an engine started with
+`"checkpoint": {"load_universal": true}` slices it for its own world size. We convert once, into
+`step_N/universal/` (written to a temporary folder and renamed, so a kill leaves no half cache), and reuse
+it for every later resume. ZeRO stage 0 checkpoints hold whole tensors already and load at any world size.
+
+The ZeRO stage cannot change across a resume (converting between stage 2 and 3 fails in DeepSpeed), and
+after a universal load into ZeRO-3 two DeepSpeed 0.19 defects are repaired (`repair_zero3_optimizer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+UNIVERSAL_TAG = "universal"
+
+
+def is_zero_checkpoint(path: Path) -> bool:
+    """ZeRO 1-3 checkpoints have per-rank optimizer shards; stage 0 keeps the optimizer whole."""
+    return any(path.glob("*_optim_states.pt"))
+
+
+def universal_path(path: Path) -> Path:
+    return path / UNIVERSAL_TAG
+
+
+def convert_to_universal(path: Path) -> Path:
+    """Convert checkpoint folder `path` to `path/universal` (cached); return that folder."""
+    out = universal_path(path)
+    if (out / "zero").is_dir():
+        return out
+    work = path / ".universal_tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    # One worker each: on a node that is also training, DeepSpeed's default of 4 extract processes competes
+    # with the job; --inject_missing_state supplies metadata that client-optimizer checkpoints lack.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(work / UNIVERSAL_TAG), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    os.rename(work / UNIVERSAL_TAG, out)
+    shutil.rmtree(work)
+    return out
+
+
+def group_hyperparameters(engine: Any) -> list[dict[str, Any]]:
+    """Per-group settings of the client optimizer that a ZeRO-3 universal load overwrites."""
+    return [{"weight_decay": g["weight_decay"]} for g in _base_optimizer(engine).param_groups]
+
+
+def repair_zero3_optimizer(engine: Any, hyperparameters: list[dict[str, Any]]) -> None:
+    """Undo two defects of DeepSpeed 0.19's ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_...):
+    - it copies param group 0's settings into every group, so the no-decay group (norms, embeddings) would
+      be decayed: restore each group's weight_decay;
+    - it gives every sub-group's Adam state the *same* `step` tensor, which torch's AdamW increments in place
+      once per group per step, so bias correction would run ahead: give each state its own copy.
+    Each was seen as a ~1e-3 loss divergence on the first resumed steps; with the repair the resumed losses
+    equal the uninterrupted ones (tests/test_resume_world_size.py)."""
+    optimizer = _base_optimizer(engine)
+    for group, saved in zip(optimizer.param_groups, hyperparameters):
+        group.update(saved)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_train.reshard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder RUN/checkpoints/step_N")
+    args = parser.parse_args(argv)
+    if not is_zero_checkpoint(args.checkpoint):
+        print(f"{args.checkpoint} is not a ZeRO 1-3 checkpoint (stage 0 loads at any world size as it is)")
+        return 0
+    print(f"universal checkpoint: {convert_to_universal(args.checkpoint)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Shared pieces of the checkpoint, resume, export and averaging tests: a small fp32 run, training processes
+started in the background (to kill or signal them), and reference runs shared by several test modules.
+
+`shared_run(...)` trains a run once per pytest session (under the session's base temp folder, keyed by name)
+and returns its folder, so the uninterrupted reference of the kill test is also the source of the
+world-size, export, averaging and evaluation tests.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from distributed_helpers import REPO, cpu_env, free_port
+
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 6
+EVERY = 2
+GLOBAL_BATCH = 8
+
+
+def overrides(shard_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    """A 2-layer tiny model, fp32, global batch 8 at any world size, a log line and metrics every step."""
+    return [f"data.path={shard_dir}", f"run.out_dir={out_dir}", "model.n_layers=2", "precision=fp32",
+            "train.micro_batch_size=4", f"train.global_batch_size={GLOBAL_BATCH}", f"train.max_steps={STEPS}",
+            "train.log_every=1", "train.eval_every=0", f"checkpoint.every={EVERY}", "checkpoint.keep_last=0",
+            *extra]
+
+
+def command(overrides_: list[str], nproc: int, launcher: str = "torchrun", args: tuple[str, ...] = ()) -> list[str]:
+    script = [str(REPO / "launch" / "train.py"), "--config", str(TINY), *args, *overrides_]
+    port = str(free_port())
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+    assert launcher == "python" and nproc == 1
+    return [sys.executable, *script]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start a training command in the background, output appended to `log`."""
+    with open(log, "a") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def run(cmd: list[str], log: Path, timeout: float = 600) -> int:
+    proc = start(cmd, log)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal a launcher and every process under it (torchrun starts its workers in new sessions)."""
+    try:
+        tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    if sig == signal.SIGKILL:
+        psutil.wait_procs(tree, timeout=30)
+        proc.wait()
+
+
+def workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The training processes (those running launch/train.py) under a launcher."""
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if any(arg.endswith("launch/train.py") for arg in p.cmdline()) and "deepspeed.launcher" not in
+            " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last step in metrics.jsonl (0 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float = 300, poll_s: float = 0.002) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited with {proc.returncode} before the awaited moment"
+        assert time.monotonic() < deadline, "timed out waiting for the training run"
+        time.sleep(poll_s)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def shared_run(tmp_path_factory: pytest.TempPathFactory, shard_dir: Path, name: str, nproc: int,
+               *extra: str) -> Path:
+    """An uninterrupted run trained once per session and shared by the test modules that read it."""
+    run_dir = tmp_path_factory.getbasetemp() / "shared_runs" / name
+    done = run_dir / "DONE"
+    if not done.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rc = run(command(overrides(shard_dir, run_dir, *extra), nproc), run_dir / "train.log")
+        assert rc == 0, f"reference run {name} failed ({rc}):\n{(run_dir / 'train.log').read_text()[-4000:]}"
+        done.write_text("")
+    return run_dir
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def optimizer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every rank's optimizer shard (ZeRO 1-3): fp32 master weights and Adam moments."""
+    out = {}
+    for path in sorted(ckpt.glob("*_optim_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        _collect(state, path.name, out)
+    assert out, f"no optimizer shards in {ckpt}"
+    return out
+
+
+def _collect(value, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if torch.is_tensor(value):
+        out[prefix] = value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect(v, f"{prefix}.{k}", out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _collect(v, f"{prefix}.{i}", out)
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text()[-chars:] if path.exists() else "(no log)"
+

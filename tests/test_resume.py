@@ -1,0 +1,134 @@
+"""Kills and signals: a run that is SIGKILLed (also while writing a checkpoint) or SIGTERMed and re-run with the
+same command ends with the weights, optimizer state and logged losses of an uninterrupted run, bit for bit."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+
+import psutil
+import pytest
+import torch
+from resume_helpers import (
+    EVERY,
+    STEPS,
+    checkpoint,
+    command,
+    kill_tree,
+    logged_step,
+    losses,
+    optimizer_tensors,
+    overrides,
+    run,
+    shared_run,
+    start,
+    tail,
+    wait_until,
+    workers,
+)
+
+from dist_train.signals import EXIT_PREEMPTED
+from dist_train.weights import checkpoint_weights
+
+pytestmark = pytest.mark.slow
+
+ZERO2 = ("deepspeed.zero_stage=2",)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shard_dir):
+    """2 processes, ZeRO-2, 6 steps, a checkpoint every 2, never interrupted."""
+    return shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, *ZERO2)
+
+
+def assert_same_end(run_dir, reference) -> None:
+    """Same losses at every step, same final weights and optimizer shards, bit for bit."""
+    ours, theirs = losses(run_dir), losses(reference)
+    print(f"losses: {ours}")
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    assert ours == theirs
+    a, b = checkpoint_weights(checkpoint(run_dir, STEPS)), checkpoint_weights(checkpoint(reference, STEPS))
+    assert a.names == b.names
+    for name in a.names:
+        assert torch.equal(a.get(name), b.get(name)), name
+    oa, ob = optimizer_tensors(checkpoint(run_dir, STEPS)), optimizer_tensors(checkpoint(reference, STEPS))
+    assert oa.keys() == ob.keys()
+    assert any("exp_avg_sq" in k for k in oa), "the optimizer shards hold Adam's moments"
+    for key in oa:
+        assert torch.equal(oa[key], ob[key]), key
+    print(f"{len(a.names)} weight tensors and {len(oa)} optimizer tensors identical")
+
+
+def test_resume_after_two_sigkills_matches_uninterrupted_run(reference, shard_dir, tmp_path):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    first = rng.randint(1, 3)
+    kill_after = [first, rng.randint(first + 2, STEPS - 1)]
+    print(f"seed {seed}: SIGKILL after steps {kill_after} (checkpoints every {EVERY})")
+    cmd, log = command(overrides(shard_dir, tmp_path, *ZERO2), nproc=2), tmp_path / "train.log"
+    for step in kill_after:
+        proc = start(cmd, log)
+        wait_until(lambda step=step: logged_step(tmp_path) >= step, proc)
+        kill_tree(proc)
+        print(f"killed at logged step {logged_step(tmp_path)}; latest = "
+              f"{(tmp_path / 'checkpoints' / 'latest').read_text().strip() if (tmp_path / 'checkpoints' / 'latest').exists() else None}")
+    assert run(cmd, log) == 0, tail(log)
+    assert log.read_text().count("resumed from") >= 1
+    assert_same_end(tmp_path, reference)
+
+
+def test_kill_while_writing_a_checkpoint_leaves_latest_at_the_previous_one(reference, shard_dir, tmp_path):
+    cmd, log = command(overrides(shard_dir, tmp_path, *ZERO2), nproc=2), tmp_path / "train.log"
+    checkpoints = tmp_path / "checkpoints"
+
+    def writing() -> list:
+        """Temporary folders of a save after the first one that DeepSpeed has started to fill."""
+        return [p for p in checkpoints.glob(".tmp_step_*")
+                if int(p.name[-8:]) > EVERY and any(p.glob("step_*/*.pt"))] if checkpoints.exists() else []
+
+    proc = start(cmd, log)
+    wait_until(lambda: bool(writing()), proc, poll_s=0.0002)
+    kill_tree(proc)
+    partial = writing()
+    assert partial, "the kill landed after the save had finished; no partial checkpoint to test"
+    step = int(partial[0].name[-8:])
+    print(f"killed while writing step {step}: {sorted(p.name for p in partial[0].rglob('*'))}")
+    assert not (partial[0] / f"step_{step:08d}" / "client_state.json").exists()
+    assert (checkpoints / "latest").read_text().strip() == f"step_{step - EVERY:08d}"
+    assert not checkpoint(tmp_path, step).exists()
+
+    assert run(cmd, log) == 0, tail(log)
+    assert f"resumed from {checkpoint(tmp_path, step - EVERY)} at step {step - EVERY}" in log.read_text()
+    assert not list(checkpoints.glob(".tmp_*")), "the interrupted save was cleaned up"
+    assert_same_end(tmp_path, reference)
+
+
+def test_sigterm_saves_at_the_step_boundary_exits_75_and_resumes(reference, shard_dir, tmp_path):
+    cmd = command(overrides(shard_dir, tmp_path, *ZERO2), nproc=2, launcher="deepspeed")
+    log, checkpoints = tmp_path / "train.log", tmp_path / "checkpoints"
+    proc = start(cmd, log)
+    wait_until(lambda: logged_step(tmp_path) >= 2, proc)
+    ranks = workers(proc)
+    assert len(ranks) == 2
+    signalled_at = logged_step(tmp_path)
+    ranks[1].send_signal(signal.SIGTERM)  # one rank is enough: the flag is all-reduced with the loss
+
+    def saving() -> bool:
+        return proc.poll() is not None or any(int(p.name[-8:]) > signalled_at for p in checkpoints.glob(".tmp_step_*"))
+
+    wait_until(saving, proc, poll_s=0.0002) if proc.poll() is None else None
+    for rank in ranks:  # a second signal, and a third of the other kind, during the save: ignored
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(psutil.NoSuchProcess):  # the rank may have exited already
+                rank.send_signal(sig)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, tail(log)
+    stopped = logged_step(tmp_path)
+    print(f"SIGTERM after step {signalled_at}; stopped and saved at step {stopped}")
+    assert signalled_at < stopped <= signalled_at + 2
+    assert (checkpoints / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert f"saved step {stopped}, exiting with {EXIT_PREEMPTED}" in log.read_text()
+
+    assert run(cmd, log) == 0, tail(log)
+    assert f"resumed from {checkpoint(tmp_path, stopped)} at step {stopped}" in log.read_text()
+    assert_same_end(tmp_path, reference)
