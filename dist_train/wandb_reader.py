@@ -167,7 +167,7 @@ def last_step(path: str | Path, run_id: str) -> int | None:
 
 
 def _format_row(row: dict[str, Any]) -> str:
-    shown = {k: v for k, v in row.items() if not k.startswith("_")}
+    shown = {k: row[k] for k in sorted(row) if not k.startswith("_")}
     return f"step {row.get('_step')}: " + ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
