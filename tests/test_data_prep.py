@@ -77,13 +77,15 @@ def test_trained_tokenizer_loads_with_autotokenizer_and_round_trips_documents(to
         "PreTrainedTokenizerFast"
 
 
-def test_tokenizer_training_is_deterministic_and_rerun_on_its_folder_is_a_noop(tokenizer_dir, corpus_file,
-                                                                               tmp_path):
-    again = train_tokenizer([str(corpus_file)], 2048, tmp_path / "tok", progress=False)
-    assert folder_bytes(again) == folder_bytes(tokenizer_dir)
-    train_tokenizer([str(corpus_file)], 2048, again, progress=False)  # same output: accepted
+def test_tokenizer_training_is_deterministic_and_rerun_on_its_folder_is_a_noop(corpus_file, tmp_path):
+    first = train_tokenizer([str(corpus_file)], 1024, tmp_path / "a", max_docs=300, progress=False)
+    second = train_tokenizer([str(corpus_file)], 1024, tmp_path / "b", max_docs=300, progress=False)
+    assert folder_bytes(first) == folder_bytes(second)
+    assert len(AutoTokenizer.from_pretrained(first)) == 1024
+    train_tokenizer([str(corpus_file)], 1024, first, max_docs=300, progress=False)  # same output: accepted
     with pytest.raises(DataPrepError, match="already holds other files"):
-        train_tokenizer([str(corpus_file)], 1024, again, progress=False, max_docs=200)
+        train_tokenizer([str(corpus_file)], 512, first, max_docs=300, progress=False)
+    assert folder_bytes(first) == folder_bytes(second)
 
 
 # --- shards of the bundled corpus -----------------------------------------------------------------

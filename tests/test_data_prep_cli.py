@@ -59,18 +59,20 @@ def test_bad_input_on_the_command_line_is_one_error_line_and_exit_code_2(tokeniz
 def test_sigkill_midway_then_rerun_gives_the_same_shards_as_an_uninterrupted_run(corpus_file, tokenizer_dir,
                                                                                  tmp_path, datasets_cache):
     settings = {"val_fraction": 0.05, "seed": 0, "shard_tokens": 20_000, "streaming": True}
+    corpus = tmp_path / "first_1000.jsonl"  # 4 batches of 256 documents
+    corpus.write_text("\n".join(corpus_file.read_text(encoding="utf-8").splitlines()[:1000]) + "\n", encoding="utf-8")
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "data_prep.shard", "--input", str(corpus_file), "--tokenizer", str(tokenizer_dir),
+    args = [sys.executable, "-m", "data_prep.shard", "--input", str(corpus), "--tokenizer", str(tokenizer_dir),
             "--out", str(out), "--val-fraction", "0.05", "--seed", "0", "--shard-tokens", "20000", "--streaming",
             "--no-progress"]
     proc = subprocess.Popen(args, cwd=REPO, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Kill once a checkpoint past the first two batches (512 of 1,873 documents) is on disk.
+        # Kill once a checkpoint past the first batch (256 of 1,000 documents) is on disk.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             assert proc.poll() is None, "the run finished before it could be killed"
             progress = out / "progress.json"
-            if progress.is_file() and json.loads(progress.read_text())["docs_done"] >= 512:
+            if progress.is_file() and json.loads(progress.read_text())["docs_done"] >= 256:
                 break
             time.sleep(0.01)
         proc.kill()
@@ -79,7 +81,7 @@ def test_sigkill_midway_then_rerun_gives_the_same_shards_as_an_uninterrupted_run
     assert proc.returncode == -9
     assert not (out / "manifest.json").exists()
     docs_done = json.loads((out / "progress.json").read_text())["docs_done"]
-    assert 512 <= docs_done < 1873
+    assert 256 <= docs_done < 1000
     assert len(list(out.glob("train_*.bin"))) >= 10
 
     rerun = subprocess.run(args, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300,
@@ -87,7 +89,7 @@ def test_sigkill_midway_then_rerun_gives_the_same_shards_as_an_uninterrupted_run
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {out} after document {docs_done}" in rerun.stderr
 
-    shard_corpus([str(corpus_file)], str(tokenizer_dir), str(tmp_path / "uninterrupted"), progress=False,
+    shard_corpus([str(corpus)], str(tokenizer_dir), str(tmp_path / "uninterrupted"), progress=False,
                  cache_dir=str(datasets_cache), **settings)
     assert folder_bytes(out) == folder_bytes(tmp_path / "uninterrupted")
-    assert len(folder_bytes(out)) > 90  # ~88 train shards + 5 val shards + manifest
+    assert len(folder_bytes(out)) > 45  # ~47 train shards + 3 val shards + manifest
