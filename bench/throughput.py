@@ -1,0 +1,166 @@
+"""Throughput of our trainer against HF `Trainer` with the same DeepSpeed config, model, data, batch, machine.
+
+Three runs side by side, each under the deepspeed launcher with N processes (GPUs, or CPU processes on gloo):
+  ours/own-model   launch/train.py with dist_train.model.Transformer
+  ours/hf-model    launch/train.py with model.hf_config = the same shape as a transformers LlamaForCausalLM
+  hf-trainer       transformers.Trainer + DeepSpeed on that LlamaForCausalLM (bench/hf_trainer_baseline.py)
+Prints tokens/s, the ratio to the HF Trainer, and MFU (against the GPU's dense peak; on the CPU against a
+measured fp32 matmul peak of one core per process).
+
+    python bench/throughput.py [--config configs/tiny.yaml] [--nproc 2] [--steps 30] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dist_train.config import Config, ModelConfig, load_config  # noqa: E402
+from dist_train.scaling import flops_per_token, peak_flops  # noqa: E402
+
+TIMING_WARMUP_STEPS = 5
+
+
+def ensure_demo_data(shards: Path) -> None:
+    """The bundled corpus, tokenized as `make demo` does, if it is not there yet."""
+    if (shards / "manifest.json").exists():
+        return
+    from data_prep.corpora import write_corpus
+    from data_prep.shard import shard_corpus
+    from data_prep.tokenizer import train_tokenizer
+
+    root = shards.parent
+    write_corpus("shakespeare", root)
+    tok = train_tokenizer([str(root / "shakespeare.jsonl")], 2048, root / "tokenizer", progress=False)
+    shard_corpus([str(root / "shakespeare.jsonl")], str(tok), str(shards), val_fraction=0.05, seed=0,
+                 progress=False)
+
+
+def write_llama_config(m: ModelConfig, folder: Path) -> Path:
+    """Our rope/rmsnorm/swiglu shape as a transformers LlamaConfig."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+                num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads, vocab_size=m.vocab_size,
+                max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+                rope_theta=m.rope_theta, attention_bias=m.bias, mlp_bias=m.bias).save_pretrained(folder)
+    return folder
+
+
+def launcher_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    if not torch.cuda.is_available():
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    return env
+
+
+def deepspeed_cmd(nproc: int, port: int, script: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", f"--master_port={port}",
+            str(script), *args]
+
+
+def run(cmd: list[str], label: str) -> None:
+    print(f"[{label}] {' '.join(cmd[-6:])}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"[{label}] failed with exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def ours(config: str, overrides: list[str], nproc: int, steps: int, out: Path, port: int) -> float:
+    log_every = TIMING_WARMUP_STEPS
+    run(deepspeed_cmd(nproc, port, REPO / "launch" / "train.py", "--config", config, "--resume", "none",
+                      *overrides, f"run.out_dir={out}", f"train.max_steps={steps}", "train.eval_every=0",
+                      "checkpoint.every=0", f"train.log_every={log_every}"), out.name)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > TIMING_WARMUP_STEPS]
+    # Mean time per step over the timed windows, as tokens/s.
+    return len(rates) / sum(1 / r for r in rates)
+
+
+def hf_trainer(config: str, overrides: list[str], hf_dir: Path, nproc: int, steps: int, out: Path,
+               port: int) -> float:
+    result = out / "result.json"
+    out.mkdir(parents=True, exist_ok=True)
+    run(deepspeed_cmd(nproc, port, REPO / "bench" / "hf_trainer_baseline.py", "--config", config,
+                      "--hf-config", str(hf_dir), "--steps", str(steps), "--warmup-steps", str(TIMING_WARMUP_STEPS),
+                      "--out", str(result), *overrides), "hf-trainer")
+    return json.loads(result.read_text())["tokens_per_s"]
+
+
+def cpu_matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of one core on an fp32 matmul: the CPU's practical peak, as each process runs one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    seconds = (time.perf_counter() - start) / repeats
+    torch.set_num_threads(threads)
+    return 2 * n**3 / seconds
+
+
+def machine_peak(cfg: Config, nproc: int) -> tuple[float, str]:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+        peak = peak_flops(device)
+        return (peak or float("nan")) * nproc, f"{nproc} x {torch.cuda.get_device_name(0)} dense {cfg.precision} peak"
+    return cpu_matmul_peak_flops() * nproc, f"{nproc} CPU cores x measured 1-thread fp32 matmul"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    p.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
+    p.add_argument("--skip-hf-model", action="store_true", help="skip ours/hf-model (saves a run)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("overrides", nargs="*", help="config overrides for all runs, e.g. deepspeed.zero_stage=2")
+    args = p.parse_args()
+
+    ensure_demo_data(Path(args.data))
+    overrides = [f"data.path={args.data}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    work = Path(tempfile.mkdtemp(prefix="dist_train_bench_"))
+    hf_dir = write_llama_config(cfg.model, work / "hf_llama")
+    results = {"ours/own-model": ours(args.config, overrides, args.nproc, args.steps, work / "ours_own", 29611)}
+    if not args.skip_hf_model:
+        results["ours/hf-model"] = ours(args.config, [*overrides, f"model.hf_config={hf_dir}"], args.nproc,
+                                        args.steps, work / "ours_hf", 29612)
+    results["hf-trainer"] = hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, work / "hf", 29613)
+
+    peak, peak_what = machine_peak(cfg, args.nproc)
+    fpt = flops_per_token(cfg.model)
+    rows = [{"run": name, "tokens_per_s": tps, "ratio_vs_hf_trainer": tps / results["hf-trainer"],
+             "mfu": fpt * tps / peak} for name, tps in results.items()]
+    report = {"config": args.config, "overrides": args.overrides, "nproc": args.nproc, "steps": args.steps,
+              "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.precision,
+              "global_batch_tokens": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.nproc
+              * cfg.model.seq_len, "peak_flops": peak, "peak": peak_what, "rows": rows}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"\n{args.nproc} processes, ZeRO {cfg.deepspeed.zero_stage}, {cfg.precision}, "
+          f"{report['global_batch_tokens']:,} tokens/step, MFU against {peak_what} = {peak / 1e12:.3f} TFLOP/s")
+    print(f"{'run':<18}{'tokens/s':>12}{'vs HF Trainer':>15}{'MFU':>8}")
+    for r in rows:
+        print(f"{r['run']:<18}{r['tokens_per_s']:>12,.0f}{r['ratio_vs_hf_trainer']:>14.2f}x{100 * r['mfu']:>7.1f}%")
+    print(f"(mean time per step after {TIMING_WARMUP_STEPS} warm-up steps; work folder {work})")
+
+
+if __name__ == "__main__":
+    main()
