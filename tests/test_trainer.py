@@ -93,3 +93,20 @@ def test_bf16_run_tracks_the_fp32_losses(shard_dir, tmp_path, stage_losses):
     for a, b in zip(fp32, bf16):
         assert b == pytest.approx(a, rel=2e-2)
     assert bf16 != fp32, "bf16 must actually run in bf16"
+
+
+@pytest.mark.slow
+def test_any_transformers_architecture_trains_from_its_config(shard_dir, tmp_path):
+    """model.hf_config: a GPT-2 built with from_config (no download) trains under the same loop."""
+    from transformers import GPT2Config
+
+    hf_dir = tmp_path / "gpt2_tiny"
+    GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=2048, bos_token_id=0,
+               eos_token_id=0).save_pretrained(hf_dir)
+    run = tmp_path / "run"
+    proc = launch_training(TINY, short_run(shard_dir, run, f"model.hf_config={hf_dir}", "train.lr=3e-3"),
+                           nproc=1, launcher="python")
+    assert_ok(proc)
+    got = losses(run)
+    print(f"GPT2LMHeadModel losses {got}")
+    assert len(got) == STEPS and got[-1] < got[0]
