@@ -12,6 +12,8 @@ import matplotlib.image
 import pytest
 from distributed_helpers import REPO, cpu_env
 
+from dist_train import plot
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,35 +60,29 @@ def test_plot_draws_several_runs_into_one_valid_png(tmp_path: Path) -> None:
     assert pixels[..., :3].std() > 0.05  # something was drawn
 
 
-@pytest.mark.slow
-def test_plot_json_output_names_the_file(tmp_path: Path) -> None:
+def test_plot_json_output_names_the_file(tmp_path: Path, capsys) -> None:
     write_run(tmp_path / "run", steps=10, lr=1e-3, loss0=5.0)
     out = tmp_path / "c.png"
-    proc = run_plot(str(tmp_path / "run"), "--out", str(out), "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"out": str(out.resolve()), "runs": [str(tmp_path / "run")]}
+    assert plot.main([str(tmp_path / "run"), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(out.resolve()), "runs": [str(tmp_path / "run")]}
     assert png_size(out) == (1500, 450)
 
 
 def test_plot_places_validation_points_at_their_tokens_even_without_a_tokens_field(tmp_path: Path) -> None:
-    from dist_train.plot import _val_tokens, load_run
-
     write_run(tmp_path / "run", steps=10, lr=1e-3, loss0=5.0)
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for r in lines:
         if "val_loss" in r:
             del r["tokens"]  # eval lines written before they carried tokens
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    run = load_run(tmp_path / "run")
-    assert _val_tokens(run["train"], run["val"]) == pytest.approx([2048 * 5, 2048 * 10])
+    run = plot.load_run(tmp_path / "run")
+    assert plot._val_tokens(run["train"], run["val"]) == pytest.approx([2048 * 5, 2048 * 10])
 
 
-@pytest.mark.slow
-def test_plot_names_the_folder_without_metrics(tmp_path: Path) -> None:
+def test_plot_names_the_folder_without_metrics(tmp_path: Path, capsys) -> None:
     write_run(tmp_path / "good", steps=5, lr=1e-3, loss0=5.0)
     (tmp_path / "empty").mkdir()
     out = tmp_path / "c.png"
-    proc = run_plot(str(tmp_path / "good"), str(tmp_path / "empty"), "--out", str(out))
-    assert proc.returncode == 2
-    assert f"{tmp_path / 'empty'} has no metrics.jsonl" in proc.stderr
+    assert plot.main([str(tmp_path / "good"), str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'empty'} has no metrics.jsonl" in capsys.readouterr().err
     assert not out.exists()

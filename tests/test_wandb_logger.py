@@ -69,23 +69,6 @@ def rows_by_step(records: list[dict]) -> dict[int, dict]:
     return dict(merged)
 
 
-def test_fresh_run_gets_a_named_run_with_the_resolved_config_and_its_id_in_the_run_folder(
-        tmp_path: Path) -> None:
-    run_dir = tmp_path / "tiny-run"
-    run_id, proc = job(run_dir, resume_step=0, last_step=4)
-
-    assert (run_dir / WANDB_ID_FILE).read_text().strip() == run_id
-    assert f"W&B: run {run_id} (tiny-run), offline; upload later: wandb sync {run_dir}/wandb/offline-run-" \
-        in proc.stdout
-    (path,) = wandb_reader.run_files(run_dir)
-    run = wandb_reader.read_run_file(path)
-    assert (run.run_id, run.name, run.project) == (run_id, "tiny-run", "dist_train")
-    assert run.config["run"]["out_dir"] == str(run_dir) and run.config["model"]["n_layers"] > 0
-    assert run.config["wandb"]["mode"] == "offline"
-    assert run.summary["final_step"] == 4
-    assert run.exit_code == 0
-
-
 def test_killed_then_resumed_job_continues_the_same_wandb_run_with_each_step_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first_id, _ = job(run_dir, resume_step=0, last_step=10, kill=True)  # killed at step 10, checkpoint at 6

@@ -104,16 +104,13 @@ def test_resumed_run_files_are_ordered_by_start_time_not_folder_name(tmp_path: P
     assert wandb_reader.last_step(tmp_path, "never-logged") is None
 
 
-def test_reader_cli_prints_history_as_json_lines(tmp_path: Path) -> None:
+def test_reader_cli_prints_history_as_json_lines_and_the_summary(tmp_path: Path, capsys) -> None:
     path = write_offline_run(tmp_path, "cli1", [(2, {"loss": 0.5}), (4, {"loss": 0.25})],
                              summary={"tokens": 99})
-    proc = subprocess.run([sys.executable, "-m", "dist_train.wandb_reader", str(path), "--json"], cwd=REPO,
-                          env=cpu_env(), capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert wandb_reader.main([str(path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["_step"], r["loss"]) for r in rows] == [(2, 0.5), (4, 0.25)]
 
-    proc = subprocess.run([sys.executable, "-m", "dist_train.wandb_reader", str(tmp_path), "--summary"],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "cli1" in proc.stdout and "'tokens': 99" in proc.stdout
+    assert wandb_reader.main([str(tmp_path), "--summary", "--json"]) == 0
+    (summary,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (summary["run_id"], summary["summary"]["tokens"], summary["file"]) == ("cli1", 99, str(path))

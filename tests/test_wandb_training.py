@@ -74,6 +74,8 @@ def test_two_process_offline_run_logs_to_one_wandb_run_what_metrics_jsonl_holds(
     assert files[0].parent.name.startswith("offline-run-")
     run = wandb_reader.read_run_file(files[0])
     assert run.run_id == (run_dir / WANDB_ID_FILE).read_text().strip()
+    assert f"W&B: run {run.run_id} (tiny-wandb), offline; upload later: wandb sync {files[0].parent}" \
+        in proc.stdout
     assert run.name == "tiny-wandb" and run.exit_code == 0
     assert run.config["run"]["out_dir"] == str(run_dir) and run.config["model"]["n_layers"] == 2
     assert_history_equals_jsonl(run.history, run_dir)
