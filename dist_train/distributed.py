@@ -141,7 +141,7 @@ def world_size() -> int:
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum of a small CPU tensor over all ranks (returned on the CPU)."""
+    """Element-wise sum of a small tensor over all ranks (returned on the CPU)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = values.to(_collective_device())

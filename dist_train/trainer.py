@@ -170,16 +170,14 @@ def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum:
                stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
     non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
-    loss_sum, bad = 0.0, False
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
     for micro in range(accum):
         inputs, targets = data.next_batch()
         loss = engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-        value = loss.detach().float().item()
-        bad = bad or not math.isfinite(value)
-        loss_sum += value
+        loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
         engine.backward(loss)
         if micro == accum - 1:
-            flags = reduce_step(loss_sum / accum, bad, stop.requested)
+            flags = reduce_step(loss_sum / accum, stop.requested)
             optimizer.skip_next_step = flags.skipped
             # ZeRO 1-3 record the norm in step(); stage 0 does not, so read the reduced gradients before it.
             stage0 = engine.zero_optimization_stage() == 0
@@ -191,13 +189,15 @@ def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum:
     return flags
 
 
-def reduce_step(local_loss: float, bad: bool, stop: bool) -> StepResult:
-    values = torch.tensor([0.0 if bad else local_loss, float(bad), float(stop)], dtype=torch.float64)
-    totals = distributed.sum_over_ranks(values)
-    world = distributed.world_size()
-    skipped = totals[1].item() > 0
-    return StepResult(loss=math.nan if skipped else totals[0].item() / world, skipped=skipped,
-                      stop_requested=totals[2].item() > 0)
+def reduce_step(local_loss: torch.Tensor, stop: bool) -> StepResult:
+    """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce."""
+    finite = torch.isfinite(local_loss)
+    values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)),
+                          (~finite).double(), torch.full_like(local_loss, float(stop))])
+    totals = distributed.sum_over_ranks(values).tolist()
+    skipped = totals[1] > 0
+    return StepResult(loss=math.nan if skipped else totals[0] / distributed.world_size(), skipped=skipped,
+                      stop_requested=totals[2] > 0)
 
 
 def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) -> None:
