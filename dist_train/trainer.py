@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from dist_train.scaling import flops_per_token, peak_flops
 from dist_train.signals import EXIT_PREEMPTED, StopRequest
 
 EXIT_COMPLETED = 0
+EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row: requeueing would repeat them
 
 
 class TooManyBadSteps(RuntimeError):
@@ -93,12 +95,21 @@ def train(cfg: Config, resume: str = "latest") -> int:
     while state.step < t.max_steps:
         step_start = time.perf_counter()
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+        skipped_before = engine.skipped_steps
         result = train_step(engine, optimizer, train_data, accum, device, stop, measure_grad_norm=log_now)
+        # ZeRO skips an update with non-finite gradients by itself (engine.skipped_steps), even at a finite loss.
+        result.skipped |= engine.skipped_steps > skipped_before
         window_seconds += time.perf_counter() - step_start
         window_steps += 1
         state.step += 1
         state.tokens += tokens_per_step
-        count_bad_step(state, result, t.max_bad_steps)
+        try:
+            count_bad_step(state, result, t.max_bad_steps)
+        except TooManyBadSteps as e:
+            rank0.run(print, f"error: {e} Latest checkpoint: step {saved_step}.", file=sys.stderr, flush=True)
+            logger.close()
+            distributed.shutdown()
+            return EXIT_DIVERGED
         last_loss = result.loss if not result.skipped else last_loss
 
         if log_now:
@@ -132,7 +143,8 @@ def train(cfg: Config, resume: str = "latest") -> int:
             distributed.shutdown()
             return EXIT_PREEMPTED
 
-        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+        # Not within a streak of skipped steps: pruning would then drop the last good checkpoint.
+        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not state.consecutive_bad_steps:
             state.wall_s = clock.total()
             checkpointer.save(state, train_data.state_dict())
             saved_step = state.step
@@ -208,9 +220,9 @@ def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) ->
     state.skipped_steps += 1
     if state.consecutive_bad_steps >= max_bad_steps:
         raise TooManyBadSteps(
-            f"{state.consecutive_bad_steps} steps in a row (up to step {state.step}) had a non-finite loss and "
-            f"were skipped (train.max_bad_steps={max_bad_steps}); stopping. The last good checkpoint is intact: "
-            f"lower train.lr, raise train.warmup_steps or use precision=bf16, then re-run to resume.")
+            f"{state.consecutive_bad_steps} steps in a row (up to step {state.step}) had a non-finite loss or "
+            f"gradient and were skipped (train.max_bad_steps={max_bad_steps}); stopping. The last good checkpoint "
+            f"is intact: lower train.lr, raise train.warmup_steps or use precision=bf16, then re-run to resume.")
 
 
 @torch.no_grad()
