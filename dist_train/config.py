@@ -107,7 +107,7 @@ class DataConfig:
     sources: list[SourceConfig] | None = None
     """Several shard folders mixed by weight: [{path, weight}, ...]."""
     num_workers: int = 0
-    """Background threads that prefetch training batches (0 reads them in the training loop)."""
+    """Read training batches ahead in a background thread, 2 per worker (0 reads them in the training loop)."""
 
     def weighted_paths(self) -> list[tuple[str, float]]:
         if self.sources:

@@ -25,6 +25,7 @@ from dist_train.distributed import ProcessPlace, Rank0
 from dist_train.metrics import ForwardTimer, build_logger, gather_rank_throughput
 from dist_train.model import build_model
 from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, lr_at
+from dist_train.prefetch import Prefetcher
 from dist_train.preflight import preflight
 from dist_train.scaling import flops_per_token, peak_flops
 from dist_train.signals import EXIT_PREEMPTED, StopRequest
@@ -82,6 +83,8 @@ def train(cfg: Config, resume: str = "latest") -> int:
         state, loader_state = checkpointer.load(plan)
         train_data.load_state_dict(loader_state)
         rank0.print(plan.describe())
+    if cfg.data.num_workers:
+        train_data = Prefetcher(train_data, depth=2 * cfg.data.num_workers, pin_memory=device.type == "cuda")
     log_process_places(run_dir, place, rank0, state.step)
     logger = build_logger(cfg, run_dir, place, state, resumed=plan is not None)
 
@@ -178,7 +181,7 @@ class WallClock:
         return self.carried_s + time.perf_counter() - self.start
 
 
-def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader, accum: int, device: torch.device,
+def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefetcher, accum: int, device: torch.device,
                stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
     non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
