@@ -58,9 +58,17 @@ class Weights:
         for name in self.names:
             yield name, self.get(name)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """All tensors at once (one full copy): for evaluation, which needs the whole model anyway."""
-        return dict(self.items())
+    def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Copy the weights into `model` one tensor at a time (no second full copy); names must match."""
+        target = model.state_dict()
+        missing, unexpected = sorted(set(target) - set(self.names)), sorted(set(self.names) - set(target))
+        if missing or unexpected:
+            raise ValueError(f"{self.source} does not fit the model of its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in target.items():
+                tensor.copy_(self.get(name))
+        return model
 
 
 def _zero_state(path: Path) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def test_resume_after_two_sigkills_matches_uninterrupted_run(reference, shard_di
         proc = start(cmd, log)
         wait_until(lambda step=step: logged_step(tmp_path) >= step, proc)
         kill_tree(proc)
-        print(f"killed at logged step {logged_step(tmp_path)}; latest = "
-              f"{(tmp_path / 'checkpoints' / 'latest').read_text().strip() if (tmp_path / 'checkpoints' / 'latest').exists() else None}")
+        latest = tmp_path / "checkpoints" / "latest"
+        print(f"killed at logged step {logged_step(tmp_path)}; latest: "
+              f"{latest.read_text().strip() if latest.exists() else None}")
     assert run(cmd, log) == 0, tail(log)
     assert log.read_text().count("resumed from") >= 1
     assert_same_end(tmp_path, reference)

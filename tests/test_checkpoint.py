@@ -1,0 +1,126 @@
+"""Checkpoint bookkeeping: what a resume accepts or refuses, cleanup of interrupted saves, and a run whose
+loss turns non-finite (skipped, counted, stopped with the last good checkpoint kept)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dist_train.checkpoint import CLIENT_STATE, find_checkpoint, plan_resume, tag_for
+from dist_train.config import ConfigError, load_config
+from dist_train.distributed import ProcessPlace
+from dist_train.weights import checkpoint_weights
+from resume_helpers import TINY, command, overrides, run, tail
+
+PLACE = ProcessPlace(rank=0, local_rank=0, world_size=1, host="test", slurm_node=None, slurm_job_id=None,
+                     slurm_restart_count=0)
+
+
+def fake_checkpoint(run_dir, step, cfg, world_size=1, zero_shards=False):
+    """A checkpoint folder as far as resume planning reads it: client_state.json (+ ZeRO shard names)."""
+    path = run_dir / "checkpoints" / tag_for(step)
+    path.mkdir(parents=True)
+    meta = {"train_state": {"step": step}, "world_size": world_size, "config": cfg.to_dict()}
+    (path / CLIENT_STATE).write_text(json.dumps(meta))
+    if zero_shards:
+        (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (run_dir / "checkpoints" / "latest").write_text(path.name + "\n")
+    return path
+
+
+def config(tmp_path, *extra):
+    return load_config(TINY, [f"data.path={tmp_path}", f"run.out_dir={tmp_path}", *extra])
+
+
+def test_model_shape_zero_stage_and_precision_changes_are_refused(tmp_path):
+    fake_checkpoint(tmp_path, 4, config(tmp_path))
+    for change, key in [("model.n_layers=2", "model.n_layers: 4 -> 2"), ("model.d_ff=64", "model.d_ff: 352 -> 64"),
+                        ("deepspeed.zero_stage=3", "deepspeed.zero_stage: 1 -> 3"),
+                        ("precision=bf16", "precision: 'fp32' -> 'bf16'")]:
+        with pytest.raises(ConfigError, match="cannot be resumed") as err:
+            plan_resume(tmp_path, config(tmp_path, change), PLACE, "latest")
+        assert key in str(err.value)
+
+
+def test_seq_len_change_is_refused_only_for_learned_positions(tmp_path):
+    learned = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu")
+    fake_checkpoint(tmp_path / "rope", 2, config(tmp_path))
+    assert plan_resume(tmp_path / "rope", config(tmp_path, "model.seq_len=64"), PLACE, "latest") is not None
+    fake_checkpoint(tmp_path / "learned", 2, config(tmp_path, *learned))
+    with pytest.raises(ConfigError, match="model.seq_len: 128 -> 64"):
+        plan_resume(tmp_path / "learned", config(tmp_path, *learned, "model.seq_len=64"), PLACE, "latest")
+
+
+def test_lr_and_max_steps_changes_are_allowed_and_reported(tmp_path):
+    path = fake_checkpoint(tmp_path, 4, config(tmp_path))
+    plan = plan_resume(tmp_path, config(tmp_path, "train.lr=0.001", "train.max_steps=400"), PLACE, "latest")
+    print(plan.describe())
+    assert plan.path == path and not plan.world_changed and not plan.universal
+    assert plan.changes == ["train.max_steps: 200 -> 400", "train.lr: 0.003 -> 0.001"]
+    assert plan.describe().endswith("config changes: train.max_steps: 200 -> 400; train.lr: 0.003 -> 0.001")
+
+
+def test_resume_none_latest_and_an_explicit_folder(tmp_path):
+    cfg = config(tmp_path)
+    assert plan_resume(tmp_path, cfg, PLACE, "latest") is None  # nothing to resume: a fresh start
+    older = fake_checkpoint(tmp_path, 2, cfg)
+    fake_checkpoint(tmp_path, 4, cfg)
+    assert plan_resume(tmp_path, cfg, PLACE, "none") is None
+    assert plan_resume(tmp_path, cfg, PLACE, "latest").path.name == "step_00000004"
+    assert plan_resume(tmp_path, cfg, PLACE, str(older)).path == older
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        plan_resume(tmp_path, cfg, PLACE, str(tmp_path / "nowhere"))
+
+
+def test_interrupted_saves_and_deletions_are_cleaned_up_and_latest_is_kept(tmp_path):
+    cfg = config(tmp_path)
+    fake_checkpoint(tmp_path, 2, cfg)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ".tmp_step_00000004" / "step_00000004").mkdir(parents=True)  # killed while writing
+    (checkpoints / ".trash_step_00000000").mkdir()  # killed while pruning
+    (checkpoints / "latest.tmp").write_text("step_0000")  # killed while replacing latest
+    assert find_checkpoint(tmp_path, "latest", PLACE).name == "step_00000002"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "latest.tmp", "step_00000002"]
+
+
+def test_a_checkpoint_saved_by_more_processes_is_planned_as_a_universal_load(tmp_path, monkeypatch):
+    from dist_train import reshard
+
+    converted = []
+    monkeypatch.setattr(reshard, "convert_to_universal", lambda path: converted.append(path))
+    path = fake_checkpoint(tmp_path / "zero", 2, config(tmp_path), world_size=2, zero_shards=True)
+    plan = plan_resume(tmp_path / "zero", config(tmp_path), PLACE, "latest")
+    assert plan.world_changed and plan.universal and converted == [path]
+    fake_checkpoint(tmp_path / "stage0", 2, config(tmp_path), world_size=2)  # whole tensors: loads as it is
+    plan = plan_resume(tmp_path / "stage0", config(tmp_path), PLACE, "latest")
+    assert plan.world_changed and not plan.universal
+    assert "saved by 2 processes, re-sharded" in plan.describe()
+
+
+@pytest.mark.slow
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run_with_the_last_good_checkpoint(shard_dir, tmp_path):
+    """A real divergence: lr 1e10 without clipping. Adam's first update moves every weight by exactly +-lr
+    (m/sqrt(v) = +-1 at step 1), so step 2's attention logits overflow fp32 and its loss is NaN, on any
+    machine; the skipped steps leave the weights as they are, so every later loss is NaN too."""
+    log = tmp_path / "train.log"
+    cmd = command(overrides(shard_dir, tmp_path, "train.lr=1e10", "train.grad_clip=0", "train.warmup_steps=0",
+                            "train.schedule=constant", "train.max_bad_steps=3", "checkpoint.every=1",
+                            "checkpoint.keep_last=2", "train.max_steps=8"), nproc=1, launcher="python")
+    assert run(cmd, log) == 3, tail(log)
+    text = log.read_text()
+    assert ("error: 3 steps in a row (up to step 4) had a non-finite loss or gradient and were skipped "
+            "(train.max_bad_steps=3); stopping.") in text
+    assert "Latest checkpoint: step 1." in text
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    print([(r["step"], r["loss"], r["skipped_steps"]) for r in records])
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 1), (3, 2)]
+    assert math.isfinite(records[0]["loss"]) and records[1]["loss"] is None and records[2]["loss"] is None
+
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000001"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]
+    good = checkpoint_weights(checkpoints / "step_00000001")
+    assert all(torch.isfinite(t).all() for _, t in good.items())
