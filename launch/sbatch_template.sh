@@ -89,8 +89,11 @@ dt_driver() {
         kill -0 "$srun_pid" 2>/dev/null || break
     done
     dt_log "training exited with code $rc"
-    if ((preempted && rc == DT_EXIT_PREEMPTED)) && [[ -n ${SLURM_JOB_ID:-} ]]; then
-        dt_log "checkpoint saved: requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
+    # 128+USR1: the signal came while the trainer was still starting, before it could catch it; nothing new
+    # to save then, so requeue all the same.
+    local killed_by_usr1=$((128 + $(kill -l USR1)))
+    if ((preempted && (rc == DT_EXIT_PREEMPTED || rc == killed_by_usr1))) && [[ -n ${SLURM_JOB_ID:-} ]]; then
+        dt_log "requeueing job $SLURM_JOB_ID: the next start resumes from the latest checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
     fi
     exit "$rc"

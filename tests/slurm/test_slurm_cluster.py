@@ -95,7 +95,7 @@ def test_two_node_job_trains_tiny_config_to_its_last_step_and_completes(slurm_cl
 
 def test_usr1_checkpoints_requeues_and_resumes_without_training_a_step_twice(slurm_cluster, shard_dir,
                                                                              tmp_path):
-    max_steps = 60
+    max_steps = 16
     run_dir = tmp_path / "preempted"
     # No periodic checkpoints: the only one the first start can leave is the one the signal makes.
     overrides = tiny_run(shard_dir, run_dir, f"train.max_steps={max_steps}", "checkpoint.every=0",
@@ -126,6 +126,31 @@ def test_usr1_checkpoints_requeues_and_resumes_without_training_a_step_twice(slu
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2, "one W&B folder per start"
     assert len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1, "the restart continues the same W&B run"
+
+
+def test_deepspeed_launcher_mode_checkpoints_on_usr1_and_requeues_the_job(slurm_cluster, shard_dir, tmp_path):
+    run_dir = tmp_path / "deepspeed_launcher"
+    overrides = tiny_run(shard_dir, run_dir, "train.max_steps=100000", "checkpoint.every=0")
+    job_id, log = submit(run_dir, overrides, "--launcher", "deepspeed")
+    seen = wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+
+    deadline = time.monotonic() + 120
+    while job_status(job_id)["restarts"] == 0:
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued; its log:\n{tail(log)}"
+        time.sleep(0.5)
+    # Resuming is the trainer's business and the same under both launchers (the test above); stop here.
+    subprocess.run(["scancel", job_id], check=True)
+    slurm_cluster.wait_for_end(job_id, log)
+
+    # The trainers' exit code 75 came back through the deepspeed launcher and srun to the batch script.
+    assert "training exited with code 75" in log.read_text(), tail(log)
+    saved = latest_checkpoint_step(run_dir)
+    assert saved is not None and saved >= seen
+    assert saved == trained_steps(run_dir)[-1]
+    ranks = starts(run_dir)[0]
+    assert sorted((r["rank"], r["slurm_node"]) for r in ranks) == [(0, NODES[0]), (1, NODES[1])]
+    assert {r["world_size"] for r in ranks} == {2}
 
 
 def test_scancel_makes_the_trainer_save_a_checkpoint_before_it_exits(slurm_cluster, shard_dir, tmp_path):
