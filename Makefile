@@ -27,7 +27,7 @@ demo: install
 	$(PYTHON) -m data_prep.tokenizer --input $(DATA)/shakespeare.jsonl --vocab-size 2048 --out $(DATA)/tokenizer
 	$(PYTHON) -m data_prep.shard --input $(DATA)/shakespeare.jsonl --tokenizer $(DATA)/tokenizer \
 		--out $(DATA)/shards --val-fraction 0.05 --num-proc $(NPROC)
-	bash launch/run_local.sh $(NPROC) --config configs/tiny.yaml data.path=$(DATA)/shards run.out_dir=$(RUN)
+	PYTHON=$(PYTHON) bash launch/run_local.sh $(NPROC) --config configs/tiny.yaml data.path=$(DATA)/shards run.out_dir=$(RUN)
 	$(PYTHON) -m dist_train.evaluate --run $(RUN)
 	$(PYTHON) -m dist_train.plot $(RUN) --out $(RUN)/curves.png
 	@echo "run folder: $(RUN)  metrics: $(RUN)/metrics.jsonl  checkpoints: $(RUN)/checkpoints  curves: $(RUN)/curves.png"
