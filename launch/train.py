@@ -1,8 +1,9 @@
 """Train a model: `deepspeed launch/train.py --config configs/tiny.yaml [key=value ...]`.
 
 Also runs under `torchrun --nproc_per_node N launch/train.py ...`, `srun` and plain `python launch/train.py`.
-Exit codes: 0 done, 2 bad config (refused before any process group starts), 75 stopped by a signal after
-saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
+Exit codes: 0 done, 2 bad config (refused before any process group starts), 3 stopped after
+train.max_bad_steps non-finite losses in a row (the last good checkpoint is intact), 75 stopped by SIGTERM or
+SIGUSR1 after saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
 """
 
 import argparse
