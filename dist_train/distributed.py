@@ -8,11 +8,14 @@ never falls back to MPI discovery (which fails without mpi4py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
@@ -91,10 +94,18 @@ def prepare_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def import_deepspeed() -> ModuleType:
+    """Import DeepSpeed for this machine: its accelerator is chosen at import time, and its logger, created then
+    too, is pointed at stderr so that stdout carries only our own output (`--json` stays parseable)."""
+    prepare_accelerator()
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed
+    return deepspeed
+
+
 def init(place: ProcessPlace) -> torch.device:
     """Start the process group (NCCL on CUDA, gloo on CPU) and return this process's device."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     export_torch_env(place)
     if use_cuda():
         torch.cuda.set_device(place.local_rank)

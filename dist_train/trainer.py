@@ -54,16 +54,15 @@ def train(cfg: Config, resume: str = "latest") -> int:
     """Train to cfg.train.max_steps (resuming when a checkpoint exists); return the process exit code."""
     place = distributed.discover()
     preflight(cfg, place.world_size)
-    distributed.prepare_accelerator()
+    stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the process
     device = distributed.init(place)
-    import deepspeed  # after prepare_accelerator: DeepSpeed picks its accelerator at import time
+    deepspeed = distributed.import_deepspeed()
 
     rank0 = Rank0(place)
     run_dir = Path(cfg.run.out_dir)
     plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before run files change
     ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
     rank0.run(write_run_files, run_dir, cfg, ds_config)
-    stop = StopRequest().install()
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)

@@ -77,9 +77,9 @@ def _zero_state(path: Path) -> dict[str, Any]:
         # ZeRO stage 0: the module's own state dict is the whole model (fp32 unless trained in bf16/fp16).
         sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
         return sd["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints (also on import); stdout may carry --json
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout may carry --json
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
 
 
