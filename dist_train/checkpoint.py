@@ -188,13 +188,23 @@ class ResumePlan:
     """Saved with another number of processes."""
     universal: bool
     """Load `path/universal` with DeepSpeed's load_universal (a ZeRO 1-3 checkpoint on another world size)."""
+    global_batch: tuple[int, int]
+    """Sequences per optimizer step (saved run, this run)."""
 
     def describe(self) -> str:
         step, world = self.meta["train_state"]["step"], self.meta["world_size"]
         text = f"resumed from {self.path} at step {step}"
         if self.world_changed:
             text += f" (saved by {world} processes, re-sharded{' via the universal format' if self.universal else ''})"
+        if self.global_batch[0] != self.global_batch[1]:
+            text += (f"; global batch {self.global_batch[0]} -> {self.global_batch[1]} sequences: the data continues "
+                     f"without repeats or gaps, but not step for step (set train.global_batch_size to keep it)")
         return text + (f"; config changes: {'; '.join(self.changes)}" if self.changes else "")
+
+
+def global_batch(cfg: dict[str, Any], world_size: int) -> int:
+    t = cfg["train"]
+    return t.get("global_batch_size") or t["micro_batch_size"] * t["grad_accum_steps"] * world_size
 
 
 def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | None:
@@ -240,7 +250,9 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
         if errors:
             raise RuntimeError(errors[0])
     return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
-                      world_changed=world_changed, universal=universal)
+                      world_changed=world_changed, universal=universal,
+                      global_batch=(global_batch(meta["config"], meta["world_size"]),
+                                    global_batch(cfg.to_dict(), place.world_size)))
 
 
 class Checkpointer:

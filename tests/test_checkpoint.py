@@ -100,6 +100,16 @@ def test_a_checkpoint_saved_by_more_processes_is_planned_as_a_universal_load(tmp
     assert "saved by 2 processes, re-sharded" in plan.describe()
 
 
+def test_a_global_batch_that_changes_with_the_world_size_is_reported(tmp_path):
+    fake_checkpoint(tmp_path / "a", 2, config(tmp_path), world_size=2)  # 8 x 2 accumulation x 2 processes
+    text = plan_resume(tmp_path / "a", config(tmp_path), PLACE, "latest").describe()
+    print(text)
+    assert "global batch 32 -> 16 sequences" in text
+    fixed = config(tmp_path, "train.global_batch_size=32")  # accumulation derived per world size: kept
+    fake_checkpoint(tmp_path / "b", 2, fixed, world_size=2)
+    assert "global batch" not in plan_resume(tmp_path / "b", fixed, PLACE, "latest").describe()
+
+
 @pytest.mark.slow
 def test_non_finite_losses_are_skipped_counted_and_stop_the_run_with_the_last_good_checkpoint(shard_dir, tmp_path):
     """A real divergence: lr 1e10 without clipping. Adam's first update moves every weight by exactly +-lr
