@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
-            if T > self.cfg.seq_len:
+            if self.pos_emb.num_embeddings < T:
                 raise ValueError(f"sequence of {T} tokens is longer than the {self.cfg.seq_len} learned "
                                  f"positions (model.seq_len)")
             x = x + self.pos_emb(torch.arange(T, device=input_ids.device))  # (B, T, C)

@@ -150,6 +150,77 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# memory
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:10.3f} GiB"
+
+
+def _memory_text(r: dict[str, Any]) -> str:
+    e = r["estimate"]
+    offload = ", optimizer offloaded to CPU" if r["offload_optimizer"] else ""
+    rows = [f"per GPU: ZeRO-{r['zero_stage']} on {r['gpus']} GPU(s), {r['precision']}, micro-batch "
+            f"{r['micro_batch']} x {r['seq_len']} tokens{offload} ({_fmt_count(r['params'])} parameters)",
+            f"  weights                    {_gib(e['weights'])}",
+            f"  gradients                  {_gib(e['gradients'])}",
+            f"  optimizer states           {_gib(e['optimizer_states'])}  (fp32 master + AdamW m, v)",
+            f"  DeepSpeed buffers          {_gib(e['buffers'])}  (reduce buckets; ZeRO-3 gathered layer)",
+            f"  transient in backward      {_gib(e['backward_transient'])}",
+            f"  transient in step          {_gib(e['step_transient'])}  (fp32 gradient partition)",
+            f"  activations                {_gib(e['activations'])}",
+            f"  activations, recomputed    {_gib(e['activations_checkpointed'])}  (grad_checkpointing)",
+            f"  peak                       {_gib(e['peak'])}",
+            f"  peak with recomputation    {_gib(e['peak_checkpointed'])}"]
+    if e["cpu_offloaded"]:
+        rows.append(f"  CPU memory per rank        {_gib(e['cpu_offloaded'])}")
+    return "\n".join(rows)
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    from dist_train.scaling_memory import estimate_memory, with_overrides
+
+    cfg = with_overrides(load_sizing_config(args.config, args.set), zero_stage=args.zero_stage,
+                         offload_optimizer=args.offload_optimizer or None, micro_batch=args.micro_batch,
+                         precision=args.precision)
+    est = estimate_memory(cfg, args.gpus)
+    r = {"gpus": args.gpus, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.precision,
+         "offload_optimizer": cfg.deepspeed.offload_optimizer, "micro_batch": cfg.train.micro_batch_size,
+         "seq_len": cfg.model.seq_len, "params": count_params(cfg.model).total, "estimate": est.to_dict()}
+    _emit(r, args.json, _memory_text(r))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fit
+
+def _fit_text(r: dict[str, Any]) -> str:
+    law = r["law"]
+    lines = [f"fitted to {r['runs']} runs (Huber δ=1e-3 on log loss, L-BFGS from {r['starts']} starts; "
+             f"RMSE of log loss {r['rmse_log_loss']:.4f}):",
+             f"  L(N, D) = {law['E']:.4f} + {law['A']:.4g} / N^{law['alpha']:.4f} "
+             f"+ {law['B']:.4g} / D^{law['beta']:.4f}",
+             f"compute-optimal: N_opt = {r['G']:.4g} (C/6)^{r['a']:.4f}, D_opt ∝ C^{r['b']:.4f}",
+             f"{'C (FLOPs)':>12} {'N_opt':>10} {'D_opt':>10} {'D/N':>7} {'loss':>7}"]
+    for row in r["allocations"]:
+        lines.append(f"{row['compute']:>12.3e} {_fmt_count(row['params']):>10} {_fmt_count(row['tokens']):>10} "
+                     f"{row['tokens_per_param']:>7.1f} {row['loss']:>7.4f}")
+    if r.get("plot"):
+        lines.append(f"figure: {r['plot']}")
+    return "\n".join(lines)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from dist_train.scaling_fit import fit_loss_law, fit_report, load_runs, plot_fit
+
+    runs = load_runs(args.runs)
+    starts = None if args.starts == "all" else int(args.starts)
+    result = fit_loss_law(runs, starts=starts)
+    r = fit_report(runs, result, extra_budgets=args.compute or [])
+    if args.plot:
+        r["plot"] = str(plot_fit(runs, result, args.plot))
+    _emit(r, args.json, _fit_text(r))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -188,6 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-config", metavar="F.yaml", help="write the planned config (base: --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("memory", help="bytes per GPU: weights, gradients, optimizer states, activations")
+    _add_config_args(p, required=True)
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="default: the config's")
+    p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the CPU (ZeRO >= 1)")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (default: the config's)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: the config's")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("fit", help="fit L(N, D) = E + A/N^α + B/D^β to your runs (Hoffmann et al.'s method)")
+    p.add_argument("runs", nargs="+", help="a CSV with columns N, D, loss; run folders (summary.json + "
+                                           "config.yaml); or folders holding run folders")
+    p.add_argument("--plot", metavar="F.png", help="write an IsoFLOP-style figure")
+    p.add_argument("--compute", type=float, action="append", help="also print the allocation at this budget "
+                                                                  "(FLOPs; repeatable)")
+    p.add_argument("--starts", default="50", help="L-BFGS starts: the N best points of the paper's 4,500-point "
+                                                  "grid (default 50), or 'all'")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_fit)
     return parser
 
 

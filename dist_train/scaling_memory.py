@@ -1,0 +1,216 @@
+"""Bytes per GPU of a run: model states under each ZeRO stage, DeepSpeed's buffers, and activations.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020) with mixed-precision AdamW, K = 12 bytes of
+optimizer state per parameter (fp32 master weights, momentum, variance), checked against what DeepSpeed
+0.19 actually holds (tests/test_scaling.py sums the tensors of real engines):
+
+    stage   weights       gradients    optimizer (fp32 master + m + v)
+    0       p·Ψ           p·Ψ          12·Ψ      (fp32 runs: 8·Ψ, the weights are the master)
+    1       p·Ψ           p·Ψ/N        12·Ψ/N    (full p·Ψ gradients exist during backward until reduced)
+    2       p·Ψ           p·Ψ/N        12·Ψ/N
+    3       p·Ψ/N + P     p·Ψ/N        12·Ψ/N    (P: parameters under stage3_param_persistence_threshold
+                                                  stay whole on every rank)
+
+with p the bytes of the working precision (2 for bf16/fp16, 4 for fp32), Ψ parameters and N GPUs.
+ZeRO >= 1 keeps an fp32 master partition even in fp32 runs. DeepSpeed also allocates reduce buckets of
+`reduce_bucket_size` elements (default 5e8: 1 GB in bf16) during backward (stages 1, 2) or for the whole run
+(stage 3), and the optimizer step briefly holds the fp32 gradient partition (4·Ψ/N).
+
+Activations are counted tensor by tensor from what `dist_train.model` saves for the backward pass with a
+fused (flash) attention kernel and no dropout; tests check them against `saved_tensors_hooks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_train.config import Config, ModelConfig, config_from_dict, deepspeed_config
+
+ADAM_BYTES = 8
+"""AdamW momentum + variance, fp32."""
+MASTER_BYTES = 4
+"""fp32 master copy of the weights (mixed precision, or any ZeRO >= 1 run)."""
+ALLREDUCE_BUCKET = 500_000_000
+"""Elements per flattened all-reduce bucket of a ZeRO-0 engine (DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE)."""
+DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_param_persistence_threshold": 100_000,
+               "contiguous_gradients": True}
+"""DeepSpeed 0.19 defaults of the zero_optimization keys that size buffers, used when ds_config omits them."""
+
+
+def precision_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU (CPU bytes per rank where offloaded). `peak` adds everything that can coexist."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    buffers: int
+    """DeepSpeed reduce buckets (and ZeRO-3's gathered largest layer): allocated whatever the model size."""
+    backward_transient: int
+    """During backward: ZeRO-1's full-size gradients beyond the partition it keeps; ZeRO-0's flattened
+    all-reduce copy."""
+    step_transient: int
+    """The fp32 gradient partition that exists only inside the optimizer step."""
+    activations: int
+    activations_checkpointed: int
+    cpu_offloaded: int
+    """Optimizer states and fp32 gradients kept in CPU memory per rank (offload_optimizer)."""
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states
+
+    def peak(self, checkpointing: bool) -> int:
+        acts = self.activations_checkpointed if checkpointing else self.activations
+        return self.model_states + self.buffers + max(acts + self.backward_transient, self.step_transient)
+
+    def to_dict(self) -> dict[str, int]:
+        out = dataclasses.asdict(self)
+        out.update(model_states=self.model_states, peak=self.peak(False),
+                   peak_checkpointed=self.peak(True))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations: bytes saved for the backward pass, per token of a micro-batch.
+
+def _norm_saved(m: ModelConfig, p: int) -> int:
+    if m.norm == "layernorm":
+        return p * m.d_model + 8  # input, fp32 mean and rstd per token
+    # RMSNorm in fp32: the fp32 input (a copy unless p = 4), 1/rms, and the normalised output cast back.
+    return 4 * m.d_model + 4 + p * m.d_model
+
+
+def activation_bytes_per_token(m: ModelConfig, precision: str) -> tuple[int, int]:
+    """(per layer, outside the layers) bytes saved per token by `dist_train.model`."""
+    if m.hf_config:
+        raise ValueError("activation memory is counted for dist_train's own model, not for model.hf_config")
+    p, d, f = precision_bytes(precision), m.d_model, m.d_ff
+    # Attention: the normed input, q and k after RoPE, v (k and v repeated to n_heads for grouped-query
+    # attention), the output, and the fp32 log-sum-exp per head.
+    attn = 5 * p * d + 4 * m.n_heads
+    # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
+    mlp = p * (d + 4 * f) if m.mlp == "swiglu" else p * (d + 2 * f)
+    layerscale = 2 * p * d if m.layerscale_init is not None else 0
+    per_layer = 2 * _norm_saved(m, p) + attn + mlp + layerscale
+    # Head: final norm, lm_head input, fp32 log-softmax output, the int64 input ids and labels.
+    head = _norm_saved(m, p) + p * d + 4 * m.vocab_size + 16
+    return per_layer, head
+
+
+def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpointing: bool) -> int:
+    """Peak activation bytes of one micro-batch: what is saved, plus the loss's transient logits (the
+    logits in p bytes and their fp32 copy) and, with recomputation, one block's activations at a time."""
+    per_layer, head = activation_bytes_per_token(m, precision)
+    p = precision_bytes(precision)
+    loss_transient = (p + 4) * m.vocab_size
+    if checkpointing:
+        per_token = m.n_layers * p * m.d_model + per_layer + head + loss_transient
+    else:
+        per_token = m.n_layers * per_layer + head + loss_transient
+    rope_tables = 2 * m.seq_len * m.head_dim * p if m.pos == "rope" else 0
+    return micro_batch * m.seq_len * per_token + rope_tables
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model states
+
+def parameter_numels(m: ModelConfig) -> list[int]:
+    """Element counts of every distinct parameter, from the model built on the meta device (no memory)."""
+    from dist_train.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(m)
+    return [p.numel() for p in model.parameters()]
+
+
+def _largest_layer(m: ModelConfig) -> int:
+    """Parameters of the largest module, which ZeRO-3 gathers whole (DeepSpeed's estimator's notion)."""
+    from dist_train.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(m)
+    return max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+
+
+def _zero_settings(cfg: Config, gpus: int) -> dict[str, Any]:
+    zero = dict(DS_DEFAULTS)
+    zero.update(deepspeed_config(cfg, gpus)["zero_optimization"])
+    zero.setdefault("overlap_comm", False)  # DeepSpeed's default below ZeRO-3 (where it does not size buffers)
+    return zero
+
+
+def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
+    """Per-GPU bytes of `cfg` on `gpus` data-parallel GPUs (stage, offload, precision, micro-batch: cfg)."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    m, ds = cfg.model, cfg.deepspeed
+    stage, p, n = ds.zero_stage, precision_bytes(cfg.precision), gpus
+    zero = _zero_settings(cfg, gpus)
+    numels = parameter_numels(m)
+    psi = sum(numels)
+    master = 0 if (stage == 0 and cfg.precision == "fp32") else MASTER_BYTES
+
+    if stage < 3:
+        weights = p * psi
+    else:
+        persistent = sum(k for k in numels if k < zero["stage3_param_persistence_threshold"])
+        weights = p * psi // n + p * persistent
+    gradients = p * psi if stage == 0 else p * psi // n
+    sharded_states = stage >= 1
+    optimizer = (ADAM_BYTES + master) * psi // (n if sharded_states else 1)
+    if stage == 0:  # DeepSpeed flattens the gradients into buckets of 5e8 elements for the all-reduce
+        backward_transient = p * min(psi, ALLREDUCE_BUCKET) if n > 1 else 0
+    else:  # ZeRO-1 holds full gradients until the reduce at the accumulation boundary
+        backward_transient = p * psi - p * psi // n if stage == 1 else 0
+    step_transient = 4 * psi // (n if sharded_states else 1) if master else 0
+
+    # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one bucket at init.
+    bucket_bytes = zero["reduce_bucket_size"] * p * (2 if zero["overlap_comm"] and stage < 3 else 1)
+    buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] else 0
+    if stage == 3:
+        buffers += 2 * p * _largest_layer(m)  # the gathered layer and its gradient
+
+    cpu = 0
+    if ds.offload_optimizer:  # DeepSpeed keeps the states and the fp32 gradient partition on the CPU
+        cpu = optimizer + 4 * psi // n
+        optimizer, step_transient = 0, 0
+        gradients = 0 if stage < 3 else gradients
+    if ds.offload_params:
+        cpu += weights
+        weights = 0
+
+    acts = activation_bytes(m, cfg.precision, cfg.train.micro_batch_size, checkpointing=False)
+    acts_ckpt = activation_bytes(m, cfg.precision, cfg.train.micro_batch_size, checkpointing=True)
+    return MemoryEstimate(weights=weights, gradients=gradients, optimizer_states=optimizer, buffers=buffers,
+                          backward_transient=backward_transient, step_transient=step_transient,
+                          activations=acts, activations_checkpointed=acts_ckpt, cpu_offloaded=cpu)
+
+
+def zero_paper_model_states(psi: float, gpus: int, stage: int) -> float:
+    """The ZeRO paper's per-GPU model-state bytes with K = 12 (DESIGN.md: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N,
+    16Ψ/N), counting full-size gradients at stage 1 as the paper does."""
+    return {0: 16 * psi, 1: 4 * psi + 12 * psi / gpus, 2: 2 * psi + 14 * psi / gpus, 3: 16 * psi / gpus}[stage]
+
+
+def with_overrides(cfg: Config, zero_stage: int | None = None, offload_optimizer: bool | None = None,
+                   micro_batch: int | None = None, precision: str | None = None) -> Config:
+    """cfg with the memory command's flags applied (None keeps the config's value)."""
+    tree = cfg.to_dict()
+    if zero_stage is not None:
+        tree["deepspeed"]["zero_stage"] = zero_stage
+    if offload_optimizer is not None:
+        tree["deepspeed"]["offload_optimizer"] = offload_optimizer
+    if micro_batch is not None:
+        tree["train"]["micro_batch_size"] = micro_batch
+    if precision is not None:
+        tree["precision"] = precision
+    return config_from_dict(tree)  # validated: e.g. offload needs ZeRO >= 1
