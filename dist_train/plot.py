@@ -54,6 +54,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     runs = {d: load_run(d) for d in run_dirs}
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
@@ -78,6 +79,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax_loss.xaxis.set_major_formatter(EngFormatter())  # 200k, 1.5M, 3G tokens: readable at any scale
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
