@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -60,6 +61,8 @@ class TrainState:
     """All steps skipped for a non-finite loss."""
     wall_s: float = 0.0
     """Seconds spent in this run's training invocations, summed over restarts."""
+    last_loss: float = math.nan
+    """Training loss of the last applied step (for the summary of a run resumed at its end)."""
     wandb_run_id: str | None = None
     """The W&B run this training continues."""
 

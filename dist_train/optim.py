@@ -41,8 +41,9 @@ class SkippableAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        # The flag stays set for the whole optimizer step: ZeRO calls step() once per parameter (sub-)group.
+        # The trainer clears it after engine.step().
         if self.skip_next_step:
-            self.skip_next_step = False
             return None
         return super().step(closure)
 
@@ -59,7 +60,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
     if t.schedule == "constant":
         return t.lr
     if t.schedule == "cosine":
-        span = max(1, t.max_steps - t.warmup_steps)
+        span = max(1, t.max_steps - t.warmup_steps - 1)  # the last step (max_steps - 1) runs at min_lr
         progress = min(1.0, (step - t.warmup_steps) / span)
         return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
     # wsd: warmup, a long stable phase at lr, then a linear decay to min_lr over the last decay_fraction.
@@ -67,10 +68,17 @@ def lr_at(step: int, t: TrainConfig) -> float:
     decay_start = t.max_steps - decay_steps
     if step < decay_start:
         return t.lr
-    progress = min(1.0, (step - decay_start) / decay_steps)
+    progress = min(1.0, (step - decay_start) / max(1, decay_steps - 1))
     return t.lr + (t.min_lr - t.lr) * progress
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR that DeepSpeed steps once per optimizer step; its state is saved with the checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)
+
+
+def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) -> None:
+    """After a resume: the checkpoint restored the old run's base lr, but a changed `train.lr` must apply."""
+    scheduler.base_lrs = [t.lr for _ in scheduler.base_lrs]
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = lr_at(scheduler.last_epoch, t)

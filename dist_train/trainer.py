@@ -22,9 +22,9 @@ from dist_train.checkpoint import Checkpointer, TrainState, plan_resume
 from dist_train.config import Config, deepspeed_config
 from dist_train.data import TokenLoader
 from dist_train.distributed import ProcessPlace, Rank0
-from dist_train.metrics import ForwardTimer, build_logger, gather_rank_throughput
+from dist_train.metrics import ForwardTimer, MetricsLogger, build_logger, gather_rank_throughput
 from dist_train.model import build_model
-from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, lr_at
+from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, retarget_scheduler
 from dist_train.prefetch import Prefetcher
 from dist_train.preflight import preflight
 from dist_train.scaling import flops_per_token, peak_flops
@@ -48,6 +48,8 @@ class StepResult:
     """True when any rank received a stop signal."""
     grad_norm: float | None = None
     """Global gradient norm before clipping (when measured)."""
+    lr: float | None = None
+    """Learning rate the step used."""
 
 
 def train(cfg: Config, resume: str = "latest") -> int:
@@ -55,118 +57,172 @@ def train(cfg: Config, resume: str = "latest") -> int:
     place = distributed.discover()
     preflight(cfg, place.world_size)
     stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the process
-    device = distributed.init(place)
-    deepspeed = distributed.import_deepspeed()
-
-    rank0 = Rank0(place)
-    run_dir = Path(cfg.run.out_dir)
-    plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before run files change
-    ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
-    rank0.run(write_run_files, run_dir, cfg, ds_config)
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    forward_timer = ForwardTimer(engine.module, device)  # each rank's own speed: stragglers show in the log
-
-    t = cfg.train
-    accum = ds_config["gradient_accumulation_steps"]
-    train_data = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size,
-                             place.rank, place.world_size, t.seed)
-    checkpointer = Checkpointer(run_dir, cfg, engine, place)
-    state = TrainState()
-    if plan is not None:
-        state, loader_state = checkpointer.load(plan)
-        train_data.load_state_dict(loader_state)
-        rank0.print(plan.describe())
-    if cfg.data.num_workers:
-        train_data = Prefetcher(train_data, depth=2 * cfg.data.num_workers, pin_memory=device.type == "cuda")
-    log_process_places(run_dir, place, rank0, state.step)
-    logger = build_logger(cfg, run_dir, place, state, resumed=plan is not None)
-
-    tokens_per_step = t.micro_batch_size * accum * place.world_size * cfg.model.seq_len
-    flops_per_step = flops_per_token(cfg.model) * tokens_per_step
-    peak = peak_flops(device)
-    window_seconds, window_steps, val_loss, last_loss = 0.0, 0, None, math.nan
-    saved_step = state.step
-    clock = WallClock(state.wall_s)
+    run = Run.set_up(cfg, place, resume)
+    t, state = cfg.train, run.state
 
     while state.step < t.max_steps:
-        step_start = time.perf_counter()
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
-        skipped_before = engine.skipped_steps
-        result = train_step(engine, optimizer, train_data, accum, device, stop, measure_grad_norm=log_now)
-        # ZeRO skips an update with non-finite gradients by itself (engine.skipped_steps), even at a finite loss.
-        result.skipped |= engine.skipped_steps > skipped_before
-        window_seconds += time.perf_counter() - step_start
-        window_steps += 1
-        state.step += 1
-        state.tokens += tokens_per_step
+        result = run.step(stop, measure_grad_norm=log_now)
         try:
             count_bad_step(state, result, t.max_bad_steps)
         except TooManyBadSteps as e:
-            rank0.run(print, f"error: {e} Latest checkpoint: step {saved_step}.", file=sys.stderr, flush=True)
-            logger.close()
-            distributed.shutdown()
-            return EXIT_DIVERGED
-        last_loss = result.loss if not result.skipped else last_loss
-
+            run.rank0.run(print, f"error: {e} Latest checkpoint: step {run.saved_step}.", file=sys.stderr,
+                          flush=True)
+            return run.close(EXIT_DIVERGED)
         if log_now:
-            step_seconds = window_seconds / window_steps
-            record = {
-                "step": state.step, "loss": result.loss, "lr": lr_at(state.step - 1, t),
-                "grad_norm": result.grad_norm, "tokens": state.tokens,
-                "tokens_per_s": tokens_per_step / step_seconds,
-                "mfu": flops_per_step / step_seconds / (peak * place.world_size) if peak else None,
-                "mem_gb": memory_gb(device), "skipped_steps": state.skipped_steps,
-            }
-            record.update(gather_rank_throughput(forward_timer, t.micro_batch_size * cfg.model.seq_len))
-            if cfg.precision == "fp16":
-                record["loss_scale"] = float(engine.optimizer.cur_scale)
-            logger.log(record)
-            rank0.print(format_log_line(record, t.max_steps))
-            window_seconds, window_steps = 0.0, 0
-
+            run.log_step(result)
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            val_loss = evaluate(engine, cfg, place, device)
-            logger.log({"step": state.step, "tokens": state.tokens, "val_loss": val_loss,
-                        "val_ppl": math.exp(min(val_loss, 50))})
-            rank0.print(f"step {state.step} | val_loss {val_loss:.4f}")
-
-        if result.stop_requested:
-            state.wall_s = clock.total()
-            checkpointer.save(state, train_data.state_dict())
-            rank0.print(f"stop signal ({stop.signal_name or 'on another rank'}): saved step {state.step}, "
-                        f"exiting with {EXIT_PREEMPTED} so the job can be requeued")
-            logger.close()
-            distributed.shutdown()
-            return EXIT_PREEMPTED
-
+            run.log_eval()
+        if result.stop_requested and state.step < t.max_steps:
+            run.save()
+            run.rank0.print(f"stop signal ({stop.signal_name or 'on another rank'}): saved step {state.step}, "
+                            f"exiting with {EXIT_PREEMPTED} so the job can be requeued")
+            return run.close(EXIT_PREEMPTED)
         # Not within a streak of skipped steps: pruning would then drop the last good checkpoint.
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not state.consecutive_bad_steps:
-            state.wall_s = clock.total()
-            checkpointer.save(state, train_data.state_dict())
-            saved_step = state.step
+            run.save()
 
-    if t.eval_every:
-        val_loss = evaluate(engine, cfg, place, device)
-        logger.log({"step": state.step, "tokens": state.tokens, "val_loss": val_loss,
-                    "val_ppl": math.exp(min(val_loss, 50))})
-    state.wall_s = clock.total()
-    if saved_step != state.step:
-        checkpointer.save(state, train_data.state_dict())
-    summary = {"final_step": state.step, "train_loss": last_loss, "val_loss": val_loss, "tokens": state.tokens,
-               "wall_s": state.wall_s, "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
-               "skipped_steps": state.skipped_steps, "world_size": place.world_size}
-    logger.summary(summary)
-    logger.close()
-    rank0.print(f"done: step {state.step}, train_loss {last_loss:.4f}, val_loss {val_loss}, "
-                f"run folder {run_dir.resolve()}")
-    distributed.shutdown()
-    return EXIT_COMPLETED
+    val_loss = run.log_eval() if t.eval_every else None
+    if run.saved_step != state.step:
+        run.save()
+    run.logger.summary({
+        "final_step": state.step, "train_loss": state.last_loss, "val_loss": val_loss, "tokens": state.tokens,
+        "wall_s": state.wall_s, "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
+        "skipped_steps": state.skipped_steps, "world_size": place.world_size})
+    run.rank0.print(f"done: step {state.step}, train_loss {state.last_loss:.4f}, val_loss {val_loss}, "
+                    f"run folder {run.dir.resolve()}")
+    return run.close(EXIT_COMPLETED)
+
+
+@dataclass
+class Run:
+    """Everything one training invocation holds: engine, data, checkpoints, logger, counters."""
+
+    cfg: Config
+    place: ProcessPlace
+    rank0: Rank0
+    dir: Path
+    device: torch.device
+    engine: Any
+    optimizer: SkippableAdamW
+    train_data: TokenLoader | Prefetcher
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    forward_timer: ForwardTimer
+    state: TrainState
+    accum: int
+    saved_step: int
+    clock: WallClock
+    window: StepWindow
+
+    @classmethod
+    def set_up(cls, cfg: Config, place: ProcessPlace, resume: str) -> Run:
+        device = distributed.init(place)
+        deepspeed = distributed.import_deepspeed()
+        rank0 = Rank0(place)
+        run_dir = Path(cfg.run.out_dir)
+        plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before files change
+        ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
+        rank0.run(write_run_files, run_dir, cfg, ds_config)
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)
+        optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+        scheduler = build_scheduler(optimizer, cfg.train)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        t = cfg.train
+        train_data = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size,
+                                 place.rank, place.world_size, t.seed)
+        checkpointer = Checkpointer(run_dir, cfg, engine, place)
+        state = TrainState()
+        if plan is not None:
+            state, loader_state = checkpointer.load(plan)
+            train_data.load_state_dict(loader_state)
+            retarget_scheduler(scheduler, t)  # the checkpoint restored the old run's lr; the config's wins
+            rank0.print(plan.describe())
+        if cfg.data.num_workers:
+            train_data = Prefetcher(train_data, depth=2 * cfg.data.num_workers, pin_memory=device.type == "cuda")
+        log_process_places(run_dir, place, rank0, state.step)
+        logger = build_logger(cfg, run_dir, place, state, resumed=plan is not None)
+        return cls(cfg=cfg, place=place, rank0=rank0, dir=run_dir, device=device, engine=engine,
+                   optimizer=optimizer, train_data=train_data, checkpointer=checkpointer, logger=logger,
+                   forward_timer=ForwardTimer(engine.module, device),  # each rank's own speed: stragglers show
+                   state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
+                   clock=WallClock(state.wall_s), window=StepWindow())
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.micro_batch_size * self.accum * self.place.world_size * self.cfg.model.seq_len
+
+    def step(self, stop: StopRequest, measure_grad_norm: bool) -> StepResult:
+        """One optimizer step, timed, with the counters advanced."""
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the scheduler steps after it)
+        skipped_before = self.engine.skipped_steps
+        start = time.perf_counter()
+        result = train_step(self.engine, self.optimizer, self.train_data, self.accum, self.device, stop,
+                            measure_grad_norm)
+        self.window.add(time.perf_counter() - start)
+        result.lr = lr
+        if self.cfg.precision != "fp16":
+            # ZeRO skips an update with non-finite gradients by itself, even at a finite loss. Under fp16 such
+            # skips are the loss scaler's normal search for a scale, not a sign of divergence.
+            result.skipped |= self.engine.skipped_steps > skipped_before
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        if not result.skipped:
+            self.state.last_loss = result.loss
+        return result
+
+    def log_step(self, result: StepResult) -> None:
+        cfg, state = self.cfg, self.state
+        step_seconds = self.window.mean_and_reset()
+        peak = peak_flops(self.device)
+        flops_per_step = flops_per_token(cfg.model) * self.tokens_per_step
+        record = {
+            "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens": state.tokens, "tokens_per_s": self.tokens_per_step / step_seconds,
+            "mfu": flops_per_step / step_seconds / (peak * self.place.world_size) if peak else None,
+            "mem_gb": memory_gb(self.device), "skipped_steps": state.skipped_steps,
+        }
+        record.update(gather_rank_throughput(self.forward_timer, cfg.train.micro_batch_size * cfg.model.seq_len))
+        if cfg.precision == "fp16":
+            record["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        self.logger.log(record)
+        self.rank0.print(format_log_line(record, cfg.train.max_steps))
+
+    def log_eval(self) -> float:
+        val_loss = evaluate(self.engine, self.cfg, self.place, self.device)
+        self.logger.log({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss,
+                         "val_ppl": math.exp(min(val_loss, 50))})
+        self.rank0.print(f"step {self.state.step} | val_loss {val_loss:.4f}")
+        return val_loss
+
+    def save(self) -> None:
+        self.state.wall_s = self.clock.total()
+        self.checkpointer.save(self.state, self.train_data.state_dict())
+        self.saved_step = self.state.step
+
+    def close(self, exit_code: int) -> int:
+        self.logger.close()
+        distributed.shutdown()
+        return exit_code
+
+
+class StepWindow:
+    """Seconds per training step since the last log line (evaluation and checkpoints left out)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    def mean_and_reset(self) -> float:
+        mean = self.seconds / self.steps
+        self.seconds, self.steps = 0.0, 0
+        return mean
 
 
 class WallClock:
@@ -180,8 +236,8 @@ class WallClock:
         return self.carried_s + time.perf_counter() - self.start
 
 
-def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefetcher, accum: int, device: torch.device,
-               stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
+def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefetcher, accum: int,
+               device: torch.device, stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
     non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
@@ -191,23 +247,25 @@ def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefe
         loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
         engine.backward(loss)
         if micro == accum - 1:
-            flags = reduce_step(loss_sum / accum, stop.requested)
+            # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
+            # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
+            stage0_norm = _module_grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
+            bad_grads = stage0_norm is not None and not math.isfinite(stage0_norm)
+            flags = reduce_step(loss_sum / accum, stop.requested, bad_grads)
             optimizer.skip_next_step = flags.skipped
-            # ZeRO 1-3 record the norm in step(); stage 0 does not, so read the reduced gradients before it.
-            stage0 = engine.zero_optimization_stage() == 0
-            stage0_norm = _module_grad_norm(engine.module) if measure_grad_norm and stage0 else None
         engine.step()
-    optimizer.skip_next_step = False  # DeepSpeed's fp16 overflow check may have skipped the inner step itself
+    optimizer.skip_next_step = False  # a ZeRO overflow check may have skipped the inner step itself
     if measure_grad_norm:
         flags.grad_norm = stage0_norm if stage0_norm is not None else _engine_grad_norm(engine)
     return flags
 
 
-def reduce_step(local_loss: torch.Tensor, stop: bool) -> StepResult:
+def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool) -> StepResult:
     """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce."""
     finite = torch.isfinite(local_loss)
-    values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)),
-                          (~finite).double(), torch.full_like(local_loss, float(stop))])
+    bad = (~finite) | bad_grads
+    values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)), bad.double(),
+                          torch.full_like(local_loss, float(stop))])
     totals = distributed.sum_over_ranks(values).tolist()
     skipped = totals[1] > 0
     return StepResult(loss=math.nan if skipped else totals[0] / distributed.world_size(), skipped=skipped,
@@ -241,9 +299,10 @@ def evaluate(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device
     return distributed.mean_over_ranks(total / cfg.train.eval_steps)
 
 
-def _module_grad_norm(module: torch.nn.Module) -> float:
+def _module_grad_norm(module: torch.nn.Module) -> float | None:
+    """Norm of the gradients held by the module (None when DeepSpeed keeps them elsewhere, e.g. bf16)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
 
 
 def _engine_grad_norm(engine: Any) -> float | None:
