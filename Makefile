@@ -1,7 +1,8 @@
 # The two set-up commands of README.md: `make demo` and `make test`. Nothing else needs installing by hand.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-NPROC ?= 2
+# Processes: one per GPU when nvidia-smi sees any, else 2 CPU processes (gloo).
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c "^GPU"); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
 DATA := data/shakespeare
 RUN := runs/tiny
 # One cache for DeepSpeed's JIT-built ops (the CPU shm op builds once, ~30 s, then is reused).
@@ -38,8 +39,8 @@ test: install-dev
 test-fast: 
 	$(PYTHON) -m pytest tests -m "not slow" -q
 
-bench:
-	$(PYTHON) bench/throughput.py
+bench: install-dev
+	$(PYTHON) bench/throughput.py --nproc $(NPROC)
 
 lint:
 	ruff check .

@@ -21,6 +21,7 @@ Each line is `{"text": ..., "work": "hamlet", "part": 7}`.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import re
@@ -109,7 +110,10 @@ def write_corpus(name: str, out: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in CORPORA[name]())
-    os.replace(tmp, path)
+    if path.exists() and filecmp.cmp(tmp, path, shallow=False):
+        tmp.unlink()  # unchanged: keep the file (and its mtime), so shards made from it stay up to date
+    else:
+        os.replace(tmp, path)
     return path
 
 

@@ -314,3 +314,13 @@ def test_output_folder_holding_a_different_dataset_is_refused(shard_dir, corpus_
     with pytest.raises(DataPrepError, match="is not empty and holds no dataset of ours"):
         shard([corpus_file], tokenizer_dir, tmp_path / "other", datasets_cache)
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_writing_the_corpus_again_keeps_the_file_so_its_shards_stay_valid(tmp_path):
+    from data_prep.corpora import write_corpus
+
+    first = write_corpus("shakespeare", tmp_path)
+    mtime = first.stat().st_mtime_ns
+    second = write_corpus("shakespeare", tmp_path)
+    assert second == first and second.stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob("*.tmp"))
