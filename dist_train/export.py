@@ -137,7 +137,8 @@ def gpt2_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
         yield h + "attn.c_attn.weight", torch.cat([q[0], _all_heads(k[0], m), _all_heads(v[0], m)]).t()
         yield h + "attn.c_attn.bias", torch.cat([q[1], _all_heads(k[1], m), _all_heads(v[1], m)])
         for ours, theirs, gain in (("attn.o_proj", "attn.c_proj", "attn_scale.gamma"),
-                                   ("mlp.up_proj", "mlp.c_fc", None), ("mlp.down_proj", "mlp.c_proj", "mlp_scale.gamma")):
+                                   ("mlp.up_proj", "mlp.c_fc", None),
+                                   ("mlp.down_proj", "mlp.c_proj", "mlp_scale.gamma")):
             weight, bias = _linear(w, p + ours, m.bias, p + gain if gains and gain else None)
             yield f"{h}{theirs}.weight", weight.t()
             yield f"{h}{theirs}.bias", bias

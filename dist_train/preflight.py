@@ -27,10 +27,11 @@ def check_data(cfg: Config) -> list[dict[str, Any]]:
             manifest = read_manifest(path)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
-        if manifest["vocab_size"] > cfg.model.vocab_size:
+        model_vocab, key = model_vocab_size(cfg)
+        if manifest["vocab_size"] > model_vocab:
             raise ConfigError(
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({manifest['vocab_size']}, from {path}/manifest.json); set model.vocab_size="
+                f"{key} ({model_vocab}) is smaller than the tokenizer's vocabulary "
+                f"({manifest['vocab_size']}, from {path}/manifest.json); set {key}="
                 f"{_round_up(manifest['vocab_size'], 64)} (rounded up to a multiple of 64)")
         for split in ("train", "val"):
             tokens = manifest["splits"].get(split, {}).get("num_tokens", 0)
@@ -42,6 +43,15 @@ def check_data(cfg: Config) -> list[dict[str, Any]]:
                     f"({tokens} tokens); lower model.seq_len or add data")
         manifests.append(manifest)
     return manifests
+
+
+def model_vocab_size(cfg: Config) -> tuple[int, str]:
+    """Rows of the embedding table and the key that sets them (an `hf_config` model brings its own)."""
+    if cfg.model.hf_config is None:
+        return cfg.model.vocab_size, "model.vocab_size"
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model.hf_config).vocab_size, f"vocab_size in {cfg.model.hf_config}"
 
 
 def _round_up(n: int, multiple: int) -> int:

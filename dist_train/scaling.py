@@ -94,9 +94,9 @@ def cmd_count(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # plan
 
-# Without --config, plan for a Llama-family model with a real-world vocabulary (the tiny defaults of
+# Without --config, plan for a bf16 Llama-family model with a real-world vocabulary (the tiny defaults of
 # ModelConfig would make the embedding dominate any budget worth planning).
-PLAN_DEFAULTS = ["model.vocab_size=32000", "model.seq_len=2048"]
+PLAN_DEFAULTS = ["model.vocab_size=32000", "model.seq_len=2048", "precision=bf16"]
 
 
 def _plan_text(r: dict[str, Any]) -> str:
@@ -120,6 +120,9 @@ def _plan_text(r: dict[str, Any]) -> str:
               f"training FLOPs  {r['run_flops']:.3e} ({r['flops_per_token']:,} per token, attention included)",
               (f"time            {r['hours']:,.1f} h on {r['gpus']} GPU(s) at {r['mfu']:.0%} MFU of "
               f"{r['peak_tflops']:g} TFLOP/s ({r['gpu_hours']:,.0f} GPU-hours)")]
+    if r.get("budget_hours") and abs(r["hours"] / r["budget_hours"] - 1) > 0.01:
+        lines.append(f"note            {r['hours'] / r['budget_hours'] - 1:+.1%} against --hours: the laws budget "
+                     f"C = 6ND, the run's FLOPs add attention and this shape's exact count")
     if r.get("config"):
         lines.append(f"config          {r['config']} (train.max_steps {r['max_steps']:,})")
     return "\n".join(lines)
@@ -139,6 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *args.set])
     r = plan(cfg, compute=compute, params=args.params, tokens=args.tokens, method=args.method,
              gpus=args.gpus, peak_tflops=args.peak_tflops, mfu=args.mfu)
+    r["budget_hours"] = args.hours
     if args.write_config:
         if cfg.data.path == NO_DATA:
             raise ValueError("--write-config needs a data source for the trainer: pass --config with data.path "
@@ -242,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="compute-optimal N and D under each published law, a shape and a config",
                        description="Budget: exactly one of --compute, --params, --tokens, or --gpus/--hours. "
-                                   "Without --config the family is Llama-style with vocab 32000, seq_len 2048.")
+                                   "Without --config the family is Llama-style with vocab 32000, seq_len 2048, "
+                                   "bf16.")
     p.add_argument("--compute", type=float, help="training budget in FLOPs (C = 6ND convention)")
     p.add_argument("--params", type=float, help="model size N: gives each law's compute-optimal D and C")
     p.add_argument("--tokens", type=float, help="token budget D: gives each law's compute-optimal N and C")

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default="latest",
-                        help="latest (default: resume if the run folder has a checkpoint), none, or a checkpoint folder")
+                        help="latest (default: resume if the run folder has a checkpoint), none, "
+                             "or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)

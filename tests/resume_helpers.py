@@ -8,6 +8,8 @@ world-size, export, averaging and evaluation tests.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import signal
 import subprocess
@@ -68,10 +70,8 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     except psutil.NoSuchProcess:
         return
     for p in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
     if sig == signal.SIGKILL:
         psutil.wait_procs(tree, timeout=30)
         proc.wait()

@@ -119,7 +119,8 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_with_the_last_go
     machine; the skipped steps leave the weights as they are, so every later loss is NaN too. At every ZeRO
     stage (ZeRO calls the inner optimizer once per parameter group: the skip must cover all of them)."""
     log = tmp_path / "train.log"
-    cmd = command(overrides(shard_dir, tmp_path, f"deepspeed.zero_stage={zero_stage}", "train.lr=1e10", "train.grad_clip=0", "train.warmup_steps=0",
+    cmd = command(overrides(shard_dir, tmp_path, f"deepspeed.zero_stage={zero_stage}", "train.lr=1e10",
+                            "train.grad_clip=0", "train.warmup_steps=0",
                             "train.schedule=constant", "train.max_bad_steps=3", "checkpoint.every=1",
                             "checkpoint.keep_last=2", "train.max_steps=8"), nproc=1, launcher="python")
     assert run(cmd, log) == 3, tail(log)

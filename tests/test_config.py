@@ -146,3 +146,13 @@ def test_bad_config_is_refused_before_any_process_starts(tmp_path):
     assert proc.returncode == 2
     assert "did you mean 'model.n_layers'" in proc.stderr
     assert not out.exists()
+
+
+def test_hf_config_vocabulary_smaller_than_the_tokenizers_is_refused(shard_dir, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=1000, max_position_embeddings=256).save_pretrained(tmp_path)
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={shard_dir}", f"model.hf_config={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"vocab_size in .* \(1000\) is smaller than the tokenizer's vocabulary"):
+        preflight(cfg, world_size=1)

@@ -264,7 +264,8 @@ BAD_INPUTS = {
     "no_field.jsonl": (b'{"text": "fine"}\n{"body": "no text here"}\n',
                        r"no_field.jsonl line 2: record has no 'text' field"),
     "wrong_field.jsonl": (b'{"body": "a"}\n', r"wrong_field.jsonl line 1: record has no 'text' field .*--text-field"),
-    "number.jsonl": (b'{"text": "a"}\n{"text": 7}\n', r"number.jsonl line 2: the record's 'text' field holds a int, not text"),
+    "number.jsonl": (b'{"text": "a"}\n{"text": 7}\n',
+                     r"number.jsonl line 2: the record's 'text' field holds a int, not text"),
     "notes.md": (b"# a\n", "not a known format"),
 }
 
