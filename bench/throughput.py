@@ -1,13 +1,15 @@
 """Throughput of our trainer against HF `Trainer` with the same DeepSpeed config, model, data, batch, machine.
 
-Three runs side by side, each under the deepspeed launcher with N processes (GPUs, or CPU processes on gloo):
-  ours/own-model   launch/train.py with dist_train.model.Transformer
-  ours/hf-model    launch/train.py with model.hf_config = the same shape as a transformers LlamaForCausalLM
-  hf-trainer       transformers.Trainer + DeepSpeed on that LlamaForCausalLM (bench/hf_trainer_baseline.py)
-Prints tokens/s, the ratio to the HF Trainer, and MFU (against the GPU's dense peak; on the CPU against a
-measured fp32 matmul peak of one core per process).
+Runs side by side, each under the deepspeed launcher with N processes (GPUs, or CPU processes on gloo):
+  ours/own-model           launch/train.py with dist_train.model.Transformer
+  ours/own-model+compile   the same with train.compile=true (torch.compile per block)
+  ours/hf-model            launch/train.py with model.hf_config = the same shape as a transformers LlamaForCausalLM
+  hf-trainer               transformers.Trainer + DeepSpeed on that LlamaForCausalLM (bench/hf_trainer_baseline.py)
+All runs are repeated --repeats times in alternation (the median is reported), so a noisy machine affects all
+of them alike. Prints tokens/s, the ratio to the HF Trainer, and MFU (against the GPU's dense peak; on the CPU
+against a measured fp32 matmul peak of one core per process).
 
-    python bench/throughput.py [--config configs/tiny.yaml] [--nproc 2] [--steps 30] [key=value ...]
+    python bench/throughput.py [--config configs/tiny.yaml] [--nproc 2] [--steps 30] [--repeats 3] [key=value ...]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,6 +129,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
+    p.add_argument("--repeats", type=int, default=3, help="rounds of all runs; the median is reported")
     p.add_argument("--skip-hf-model", action="store_true", help="skip ours/hf-model (saves a run)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides for all runs, e.g. deepspeed.zero_stage=2")
@@ -136,16 +140,26 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     work = Path(tempfile.mkdtemp(prefix="dist_train_bench_"))
     hf_dir = write_llama_config(cfg.model, work / "hf_llama")
-    results = {"ours/own-model": ours(args.config, overrides, args.nproc, args.steps, work / "ours_own", 29611)}
-    if not args.skip_hf_model:
-        results["ours/hf-model"] = ours(args.config, [*overrides, f"model.hf_config={hf_dir}"], args.nproc,
-                                        args.steps, work / "ours_hf", 29612)
-    results["hf-trainer"] = hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, work / "hf", 29613)
+    runs = {
+        "ours/own-model": lambda out: ours(args.config, overrides, args.nproc, args.steps, out, 29611),
+        "ours/own-model+compile": lambda out: ours(args.config, [*overrides, "train.compile=true"], args.nproc,
+                                                   args.steps, out, 29614),
+        "ours/hf-model": lambda out: ours(args.config, [*overrides, f"model.hf_config={hf_dir}"], args.nproc,
+                                          args.steps, out, 29612),
+        "hf-trainer": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, out, 29613),
+    }
+    if args.skip_hf_model:
+        del runs["ours/hf-model"]
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(args.repeats):
+        for name, fn in runs.items():
+            samples[name].append(fn(work / f"{name.replace('/', '_').replace('+', '_')}_{round_}"))
+    results = {name: statistics.median(values) for name, values in samples.items()}
 
     peak, peak_what = machine_peak(cfg, args.nproc)
     fpt = flops_per_token(cfg.model)
     rows = [{"run": name, "tokens_per_s": tps, "ratio_vs_hf_trainer": tps / results["hf-trainer"],
-             "mfu": fpt * tps / peak} for name, tps in results.items()]
+             "mfu": fpt * tps / peak, "samples": samples[name]} for name, tps in results.items()]
     report = {"config": args.config, "overrides": args.overrides, "nproc": args.nproc, "steps": args.steps,
               "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.precision,
               "global_batch_tokens": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.nproc
@@ -155,10 +169,12 @@ def main() -> None:
         return
     print(f"\n{args.nproc} processes, ZeRO {cfg.deepspeed.zero_stage}, {cfg.precision}, "
           f"{report['global_batch_tokens']:,} tokens/step, MFU against {peak_what} = {peak / 1e12:.3f} TFLOP/s")
-    print(f"{'run':<18}{'tokens/s':>12}{'vs HF Trainer':>15}{'MFU':>8}")
+    print(f"{'run':<26}{'tokens/s':>12}{'vs HF Trainer':>15}{'MFU':>8}   samples")
     for r in rows:
-        print(f"{r['run']:<18}{r['tokens_per_s']:>12,.0f}{r['ratio_vs_hf_trainer']:>14.2f}x{100 * r['mfu']:>7.1f}%")
-    print(f"(mean time per step after {TIMING_WARMUP_STEPS} warm-up steps; work folder {work})")
+        print(f"{r['run']:<26}{r['tokens_per_s']:>12,.0f}{r['ratio_vs_hf_trainer']:>14.2f}x{100 * r['mfu']:>7.1f}%"
+              f"   {', '.join(f'{v:,.0f}' for v in r['samples'])}")
+    print(f"(median over {args.repeats} alternating rounds of the mean time per step after {TIMING_WARMUP_STEPS} "
+          f"warm-up steps; work folder {work})")
 
 
 if __name__ == "__main__":

@@ -129,3 +129,18 @@ def test_validation_loss_falls_well_below_a_unigram_model(shard_dir, tmp_path):
     model, unigram = rows[0]["val_loss"], rows[-1]["val_loss"]
     print(f"val loss after 80 steps {model:.3f} nats vs unigram {unigram:.3f} nats")
     assert model < unigram - 0.4  # 0.4 nats = a third lower perplexity
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(shard_dir, tmp_path):
+    """train.compile: torch.compile per block fuses kernels but must not change the numbers."""
+    runs = {}
+    for mode in ("eager", "compiled"):
+        run = tmp_path / mode
+        extra = ["train.compile=true"] if mode == "compiled" else []
+        proc = launch_training(TINY, short_run(shard_dir, run, *extra), nproc=1, launcher="python")
+        assert_ok(proc)
+        runs[mode] = losses(run)
+    print(runs)
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        assert b == pytest.approx(a, rel=1e-4)
