@@ -219,13 +219,46 @@ def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | N
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     if resume == "none":
+        existing = read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+        if existing is not None:  # starting over would mix two runs' checkpoints (and averages of them)
+            raise ConfigError(f"--resume none: {run_dir} already holds checkpoints (latest {existing.name}); "
+                              f"choose another run.out_dir, or delete {checkpoint_dir} to start over")
         return None
     if resume == "latest":
         return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
     path = Path(resume)
     if not (path / CLIENT_STATE).exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {CLIENT_STATE})")
+    if place.is_rank0:
+        set_aside_later_checkpoints(checkpoint_dir, read_client_state(path)["train_state"]["step"])
+    _barrier()
     return path
+
+
+def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[Path]:
+    """A resume from an earlier step (a roll-back past a loss spike) abandons the later checkpoints: move them
+    to `checkpoints/abandoned/` (kept, but no longer seen by `latest`, pruning or averaging)."""
+    later = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and int(p.name[5:]) > start_step)
+    if not later:
+        return []
+    aside = checkpoint_dir / "abandoned"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for p in later:
+        target = aside / p.name
+        suffix = 1
+        while target.exists():
+            target, suffix = aside / f"{p.name}.{suffix}", suffix + 1
+        os.rename(p, target)
+        moved.append(target)
+    start = checkpoint_dir / tag_for(start_step)
+    if (start / CLIENT_STATE).exists():
+        _write_atomic(checkpoint_dir / "latest", start.name + "\n")
+    else:
+        (checkpoint_dir / "latest").unlink(missing_ok=True)
+    print(f"resuming from step {start_step}: moved later checkpoints to {aside}: "
+          f"{', '.join(p.name for p in moved)}", flush=True)
+    return moved
 
 
 def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) -> ResumePlan | None:

@@ -66,13 +66,32 @@ def test_lr_and_max_steps_changes_are_allowed_and_reported(tmp_path):
 def test_resume_none_latest_and_an_explicit_folder(tmp_path):
     cfg = config(tmp_path)
     assert plan_resume(tmp_path, cfg, PLACE, "latest") is None  # nothing to resume: a fresh start
-    older = fake_checkpoint(tmp_path, 2, cfg)
-    fake_checkpoint(tmp_path, 4, cfg)
     assert plan_resume(tmp_path, cfg, PLACE, "none") is None
+    fake_checkpoint(tmp_path, 2, cfg)
+    fake_checkpoint(tmp_path, 4, cfg)
     assert plan_resume(tmp_path, cfg, PLACE, "latest").path.name == "step_00000004"
-    assert plan_resume(tmp_path, cfg, PLACE, str(older)).path == older
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         plan_resume(tmp_path, cfg, PLACE, str(tmp_path / "nowhere"))
+
+
+def test_starting_over_in_a_folder_with_checkpoints_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    fake_checkpoint(tmp_path, 4, cfg)
+    with pytest.raises(ConfigError, match="already holds checkpoints .latest step_00000004.; choose another"):
+        plan_resume(tmp_path, cfg, PLACE, "none")
+
+
+def test_rolling_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """A resume from step 2 abandons steps 4 and 6: latest, pruning and averaging must not see them again."""
+    cfg = config(tmp_path)
+    older = fake_checkpoint(tmp_path, 2, cfg)
+    fake_checkpoint(tmp_path, 4, cfg)
+    fake_checkpoint(tmp_path, 6, cfg)
+    assert plan_resume(tmp_path, cfg, PLACE, str(older)).path == older
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002"]
+    assert sorted(p.name for p in (checkpoints / "abandoned").iterdir()) == ["step_00000004", "step_00000006"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000002"
 
 
 def test_interrupted_saves_and_deletions_are_cleaned_up_and_latest_is_kept(tmp_path):
