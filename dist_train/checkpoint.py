@@ -313,9 +313,15 @@ class Checkpointer:
         client = {"loader": loader_state, "rng": rng_state(), "world_size": self.place.world_size}
         torch.save(client, tmp_root / tag / f"client_rank{self.place.rank:05d}.pt")
         _barrier()
+        error = None
         if self.place.is_rank0:
-            self._publish(tmp_root, tag, final, state)
-        _barrier()
+            try:
+                self._publish(tmp_root, tag, final, state)
+            except OSError as e:  # disk full, fsync failure: every rank must stop, not wait for rank 0
+                error = f"saving checkpoint {final} failed: {e}; `latest` still names the previous checkpoint"
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise RuntimeError(errors[0])
         return final
 
     def _publish(self, tmp_root: Path, tag: str, final: Path, state: TrainState) -> None:
