@@ -16,6 +16,7 @@ after a universal load into ZeRO-3 two DeepSpeed 0.19 defects are repaired (`rep
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -88,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_train.reshard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder RUN/checkpoints/step_N")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     if not is_zero_checkpoint(args.checkpoint):
-        print(f"{args.checkpoint} is not a ZeRO 1-3 checkpoint (stage 0 loads at any world size as it is)")
-        return 0
-    print(f"universal checkpoint: {convert_to_universal(args.checkpoint)}")
+        result = {"checkpoint": str(args.checkpoint), "universal": None,
+                  "note": "not a ZeRO 1-3 checkpoint: stage 0 loads at any world size as it is"}
+    else:
+        result = {"checkpoint": str(args.checkpoint), "universal": str(convert_to_universal(args.checkpoint))}
+    if args.json:
+        print(json.dumps(result))
+    elif result["universal"] is None:
+        print(f"{args.checkpoint}: {result['note']}")
+    else:
+        print(f"universal checkpoint: {result['universal']}")
     return 0
 
 
