@@ -23,7 +23,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,13 +135,12 @@ def main() -> int:
             n = count_params(shape).total
             tokens = round(budget / (6 * n))
             name = f"C{budget:.2g}_N{n}".replace("+", "")
-            start = time.perf_counter()
             summary = train_run(out / "runs" / name, shape, tokens, data, BASE_CONFIG)
             results.append({"name": name, "budget": budget, "params": n, "n_layers": shape.n_layers,
                             "d_model": shape.d_model, "tokens": summary["tokens"],
                             "flops_6nd": 6 * n * summary["tokens"],
                             "flops": flops_per_token(shape) * summary["tokens"], "val_loss": summary["val_loss"],
-                            "train_loss": summary["train_loss"], "wall_s": round(time.perf_counter() - start, 1),
+                            "train_loss": summary["train_loss"], "wall_s": round(summary["wall_s"], 1),
                             "tokens_per_s": summary["tokens_per_s"]})
             print(f"{name}: N {n:,}, D {summary['tokens']:,}, val_loss {summary['val_loss']:.4f}", file=sys.stderr)
 
@@ -154,7 +152,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"runs": results, "fit": report}, indent=2))
         return 0
-    print("| budget (6ND FLOPs) | N (params) | n_layers x d_model | D (tokens) | D/N | val loss | wall s |")
+    print("| budget (6ND FLOPs) | N (params) | n_layers x d_model | D (tokens) | D/N | val loss | train wall s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['budget']:.2g} | {r['params']:,} | {r['n_layers']} x {r['d_model']} | {r['tokens']:,} | "

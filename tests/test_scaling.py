@@ -170,16 +170,19 @@ def test_plan_shape_is_within_5_percent_of_n_with_published_head_dims_and_aspect
     assert 32 <= shape.d_model / shape.n_layers <= 160  # GPT-2/3, Chinchilla and Llama span ~33-128
 
 
-def test_plan_for_a_gpu_budget_writes_a_config_the_trainer_loads(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_for_a_gpu_budget_writes_a_config_the_trainer_accepts(tmp_path: Path, shard_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_train.preflight import preflight
+
     out = tmp_path / "planned.yaml"
     assert main(["plan", "--gpus", "8", "--hours", "24", "--peak-tflops", "989", "--mfu", "0.4",
-                 "--config", str(TINY), "--set", "model.vocab_size=32000", "--write-config", str(out),
+                 "--config", str(TINY), "--set", f"data.path={shard_dir}", "--write-config", str(out),
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     compute = 8 * 24 * 3600 * 989e12 * 0.4
     assert all(row["compute"] == pytest.approx(compute) for row in r["laws"])
     cfg = load_config(out)  # the trainer's own loader and validation
+    preflight(cfg, world_size=8)  # and its checks against the data (vocabulary, sequence length)
     assert count_params(cfg.model).total == r["params"]["total"]
     assert abs(r["params_error"]) <= SHAPE_TOLERANCE
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * 8 * cfg.model.seq_len
