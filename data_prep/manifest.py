@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import DataPrepError
+from dist_train.atomic_file import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
@@ -56,14 +57,7 @@ def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> str:
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers see all or nothing."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def manifest_path(path: str | os.PathLike) -> Path:

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train import reshard
+from dist_train.atomic_file import write_text_atomic
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
 from dist_train.distributed import ProcessPlace, all_gather_objects
 
@@ -74,20 +75,6 @@ def tag_for(step: int) -> str:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -253,7 +240,7 @@ def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[P
         moved.append(target)
     start = checkpoint_dir / tag_for(start_step)
     if (start / CLIENT_STATE).exists():
-        _write_atomic(checkpoint_dir / "latest", start.name + "\n")
+        write_text_atomic(checkpoint_dir / "latest", start.name + "\n")
     else:
         (checkpoint_dir / "latest").unlink(missing_ok=True)
     print(f"resuming from step {start_step}: moved later checkpoints to {aside}: "
@@ -328,13 +315,13 @@ class Checkpointer:
         meta = {"train_state": dataclasses.asdict(state), "world_size": self.place.world_size,
                 "model_hash": self.cfg.model_hash(), "config": self.cfg.to_dict()}
         _fsync_tree(tmp_root / tag)
-        _write_atomic(tmp_root / tag / CLIENT_STATE, json.dumps(meta, indent=2))
+        write_text_atomic(tmp_root / tag / CLIENT_STATE, json.dumps(meta, indent=2))
         if final.exists():
             # Left by a run killed between this rename and `latest`: it is not the latest, so replace it.
             self._discard(final)
         os.rename(tmp_root / tag, final)
         shutil.rmtree(tmp_root)  # DeepSpeed also drops its zero_to_fp32.py scripts here
-        _write_atomic(self.dir / "latest", tag + "\n")
+        write_text_atomic(self.dir / "latest", tag + "\n")
         self._prune(keep=final)
 
     def _discard(self, path: Path) -> None:

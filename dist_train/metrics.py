@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import secrets
 import string
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from dist_train.atomic_file import write_text_atomic
 from dist_train.distributed import all_gather_objects
 
 if TYPE_CHECKING:
@@ -46,12 +46,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class JsonlBackend:
     """Appends one JSON object per log step to RUN/metrics.jsonl; RUN/summary.json at the end."""
 
@@ -70,7 +64,7 @@ class JsonlBackend:
 
     def summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n"
-        _write_atomic(self.summary_path, text)
+        write_text_atomic(self.summary_path, text)
 
     def close(self) -> None:
         self._file.close()
@@ -89,7 +83,7 @@ def truncate_after(path: Path, step: int) -> None:
             continue  # a line cut by the kill
         if record.get("step", 0) <= step:
             kept.append(line)
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -173,7 +167,7 @@ def start_wandb(cfg: Config, run_dir: Path, state: TrainState, resumed: bool) ->
 
     run_id = resumed_wandb_id(run_dir, state, resumed) or new_wandb_id()
     state.wandb_run_id = run_id
-    _write_atomic(run_dir / WANDB_ID_FILE, run_id + "\n")
+    write_text_atomic(run_dir / WANDB_ID_FILE, run_id + "\n")
     held = wandb_reader.last_step(run_dir, run_id)
     run = _init_wandb_run(wandb, cfg, run_dir, run_id)
     backend = WandbBackend(run, first_new_step=0 if held is None else held + 1)
