@@ -45,7 +45,7 @@ import torch.distributed as dist
 from dist_train import reshard
 from dist_train.atomic_file import write_text_atomic
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
-from dist_train.distributed import ProcessPlace, all_gather_objects
+from dist_train.distributed import ProcessPlace, Rank0
 
 CLIENT_STATE = "client_state.json"
 
@@ -75,6 +75,11 @@ def tag_for(step: int) -> str:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -200,11 +205,8 @@ def global_batch(cfg: dict[str, Any], world_size: int) -> int:
 def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | None:
     """`latest` (if any), `none`, or an explicit checkpoint folder; first removes what a kill interrupted."""
     checkpoint_dir = run_dir / "checkpoints"
-    if place.is_rank0 and checkpoint_dir.exists():
-        for stale in [*checkpoint_dir.glob(".tmp_*"), *checkpoint_dir.glob(".trash_*"),
-                      *checkpoint_dir.glob("step_*/.universal_tmp")]:
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    rank0 = Rank0(place)
+    rank0.run_while_others_wait(remove_interrupted_writes, checkpoint_dir)
     if resume == "none":
         existing = read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
         if existing is not None:  # starting over would mix two runs' checkpoints (and averages of them)
@@ -216,10 +218,18 @@ def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | N
     path = Path(resume)
     if not (path / CLIENT_STATE).exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {CLIENT_STATE})")
-    if place.is_rank0:
-        set_aside_later_checkpoints(checkpoint_dir, read_client_state(path)["train_state"]["step"])
-    _barrier()
+    rank0.run_while_others_wait(set_aside_later_checkpoints, checkpoint_dir,
+                                read_client_state(path)["train_state"]["step"])
     return path
+
+
+def remove_interrupted_writes(checkpoint_dir: Path) -> None:
+    """What a kill left behind: a save (`.tmp_*`), a prune (`.trash_*`) or a universal conversion."""
+    if not checkpoint_dir.exists():
+        return
+    for stale in [*checkpoint_dir.glob(".tmp_*"), *checkpoint_dir.glob(".trash_*"),
+                  *checkpoint_dir.glob("step_*/.universal_tmp")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[Path]:
@@ -263,15 +273,7 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     world_changed = meta["world_size"] != place.world_size
     universal = world_changed and reshard.is_zero_checkpoint(path)
     if universal:
-        error = None
-        if place.is_rank0:
-            try:
-                reshard.convert_to_universal(path)
-            except RuntimeError as e:
-                error = str(e)
-        errors = [e for e in all_gather_objects(error) if e]
-        if errors:
-            raise RuntimeError(errors[0])
+        Rank0(place).run_while_others_wait(reshard.convert_to_universal, path)
     return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
                       world_changed=world_changed, universal=universal,
                       global_batch=(global_batch(meta["config"], meta["world_size"]),
@@ -286,29 +288,23 @@ class Checkpointer:
         self.cfg = cfg
         self.engine = engine
         self.place = place
+        self.rank0 = Rank0(place)
 
     # -- save ------------------------------------------------------------------------------------------
     def save(self, state: TrainState, loader_state: dict[str, Any]) -> Path:
         tag = tag_for(state.step)
         tmp_root = self.dir / f".tmp_{tag}"
         final = self.dir / tag
-        if self.place.is_rank0:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-            tmp_root.mkdir(parents=True)
-        _barrier()
+        self.rank0.run_while_others_wait(_fresh_folder, tmp_root)
         self.engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
         client = {"loader": loader_state, "rng": rng_state(), "world_size": self.place.world_size}
         torch.save(client, tmp_root / tag / f"client_rank{self.place.rank:05d}.pt")
         _barrier()
-        error = None
-        if self.place.is_rank0:
-            try:
-                self._publish(tmp_root, tag, final, state)
-            except OSError as e:  # disk full, fsync failure: every rank must stop, not wait for rank 0
-                error = f"saving checkpoint {final} failed: {e}; `latest` still names the previous checkpoint"
-        errors = [e for e in all_gather_objects(error) if e]
-        if errors:
-            raise RuntimeError(errors[0])
+        try:  # disk full or an fsync failure on rank 0 stops every rank (`latest` names the previous one)
+            self.rank0.run_while_others_wait(self._publish, tmp_root, tag, final, state)
+        except RuntimeError as e:
+            raise RuntimeError(f"saving checkpoint {final} failed: {e}; `latest` still names the previous "
+                               f"checkpoint") from None
         return final
 
     def _publish(self, tmp_root: Path, tag: str, final: Path, state: TrainState) -> None:

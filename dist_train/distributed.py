@@ -177,6 +177,19 @@ class Rank0:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         return fn(*args, **kwargs) if self.active else None
 
+    def run_while_others_wait(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Rank 0 runs `fn` (shared files: rename, delete, convert) while the other ranks wait for it; an
+        error on rank 0 is raised on every rank, so that none of them waits forever for a rank that died."""
+        error = None
+        if self.active:
+            try:
+                fn(*args)
+            except (OSError, RuntimeError) as e:
+                error = str(e)
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise RuntimeError(errors[0])
+
     def print(self, *args: Any) -> None:
         if self.active:
             print(*args, flush=True)
