@@ -85,6 +85,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
     val_loss = run.log_eval() if t.eval_every else None
     if run.saved_step != state.step:
         run.save()
+    state.wall_s = run.clock.total()
     run.logger.summary({
         "final_step": state.step, "train_loss": state.last_loss, "val_loss": val_loss, "tokens": state.tokens,
         "wall_s": state.wall_s, "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
