@@ -2,7 +2,7 @@
 
 Runs side by side, each under the deepspeed launcher with N processes (GPUs, or CPU processes on gloo):
   ours/own-model           launch/train.py with dist_train.model.Transformer
-  ours/own-model+compile   the same with train.compile=true (torch.compile per block)
+  ours/own-model+compile   the same with train.compile=true (torch.compile of the model)
   ours/hf-model            launch/train.py with model.hf_config = the same shape as a transformers LlamaForCausalLM
   hf-trainer               transformers.Trainer + DeepSpeed on that LlamaForCausalLM (bench/hf_trainer_baseline.py)
 All runs are repeated --repeats times in alternation (the median is reported), so a noisy machine affects all

@@ -155,7 +155,7 @@ class TrainConfig:
     log_every: int = 10
     """Write a metrics line every this many steps."""
     compile: bool = False
-    """torch.compile each Transformer block (fuses element-wise ops; the first step pays the compilation)."""
+    """torch.compile the model (fuses element-wise ops and the loss; the first step pays the compilation)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each one is skipped, not applied)."""
 

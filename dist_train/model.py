@@ -253,14 +253,3 @@ class HFCausalLM(nn.Module):
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The trainer's entry point: our Transformer, or the HF architecture named by cfg.hf_config."""
     return HFCausalLM(cfg) if cfg.hf_config else Transformer(cfg)
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """`torch.compile` each Transformer block in place, as torchtitan does: parameter names are unchanged (so
-    checkpoints and the export are unaffected) and one block's compiled code serves every layer."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:  # an hf_config model: compile it whole
-        model.compile()
-        return
-    for block in blocks:
-        block.compile()

