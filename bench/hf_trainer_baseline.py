@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--out", required=True)
+    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -69,7 +70,7 @@ def main() -> None:
         weight_decay=t.weight_decay, adam_beta1=t.beta1, adam_beta2=t.beta2, adam_epsilon=t.eps,
         max_grad_norm=t.grad_clip, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
         logging_steps=10**9, save_strategy="no", report_to=[], deepspeed=ds, seed=t.seed,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True, torch_compile=args.compile,
     )
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_args, train_dataset=WindowDataset(loader, samples, cfg.model.seq_len),

@@ -5,6 +5,7 @@ Runs side by side, each under the deepspeed launcher with N processes (GPUs, or 
   ours/own-model+compile   the same with train.compile=true (torch.compile of the model)
   ours/hf-model            launch/train.py with model.hf_config = the same shape as a transformers LlamaForCausalLM
   hf-trainer               transformers.Trainer + DeepSpeed on that LlamaForCausalLM (bench/hf_trainer_baseline.py)
+  hf-trainer+compile       the same with TrainingArguments(torch_compile=True)
 All runs are repeated --repeats times in alternation (the median is reported), so a noisy machine affects all
 of them alike. Prints tokens/s, the ratio to the HF Trainer, and MFU (against the GPU's dense peak; on the CPU
 against a measured fp32 matmul peak of one core per process).
@@ -92,12 +93,12 @@ def ours(config: str, overrides: list[str], nproc: int, steps: int, out: Path, p
 
 
 def hf_trainer(config: str, overrides: list[str], hf_dir: Path, nproc: int, steps: int, out: Path,
-               port: int) -> float:
+               port: int, compile_model: bool = False) -> float:
     result = out / "result.json"
     out.mkdir(parents=True, exist_ok=True)
     run(deepspeed_cmd(nproc, port, REPO / "bench" / "hf_trainer_baseline.py", "--config", config,
                       "--hf-config", str(hf_dir), "--steps", str(steps), "--warmup-steps", str(TIMING_WARMUP_STEPS),
-                      "--out", str(result), *overrides), "hf-trainer")
+                      "--out", str(result), *(["--compile"] if compile_model else []), *overrides), out.name)
     return json.loads(result.read_text())["tokens_per_s"]
 
 
@@ -147,6 +148,8 @@ def main() -> None:
         "ours/hf-model": lambda out: ours(args.config, [*overrides, f"model.hf_config={hf_dir}"], args.nproc,
                                           args.steps, out, 29612),
         "hf-trainer": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, out, 29613),
+        "hf-trainer+compile": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, out,
+                                                     29615, compile_model=True),
     }
     if args.skip_hf_model:
         del runs["ours/hf-model"]
