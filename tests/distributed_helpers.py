@@ -69,7 +69,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
 def launch_training(config: str | Path, overrides: list[str], nproc: int = 2, launcher: str = "torchrun",
                     extra_env: dict[str, str] | None = None, timeout: float = 900,
                     args: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`launch/train.py` under a real launcher, as users run it; output captured for assertions."""
+    """`launch/train.py` under a real launcher, as users run it; output captured for assertions. A free port
+    can be taken by another process before the launcher binds it: that one failure is retried on a new port."""
+    for _ in range(3):
+        proc = _launch_once(config, overrides, nproc, launcher, extra_env, timeout, args)
+        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+            return proc
+    return proc
+
+
+def _launch_once(config: str | Path, overrides: list[str], nproc: int, launcher: str,
+                 extra_env: dict[str, str] | None, timeout: float, args: list[str] | None
+                 ) -> subprocess.CompletedProcess:
     script = [str(REPO / "launch" / "train.py"), "--config", str(config), *(args or []), *overrides]
     port = str(free_port())
     if launcher == "torchrun":
