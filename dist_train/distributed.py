@@ -103,6 +103,16 @@ def import_deepspeed() -> ModuleType:
     return deepspeed
 
 
+def gathered_for_init(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Full tensors of ZeRO-3-partitioned parameters while a module initialises them (every rank runs the init,
+    so RNG streams stay in step; rank 0's values are kept and scattered); a no-op for ordinary parameters."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def init(place: ProcessPlace) -> torch.device:
     """Start the process group (NCCL on CUDA, gloo on CPU) and return this process's device."""
     deepspeed = import_deepspeed()

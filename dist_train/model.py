@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_train.config import ModelConfig
+from dist_train.distributed import gathered_for_init
 
 IGNORE_INDEX = -100
 
@@ -193,15 +194,17 @@ class Transformer(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 / Llama init: N(0, init_std); the projections that write into the residual stream are
         # scaled by 1/sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2 paper).
-        if isinstance(module, nn.Linear):
-            std = self.cfg.init_std
-            if getattr(module, "is_residual_out", False):
-                std /= math.sqrt(2 * self.cfg.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        # Built under ZeRO-3's zero.Init, each module's weights are already partitioned here: gather them.
+        with gathered_for_init(list(module.parameters(recurse=False))):
+            if isinstance(module, nn.Linear):
+                std = self.cfg.init_std
+                if getattr(module, "is_residual_out", False):
+                    std /= math.sqrt(2 * self.cfg.n_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]

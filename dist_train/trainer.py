@@ -127,7 +127,12 @@ class Run:
         rank0.run(write_run_files, run_dir, cfg, ds_config)
 
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
+        # ZeRO-3: each module's weights are partitioned as soon as it is built, so no rank ever holds the whole
+        # model (a 7B model would otherwise take 27 GB of host memory per process). Our Transformer only: it
+        # initialises its weights through gathered_for_init; an hf_config model is built whole.
+        zero_init = cfg.deepspeed.zero_stage == 3 and cfg.model.hf_config is None
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_init):
+            model = build_model(cfg.model)
         if cfg.train.compile:
             # In place: parameter names stay the same (checkpoints, export). The whole model rather than each
             # block (torchtitan's choice, a shorter compile) because fusing the head with the loss is a large
