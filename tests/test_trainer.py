@@ -132,8 +132,8 @@ def test_validation_loss_falls_well_below_a_unigram_model(shard_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_ones(shard_dir, tmp_path):
-    """train.compile: torch.compile per block fuses kernels but must not change the numbers."""
+def test_compiled_model_trains_like_the_eager_one(shard_dir, tmp_path):
+    """train.compile: torch.compile fuses kernels but must not change the numbers."""
     runs = {}
     for mode in ("eager", "compiled"):
         run = tmp_path / mode
