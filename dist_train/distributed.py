@@ -148,15 +148,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -171,11 +162,7 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_ranks(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return sum_over_ranks(torch.tensor([value], dtype=torch.float64)).item() / world_size()
 
 
 class Rank0:

@@ -115,6 +115,10 @@ class Run:
     saved_step: int
     clock: WallClock
     window: StepWindow
+    flops_per_step: int
+    """Training FLOPs of one optimizer step over all ranks (for MFU; an hf_config count builds a meta model)."""
+    peak_flops: float | None
+    """This device's dense peak FLOP/s, None where none is published (the CPU)."""
 
     @classmethod
     def set_up(cls, cfg: Config, place: ProcessPlace, resume: str) -> Run:
@@ -160,7 +164,9 @@ class Run:
                    optimizer=optimizer, train_data=train_data, checkpointer=checkpointer, logger=logger,
                    forward_timer=ForwardTimer(engine.module, device),  # each rank's own speed: stragglers show
                    state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
-                   clock=WallClock(state.wall_s), window=StepWindow())
+                   clock=WallClock(state.wall_s), window=StepWindow(),
+                   flops_per_step=flops_per_token(cfg.model) * ds_config["train_batch_size"] * cfg.model.seq_len,
+                   peak_flops=peak_flops(device))
 
     @property
     def tokens_per_step(self) -> int:
@@ -188,12 +194,11 @@ class Run:
     def log_step(self, result: StepResult) -> None:
         cfg, state = self.cfg, self.state
         step_seconds = self.window.mean_and_reset()
-        peak = peak_flops(self.device)
-        flops_per_step = flops_per_token(cfg.model) * self.tokens_per_step
         record = {
             "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens": state.tokens, "tokens_per_s": self.tokens_per_step / step_seconds,
-            "mfu": flops_per_step / step_seconds / (peak * self.place.world_size) if peak else None,
+            "mfu": (self.flops_per_step / step_seconds / (self.peak_flops * self.place.world_size)
+                    if self.peak_flops else None),
             "mem_gb": memory_gb(self.device), "skipped_steps": state.skipped_steps,
         }
         record.update(gather_rank_throughput(self.forward_timer, cfg.train.micro_batch_size * cfg.model.seq_len))
