@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dist_train.config import ModelConfig
-from dist_train.model import Transformer, build_model
+from dist_train.model import IGNORE_INDEX, CrossEntropy, Transformer, build_model, use_matmul_attention
 
 LLAMA_LIKE = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=None, d_ff=96, vocab_size=101,
                          seq_len=32, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False,
@@ -107,7 +108,8 @@ def test_gpt2_like_logits_equal_hf_gpt2_after_renaming_and_transposing() -> None
     assert diff < 1e-5, diff
 
 
-@pytest.mark.parametrize("cfg", [LLAMA_LIKE, GPT2_LIKE], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("cfg", [LLAMA_LIKE, GPT2_LIKE, dataclasses.replace(LLAMA_LIKE, attention="matmul")],
+                         ids=["llama", "gpt2", "matmul-attention"])
 def test_future_tokens_do_not_change_past_logits(cfg: ModelConfig) -> None:
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
@@ -227,3 +229,47 @@ def test_learned_positions_refuse_sequences_longer_than_the_table() -> None:
     model = Transformer(GPT2_LIKE)
     with pytest.raises(ValueError, match="model.seq_len"):
         model(torch.zeros(1, GPT2_LIKE.seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_matmul_attention_gives_the_loss_and_grads_of_sdpa(n_kv_heads: int) -> None:
+    sdpa_cfg = dataclasses.replace(LLAMA_LIKE, n_kv_heads=n_kv_heads, attention="sdpa")
+    torch.manual_seed(0)
+    sdpa = Transformer(sdpa_cfg)
+    matmul = Transformer(dataclasses.replace(sdpa_cfg, attention="matmul"))
+    matmul.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, sdpa_cfg.vocab_size, (3, sdpa_cfg.seq_len))
+    losses = [model(ids, ids) for model in (sdpa, matmul)]
+    for loss in losses:
+        loss.backward()
+    print(f"sdpa {losses[0].item():.8f} matmul {losses[1].item():.8f}")
+    assert abs(losses[0].item() - losses[1].item()) < 1e-6
+    for (name, a), b in zip(sdpa.named_parameters(), matmul.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_auto_attention_is_matmul_only_for_16_bit_cpu_tensors_up_to_1024_tokens() -> None:
+    def x(dtype: torch.dtype, seq: int = 128) -> torch.Tensor:
+        return torch.empty(1, seq, 8, dtype=dtype)
+
+    assert use_matmul_attention("auto", x(torch.bfloat16))
+    assert use_matmul_attention("auto", x(torch.float16))
+    assert not use_matmul_attention("auto", x(torch.float32))  # the CPU flash kernel is faster in fp32
+    assert not use_matmul_attention("auto", x(torch.bfloat16, seq=2048))  # seq^2 scores: flash's memory wins
+    assert use_matmul_attention("matmul", x(torch.float32)) and not use_matmul_attention("sdpa", x(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cross_entropy_equals_torch_cross_entropy_with_ignored_labels(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(300, 50)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (300,))
+    labels[::7] = IGNORE_INDEX
+    ours = CrossEntropy.apply(logits, labels)
+    (ours_grad,) = torch.autograd.grad(2.5 * ours, logits)
+    theirs = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    (theirs_grad,) = torch.autograd.grad(2.5 * theirs, logits)
+    assert ours.dtype == torch.float32 and ours_grad.dtype == dtype
+    assert abs(ours.item() - theirs.item()) < 1e-5
+    assert torch.allclose(ours_grad.float(), theirs_grad.float(), atol=1e-7)
+    assert ours_grad[::7].abs().max() == 0  # ignored positions get no gradient
