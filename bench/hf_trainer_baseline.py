@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--out", required=True)
     p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    p.add_argument("--attn", help="the model's attn_implementation (transformers' default: sdpa)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
     loader = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size, 0, 1, t.seed)
     samples = args.steps * ds["train_batch_size"]
     torch.manual_seed(t.seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.hf_config))
+    kwargs = {"attn_implementation": args.attn} if args.attn else {}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.hf_config), **kwargs)
     training_args = TrainingArguments(
         output_dir=str(Path(args.out).parent / "hf_trainer_out"), use_cpu=not torch.cuda.is_available(),
         per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=ds["gradient_accumulation_steps"],

@@ -36,35 +36,7 @@ IGNORE_INDEX = -100
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over non-ignored positions, in fp32 whatever the logits' dtype."""
-    return CrossEntropy.apply(logits.flatten(0, 1), labels.flatten())
-
-
-class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), labels, ignore_index=-100) with the backward written out:
-    d loss / d logits = (softmax - onehot) / n, recomputed from the logits and the saved log-sum-exp.
-
-    Why: autograd's version keeps an fp32 log_softmax of the whole (tokens x vocab) logits for the backward,
-    then builds a dense one-hot gradient and runs a log_softmax backward over it; this keeps one float per
-    token and makes one pass. The largest activation of a small-model step, 1.3x faster in eager bf16 here."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        valid = labels != IGNORE_INDEX  # (N,)
-        targets = torch.where(valid, labels, 0)[:, None]  # (N, 1)
-        logits32 = logits.float()  # (N, V)
-        lse = torch.logsumexp(logits32, dim=-1)  # (N,)
-        count = valid.sum()
-        loss = torch.where(valid, lse - logits32.gather(1, targets).squeeze(1), 0.0).sum() / count
-        ctx.save_for_backward(logits, targets, valid, lse, count)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        logits, targets, valid, lse, count = ctx.saved_tensors
-        grad = torch.exp(logits.float() - lse[:, None])  # softmax, (N, V) fp32
-        grad.scatter_add_(1, targets, torch.full_like(targets, -1, dtype=grad.dtype))
-        grad.mul_(torch.where(valid, grad_loss / count, 0.0)[:, None])
-        return grad.to(logits.dtype), None
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class RMSNorm(nn.Module):
