@@ -351,8 +351,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return config_from_dict(tree)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(f"{_error_source(str(e), path, overrides)}{e}") from None
+
+
+def _error_source(message: str, path: Path | None, overrides: list[str] | tuple[str, ...]) -> str:
+    """Where the offending key was written: the command-line override that set it (the last one wins), else
+    the YAML file. A message about one key starts with it, or quotes it."""
+    for override in reversed(overrides):
+        key = override.split("=", 1)[0].strip()
+        if message.startswith(f"{key}:") or f"'{key}'" in message:
+            return f"override {override}: "
+    return f"{path}: " if path is not None else ""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ def test_unknown_key_is_named_with_the_closest_valid_key():
     assert "unknown config key 'model.n_layer'" in msg and "did you mean 'model.n_layers'" in msg
 
 
+def test_an_error_names_the_override_that_set_the_key_or_else_the_yaml_file(tmp_path):
+    assert refused(["train.lr=1e-3", "model.n_layer=2"]).startswith("override model.n_layer=2: unknown config key")
+    assert refused(["train.max_steps=10", "train.max_steps=ten"]).startswith("override train.max_steps=ten: ")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train:\n  max_step: 10\n")
+    assert refused(["train.lr=1e-3"], bad_yaml).startswith(f"{bad_yaml}: unknown config key 'train.max_step'")
+
+
 def test_unknown_section_is_named():
     assert "did you mean 'train'" in refused(["trian.lr=1"])
 
