@@ -143,7 +143,6 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="train on CPUs (gloo), ask for no GPUs")
     p.add_argument("--grace", type=int, default=300, metavar="SECONDS",
                    help="seconds before the time limit at which training is told to checkpoint (default 300)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
 
 
@@ -153,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="write RUN_DIR/slurm/job.sbatch and submit it with sbatch")
     _add_job_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("run", help="write the script and run it here with srun, without sbatch "
                                    "(inside salloc, or letting srun allocate)")
     _add_job_options(p)
