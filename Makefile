@@ -39,8 +39,10 @@ test: install-dev
 test-fast: 
 	$(PYTHON) -m pytest tests -m "not slow" -q
 
+# bf16 (what models are trained in; this is where the kernels differ) and fp32, each against HF Trainer.
 bench: install-dev
-	$(PYTHON) bench/throughput.py --nproc $(NPROC)
+	$(PYTHON) bench/throughput.py --nproc $(NPROC) precision=bf16
+	$(PYTHON) bench/throughput.py --nproc $(NPROC) precision=fp32
 
 lint:
 	ruff check .

@@ -75,8 +75,8 @@ class ModelConfig:
     """Recompute each block's activations in the backward pass instead of storing them."""
     attention: Literal["auto", "sdpa", "matmul"] = "auto"
     """Attention kernel: `sdpa` (torch's scaled_dot_product_attention: the flash kernel on GPU), `matmul` (two
-    batched matmuls and an fp32 softmax: 3x faster than the CPU flash kernel in bf16 at seq_len <= 1024, but
-    seq_len^2 memory), `auto` (matmul for bf16/fp16 on the CPU up to seq_len 1024, else sdpa). Same math."""
+    batched matmuls and an fp32 softmax: faster than torch's CPU flash kernel in bf16 for short sequences, but
+    seq_len^2 memory), `auto` (matmul for bf16/fp16 on the CPU up to 128 tokens, else sdpa). Same math."""
     norm_eps: float = 1e-5
     """Epsilon of the normalisation layers."""
     rope_theta: float = 10000.0

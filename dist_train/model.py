@@ -92,9 +92,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Up to this length, bf16/fp16 attention on the CPU is faster as two batched matmuls than through torch's CPU
-# flash kernel, whose 16-bit backward is slow: 10.4 vs 2.8 ms forward + backward per layer at the tiny config's
-# shapes on one core of an AMD EPYC (in fp32 the flash kernel is the faster one, 4.5 vs 6.2 ms).
-MATMUL_ATTENTION_MAX_LEN = 1024
+# flash kernel, whose 16-bit forward + backward has a large fixed cost: 1.5-1.9x at 128 tokens for 4/2 heads of
+# 32 and 12 heads of 64 on one core of an AMD EPYC. Its memory grows with seq_len^2, and from 192 tokens flash can
+# be the faster one (bench/attention_kernels.py prints both). In fp32 the two are even at 128 tokens.
+MATMUL_ATTENTION_MAX_LEN = 128
 
 
 def use_matmul_attention(choice: str, x: torch.Tensor) -> bool:
