@@ -22,6 +22,7 @@ i.e. the loader already shifted them (nanoGPT's x, y); -100 is ignored.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -262,9 +263,12 @@ class Transformer(nn.Module):
 
 
 class HFCausalLM(nn.Module):
-    """Any `transformers` causal LM behind our forward signature (labels already shifted, see module doc)."""
+    """Any `transformers` causal LM behind our forward signature (labels already shifted, see module doc).
 
-    def __init__(self, cfg: ModelConfig):
+    Given a ZeRO-3 DeepSpeed config, transformers builds the model under `deepspeed.zero.Init` and initialises
+    each module through its gathered partitions: no rank ever holds the whole model."""
+
+    def __init__(self, cfg: ModelConfig, zero3_config: dict[str, Any] | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -273,7 +277,15 @@ class HFCausalLM(nn.Module):
         except (OSError, ValueError) as e:
             raise ValueError(f"model.hf_config: cannot read a transformers config from {cfg.hf_config}: {e}; "
                              f"pass a folder holding config.json or the path of a config.json") from e
+        # transformers looks for a live HfDeepSpeedConfig through a global weak reference; alive only while this
+        # model is built, or every later from_config (the meta-device FLOP count) would be partitioned too.
+        zero3_marker = None
+        if zero3_config is not None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            zero3_marker = HfDeepSpeedConfig(zero3_config)
         self.model = AutoModelForCausalLM.from_config(hf_cfg)
+        del zero3_marker
         if cfg.grad_checkpointing:
             # transformers 5 renamed gradient_checkpointing_enable (a deprecated alias until v6).
             kwargs = {"use_reentrant": False}
@@ -287,6 +299,8 @@ class HFCausalLM(nn.Module):
         return logits if labels is None else lm_loss(logits, labels)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The trainer's entry point: our Transformer, or the HF architecture named by cfg.hf_config."""
-    return HFCausalLM(cfg) if cfg.hf_config else Transformer(cfg)
+def build_model(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
+    """Our Transformer, or the HF architecture named by cfg.hf_config. `zero3_config` (a ZeRO-3 DeepSpeed
+    config) makes transformers build an HF model partitioned; our Transformer is partitioned by building it
+    inside `deepspeed.zero.Init` (see trainer.build_partitioned_model)."""
+    return HFCausalLM(cfg, zero3_config) if cfg.hf_config else Transformer(cfg)

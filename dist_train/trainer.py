@@ -131,12 +131,7 @@ class Run:
         rank0.run(write_run_files, run_dir, cfg, ds_config)
 
         torch.manual_seed(cfg.train.seed)
-        # ZeRO-3: each module's weights are partitioned as soon as it is built, so no rank ever holds the whole
-        # model (a 7B model would otherwise take 27 GB of host memory per process). Our Transformer only: it
-        # initialises its weights through gathered_for_init; an hf_config model is built whole.
-        zero_init = cfg.deepspeed.zero_stage == 3 and cfg.model.hf_config is None
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_init):
-            model = build_model(cfg.model)
+        model = build_partitioned_model(cfg, ds_config, deepspeed)
         if cfg.train.compile:
             # In place: parameter names stay the same (checkpoints, export). The whole model rather than each
             # block (torchtitan's choice, a shorter compile) because fusing the head with the loss is a large
@@ -223,6 +218,19 @@ class Run:
         self.logger.close()
         distributed.shutdown()
         return exit_code
+
+
+def build_partitioned_model(cfg: Config, ds_config: dict[str, Any], deepspeed: Any) -> torch.nn.Module:
+    """The model; at ZeRO-3 each module's weights are partitioned as soon as it is built, so no rank ever holds
+    the whole model (a 7B model would otherwise take 27 GB of host memory per process). Our Transformer is built
+    inside zero.Init and initialises its weights through gathered_for_init; transformers does both itself for
+    an hf_config model when given the config."""
+    if cfg.deepspeed.zero_stage != 3:
+        return build_model(cfg.model)
+    if cfg.model.hf_config:
+        return build_model(cfg.model, zero3_config=ds_config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return build_model(cfg.model)
 
 
 class StepWindow:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from distributed_helpers import REPO, launch_training
+from distributed_helpers import REPO, launch_training, run_distributed
 from dist_train.metrics import read_metrics
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -110,6 +110,60 @@ def test_any_transformers_architecture_trains_from_its_config(shard_dir, tmp_pat
     got = losses(run)
     print(f"GPT2LMHeadModel losses {got}")
     assert len(got) == STEPS and got[-1] < got[0]
+
+
+def _build_and_train_at_zero3(rank: int, world_size: int, hf_dir: str) -> dict:
+    import deepspeed
+    import torch
+
+    from dist_train.config import deepspeed_config, load_config
+    from dist_train.scaling_count import count_params
+    from dist_train.trainer import build_partitioned_model
+
+    cfg = load_config(TINY, ["deepspeed.zero_stage=3", f"model.hf_config={hf_dir}", "train.micro_batch_size=2",
+                             "train.grad_accum_steps=1"])
+    ds_config = deepspeed_config(cfg, world_size)
+    torch.manual_seed(0)
+    model = build_partitioned_model(cfg, ds_config, deepspeed)
+    params = list(model.parameters())
+    built = {"whole_numel_visible": sum(p.numel() for p in params),  # 0: every parameter is partitioned
+             "partition_numel": sum(p.ds_tensor.numel() for p in params),
+             "model_numel": sum(p.ds_numel for p in params), "tensors": len(params)}
+    # Later HF builds are not partitioned: the trainer's FLOP count builds the model again on the meta device.
+    built["meta_count"] = count_params(cfg.model).total
+    q_proj = model.model.model.layers[0].self_attn.q_proj.weight
+    with deepspeed.zero.GatheredParameters([q_proj]):
+        built["q_proj_std"], built["q_proj_sum"] = q_proj.std().item(), q_proj.sum().item()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
+                                      config=ds_config)
+    ids = torch.randint(0, 2048, (2, 128), generator=torch.Generator().manual_seed(rank))
+    built["losses"] = []
+    for _ in range(4):
+        loss = engine(ids, ids.roll(-1, dims=1))
+        engine.backward(loss)
+        engine.step()
+        built["losses"].append(loss.item())
+    return built
+
+
+@pytest.mark.slow
+def test_hf_config_model_is_built_partitioned_at_zero3_and_trains(tmp_path):
+    """transformers builds it under zero.Init and initialises it through gathered partitions: no rank holds the
+    whole model, the weights are the same on every rank and have the config's init std."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=2048, max_position_embeddings=128,
+                initializer_range=0.02).save_pretrained(tmp_path)
+    ranks = run_distributed(_build_and_train_at_zero3, 2, str(tmp_path))
+    print(ranks)
+    for r in ranks:
+        assert r["whole_numel_visible"] == 0
+        assert r["meta_count"] == r["model_numel"]
+        assert r["partition_numel"] <= r["model_numel"] / 2 + r["tensors"]  # half, plus each tensor's padding
+        assert r["q_proj_std"] == pytest.approx(0.02, rel=0.1)
+        assert r["losses"][-1] < r["losses"][0]
+    assert ranks[0]["q_proj_sum"] == ranks[1]["q_proj_sum"]
 
 
 @pytest.mark.slow
