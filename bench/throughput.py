@@ -6,9 +6,10 @@ Runs side by side, each under the deepspeed launcher with N processes (GPUs, or 
   ours/hf-model            launch/train.py with model.hf_config = the same shape as a transformers LlamaForCausalLM
   hf-trainer               transformers.Trainer + DeepSpeed on that LlamaForCausalLM (bench/hf_trainer_baseline.py)
   hf-trainer+compile       the same with TrainingArguments(torch_compile=True)
-  hf-trainer+eager-attn+compile  the same with attn_implementation="eager" too: HF tuned by hand for the CPU in
-                           bf16 (its default SDPA runs torch's slow 16-bit CPU flash backward; ours picks matmul
+  hf-trainer+eager-attn    HF tuned by hand for the CPU in bf16: attn_implementation="eager" (its default SDPA
+                           runs torch's CPU flash kernel, slow in 16-bit for short sequences; ours picks matmul
                            attention there by itself, see model.attention)
+  hf-trainer+eager-attn+compile  the same, compiled
 All runs are repeated --repeats times in alternation (the median is reported), so a noisy machine affects all
 of them alike. Prints tokens/s, the ratio to the HF Trainer as it comes and to the fastest HF Trainer row, and
 MFU (against the GPU's dense peak; on the CPU against a measured one-core matmul in the run's precision, per
@@ -156,6 +157,8 @@ def main() -> None:
         "hf-trainer": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, out, 29613),
         "hf-trainer+compile": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps, out,
                                                      29615, compile_model=True),
+        "hf-trainer+eager-attn": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc, args.steps,
+                                                        out, 29617, attn="eager"),
         "hf-trainer+eager-attn+compile": lambda out: hf_trainer(args.config, overrides, hf_dir, args.nproc,
                                                                 args.steps, out, 29616, compile_model=True,
                                                                 attn="eager"),
