@@ -449,12 +449,24 @@ def resolve_grad_accum(cfg: Config, world_size: int) -> int:
     return t.global_batch_size // per_pass
 
 
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default zero_optimization.reduce_bucket_size (elements)."""
+
+
+def reduce_bucket_size(m: ModelConfig) -> int:
+    """DeepSpeed's default, or the model's parameter count when that is smaller: ZeRO 1-3 allocate a whole
+    bucket (1 GB in bf16) even for a model that would fill a thousandth of it."""
+    from dist_train.scaling_count import count_params  # imports torch: not at config-validation time
+
+    return min(DEEPSPEED_REDUCE_BUCKET, count_params(m).total)
+
+
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config generated from ours: never hand-kept twice. `load_universal` makes the engine load
     a universal checkpoint (a resume on another world size, see dist_train.reshard)."""
     t, ds = cfg.train, cfg.deepspeed
     accum = resolve_grad_accum(cfg, world_size)
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": reduce_bucket_size(cfg.model)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:

@@ -13,8 +13,9 @@ optimizer state per parameter (fp32 master weights, momentum, variance), checked
 
 with p the bytes of the working precision (2 for bf16/fp16, 4 for fp32), Ψ parameters and N GPUs.
 ZeRO >= 1 keeps an fp32 master partition even in fp32 runs. DeepSpeed also allocates reduce buckets of
-`reduce_bucket_size` elements (default 5e8: 1 GB in bf16) during backward (stages 1, 2) or for the whole run
-(stage 3), and the optimizer step briefly holds the fp32 gradient partition (4·Ψ/N).
+`reduce_bucket_size` elements (DeepSpeed's default 5e8, 1 GB in bf16; our generated config caps it at Ψ)
+during backward (stages 1, 2) or for the whole run (stage 3), and the optimizer step briefly holds the fp32
+gradient partition (4·Ψ/N).
 
 Activations are counted tensor by tensor from what `dist_train.model` saves for the backward pass with a
 fused (flash) attention kernel and no dropout; tests check them against `saved_tensors_hooks`.
