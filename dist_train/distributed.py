@@ -113,7 +113,15 @@ def gathered_for_init(params: list[torch.nn.Parameter]) -> contextlib.AbstractCo
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def init(place: ProcessPlace) -> torch.device:
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+"""How long a collective of the training loop waits for the slowest rank before the job fails."""
+RANK0_WORK_TIMEOUT = datetime.timedelta(hours=6)
+"""How long the other ranks wait for rank 0's file work (a universal conversion of a large model can take
+longer than COLLECTIVE_TIMEOUT)."""
+_rank0_work_group: Any = None
+
+
+def init(place: ProcessPlace, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> torch.device:
     """Start the process group (NCCL on CUDA, gloo on CPU) and return this process's device."""
     deepspeed = import_deepspeed()
     export_torch_env(place)
@@ -122,16 +130,17 @@ def init(place: ProcessPlace) -> torch.device:
         device = torch.device("cuda", place.local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo",
-                               timeout=datetime.timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
     return device
 
 
 def shutdown() -> None:
     """A barrier then destroy: without it some gloo runs abort at exit (code 250)."""
+    global _rank0_work_group
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _rank0_work_group = None
 
 
 def _collective_device() -> torch.device:
@@ -139,13 +148,21 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def _wait_for_rank0_group() -> Any:
+    """A gloo group with RANK0_WORK_TIMEOUT, made once, by every rank at the same call."""
+    global _rank0_work_group
+    if _rank0_work_group is None and dist.is_available() and dist.is_initialized():
+        _rank0_work_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
+    return _rank0_work_group
 
 
 def world_size() -> int:
@@ -177,13 +194,14 @@ class Rank0:
     def run_while_others_wait(self, fn: Callable[..., Any], *args: Any) -> None:
         """Rank 0 runs `fn` (shared files: rename, delete, convert) while the other ranks wait for it; an
         error on rank 0 is raised on every rank, so that none of them waits forever for a rank that died."""
+        group = _wait_for_rank0_group()  # before the work: every rank joins it at the same moment
         error = None
         if self.active:
             try:
                 fn(*args)
             except (OSError, RuntimeError) as e:
                 error = str(e)
-        errors = [e for e in all_gather_objects(error) if e]
+        errors = [e for e in all_gather_objects(error, group) if e]
         if errors:
             raise RuntimeError(errors[0])
 

@@ -40,14 +40,18 @@ def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, results: Any) -> None:
+def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, results: Any,
+            timeout_s: float | None) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
                        "OMP_NUM_THREADS": "1"})
+    import datetime
+
     from dist_train import distributed
 
     try:
-        distributed.init(distributed.discover())
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else distributed.COLLECTIVE_TIMEOUT
+        distributed.init(distributed.discover(), timeout=timeout)
         results[rank] = ("ok", fn(rank, world_size, *args))
     except BaseException:  # report every failure to the parent test, whatever it is
         results[rank] = ("error", traceback.format_exc())
@@ -55,11 +59,13 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, args:
         distributed.shutdown()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> list[Any]:
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any,
+                    collective_timeout_s: float | None = None) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` real processes; return every rank's result."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(fn, world_size, free_port(), args, results), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(fn, world_size, free_port(), args, results, collective_timeout_s),
+                 nprocs=world_size, join=True)
         outcome = [results.get(r, ("error", "no result (the process died)")) for r in range(world_size)]
     errors = [f"rank {r}:\n{msg}" for r, (status, msg) in enumerate(outcome) if status != "ok"]
     assert not errors, "\n".join(errors)
