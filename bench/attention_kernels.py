@@ -18,15 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from dist_train.model import MATMUL_ATTENTION_MAX_LEN, matmul_attention  # noqa: E402
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                          is_causal=True)
+from dist_train.model import MATMUL_ATTENTION_MAX_LEN, matmul_attention, sdpa_attention  # noqa: E402
 
 
 def time_ms(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> float:  # noqa: ANN001
@@ -48,7 +41,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(1)
-    kernels = {"sdpa": sdpa, "matmul": lambda q, k, v: matmul_attention(q, k, v, 0.0)}
+    kernels = {"sdpa": lambda q, k, v: sdpa_attention(q, k, v, 0.0),
+               "matmul": lambda q, k, v: matmul_attention(q, k, v, 0.0)}
     print(f"one attention layer, forward + backward, batch {args.batch}, {args.heads}/{args.kv_heads} heads of "
           f"{args.head_dim}, {args.device}, 1 thread (auto picks matmul on the CPU for 16-bit up to "
           f"{MATMUL_ATTENTION_MAX_LEN} tokens)")

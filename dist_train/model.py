@@ -106,6 +106,17 @@ def use_matmul_attention(choice: str, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and is_16_bit and x.shape[1] <= MATMUL_ATTENTION_MAX_LEN
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal attention through torch's scaled_dot_product_attention (flash kernels on GPU).
+
+    q: (B, nh, T, hd); k, v: (B, nkv, T, hd). Each kv head serves nh/nkv consecutive query heads (HF's
+    repeat_kv layout)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, nh, T, hd)
+
+
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal attention as HF's "eager" attention computes it: scores in q's dtype, softmax in fp32.
 
@@ -144,15 +155,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        dropout_p = self.dropout if self.training else 0.0
-        if use_matmul_attention(self.kernel, x):
-            y = matmul_attention(q, k, v, dropout_p)  # (B, nh, T, hd)
-        else:
-            if self.n_kv_heads != self.n_heads:
-                # Each kv head serves n_heads/n_kv_heads consecutive query heads (HF's repeat_kv layout).
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, nh, T, hd)
+        attention = matmul_attention if use_matmul_attention(self.kernel, x) else sdpa_attention
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
 

@@ -37,9 +37,9 @@ MASTER_BYTES = 4
 """fp32 master copy of the weights (mixed precision, or any ZeRO >= 1 run)."""
 ALLREDUCE_BUCKET = 500_000_000
 """Elements per flattened all-reduce bucket of a ZeRO-0 engine (DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE)."""
-DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_param_persistence_threshold": 100_000,
-               "contiguous_gradients": True}
-"""DeepSpeed 0.19 defaults of the zero_optimization keys that size buffers, used when ds_config omits them."""
+DS_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "contiguous_gradients": True}
+"""DeepSpeed 0.19 defaults of the zero_optimization keys that size buffers, used when ds_config omits them
+(reduce_bucket_size: the generated ds_config always sets it, see config.reduce_bucket_size)."""
 
 
 def precision_bytes(precision: str) -> int:
