@@ -54,7 +54,7 @@ class DocumentEncoder:
 
     def _tokenizer(self):
         if self.tokenizer_dir not in _TOKENIZERS:
-            from data_prep.tokenizer import load_tokenizer
+            from dist_train.formats.tokenizer_folder import load_tokenizer
 
             _TOKENIZERS[self.tokenizer_dir] = load_tokenizer(self.tokenizer_dir)
         return _TOKENIZERS[self.tokenizer_dir]

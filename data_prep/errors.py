@@ -11,9 +11,11 @@ import logging
 import sys
 from collections.abc import Callable
 
+from dist_train.formats.errors import FormatError
 
-class DataPrepError(ValueError):
-    """Bad input or a bad output folder; the message names the cause and the fix."""
+# One error type for the data commands and the formats they write (manifest, tokenizer folder): a mistake the
+# user can fix, printed as one line.
+DataPrepError = FormatError
 
 
 def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

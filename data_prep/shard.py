@@ -47,7 +47,7 @@ from data_prep.inputs import (
     reading_inputs,
     resolve_inputs,
 )
-from data_prep.manifest import (
+from dist_train.formats.manifest import (
     MANIFEST_NAME,
     SPLITS,
     check_shards,
@@ -55,7 +55,7 @@ from data_prep.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from data_prep.tokenizer import load_tokenizer, tokenizer_sha256
+from dist_train.formats.tokenizer_folder import load_tokenizer, tokenizer_sha256
 from data_prep.writer import ResumeMismatch, SplitWriter
 
 log = logging.getLogger("data_prep.shard")

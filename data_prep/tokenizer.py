@@ -14,51 +14,25 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from data_prep.errors import DataPrepError, run_command
 from data_prep.inputs import SAMPLE_BY, iter_text_batches, load_corpus, reading_inputs, resolve_inputs
+from dist_train.formats.tokenizer_folder import load_tokenizer, tokenizer_sha256
+
+__all__ = ["EOS_TOKEN", "load_tokenizer", "tokenizer_sha256", "train_tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
 BYTE_ALPHABET = 256  # byte-level BPE starts from all 256 bytes
-
-
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a local HF tokenizer folder; refuse one that does not load or has no EOS token."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise DataPrepError(f"tokenizer folder {path} does not exist (make one with "
-                            f"`python -m data_prep.tokenizer --input ... --vocab-size N --out DIR`)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as err:
-        raise DataPrepError(f"tokenizer folder {path} does not load with "
-                            f"transformers.AutoTokenizer ({type(err).__name__}: {err})") from err
-    if tok.eos_token_id is None:
-        raise DataPrepError(f"tokenizer {path} has no EOS token: set `eos_token` in its "
-                            f"tokenizer_config.json (documents are separated by EOS)")
-    # Documents are tokenized whole and cut at load time: silence the "longer than max length" warning.
-    tok.model_max_length = sys.maxsize
-    return tok
-
-
-def tokenizer_sha256(path: str | os.PathLike) -> str:
-    """One hash over a tokenizer folder's files, so a changed tokenizer is a different dataset."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
 
 
 def _save_fast(tokenizer: Tokenizer, out: Path) -> None:

@@ -14,7 +14,7 @@ import json
 from tqdm.auto import tqdm
 
 from data_prep.errors import DataPrepError, run_command
-from data_prep.manifest import SPLITS, check_shards, read_manifest
+from dist_train.formats.manifest import SPLITS, check_shards, read_manifest
 
 
 def verify_folder(folder: str, checksums: bool = True) -> dict:

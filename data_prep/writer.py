@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.manifest import DTYPES
+from dist_train.formats.manifest import DTYPES
 
 
 def shard_name(split: str, index: int) -> str:

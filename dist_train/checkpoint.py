@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train import reshard
-from dist_train.atomic_file import write_text_atomic
+from dist_train.formats.atomic_file import write_text_atomic
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
 from dist_train.distributed import ProcessPlace, Rank0
 

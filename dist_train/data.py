@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.manifest import DTYPES, SPLITS, ManifestError, check_shards, read_manifest
+from dist_train.formats.manifest import DTYPES, SPLITS, ManifestError, check_shards, read_manifest
 
 __all__ = ["MIX_BLOCK", "ManifestError", "TokenLoader", "read_manifest"]
 

@@ -209,7 +209,7 @@ def write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], max_sha
 
 def tokenizer_path(w: Weights) -> Path | None:
     """The tokenizer folder named by the manifest of the run's (first) data source."""
-    from data_prep.manifest import read_manifest
+    from dist_train.formats.manifest import read_manifest
 
     for path, _ in w.config.data.weighted_paths():
         try:
@@ -221,7 +221,7 @@ def tokenizer_path(w: Weights) -> Path | None:
 
 def save_tokenizer(tokenizer_dir: Path, out: Path, seq_len: int) -> int | None:
     """Copy the tokenizer into the export; returns its EOS id."""
-    from data_prep.tokenizer import load_tokenizer
+    from dist_train.formats.tokenizer_folder import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     tok.model_max_length = seq_len

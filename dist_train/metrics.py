@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from dist_train.atomic_file import write_text_atomic
+from dist_train.formats.atomic_file import write_text_atomic
 from dist_train.distributed import all_gather_objects
 
 if TYPE_CHECKING:

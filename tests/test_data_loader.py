@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.manifest import ManifestError, read_manifest
+from dist_train.formats.manifest import ManifestError, read_manifest
 from data_prep.shard import shard_corpus
 from dist_train.data import TokenLoader, _Permutation
 

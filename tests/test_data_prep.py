@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from data_prep.corpora import strip_gutenberg, write_corpus
 from data_prep.encode import DocumentEncoder, encode_stream, in_val_split
 from data_prep.errors import DataPrepError
-from data_prep.manifest import DTYPES, file_sha256, read_manifest
+from dist_train.formats.manifest import DTYPES, file_sha256, read_manifest
 from data_prep.shard import shard_corpus
 from data_prep.tokenizer import EOS_TOKEN, gpt2_files, train_tokenizer
 from data_prep.writer import SplitWriter

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import DataPrepError
-from dist_train.atomic_file import write_text_atomic
+from dist_train.formats.atomic_file import write_text_atomic
+from dist_train.formats.errors import FormatError
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
@@ -38,7 +38,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REBUILD = "rebuild the folder with `python -m data_prep.shard`"
 
 
-class ManifestError(DataPrepError):
+class ManifestError(FormatError):
     """A manifest or shard that is missing, malformed, truncated or corrupted; the message names the file."""
 
 
@@ -48,9 +48,9 @@ def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> str:
     if requested == "auto":
         return "uint16" if fits16 else "uint32"
     if requested not in DTYPES:
-        raise DataPrepError(f"dtype must be auto, uint16 or uint32, not {requested!r}")
+        raise FormatError(f"dtype must be auto, uint16 or uint32, not {requested!r}")
     if requested == "uint16" and not fits16:
-        raise DataPrepError(f"a vocabulary of {vocab_size} tokens does not fit uint16 (ids up to 65535): "
+        raise FormatError(f"a vocabulary of {vocab_size} tokens does not fit uint16 (ids up to 65535): "
                             f"use --dtype uint32 or --dtype auto")
     return requested
 

@@ -1,0 +1,43 @@
+"""A tokenizer folder: a local HF tokenizer that `transformers.AutoTokenizer` loads, with an EOS token.
+
+`data_prep.tokenizer` writes one; `data_prep.shard` and the export load it. Never from the hub, never with
+remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from dist_train.formats.errors import FormatError
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a local HF tokenizer folder; refuse one that does not load or has no EOS token."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FormatError(f"tokenizer folder {path} does not exist (make one with "
+                            f"`python -m data_prep.tokenizer --input ... --vocab-size N --out DIR`)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        raise FormatError(f"tokenizer folder {path} does not load with "
+                            f"transformers.AutoTokenizer ({type(err).__name__}: {err})") from err
+    if tok.eos_token_id is None:
+        raise FormatError(f"tokenizer {path} has no EOS token: set `eos_token` in its "
+                            f"tokenizer_config.json (documents are separated by EOS)")
+    # Documents are tokenized whole and cut at load time: silence the "longer than max length" warning.
+    tok.model_max_length = sys.maxsize
+    return tok
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """One hash over a tokenizer folder's files, so a changed tokenizer is a different dataset."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
