@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from dist_train.model import MATMUL_ATTENTION_MAX_LEN, matmul_attention, sdpa_attention  # noqa: E402
+from dist_train.model.blocks import MATMUL_ATTENTION_MAX_LEN, matmul_attention, sdpa_attention  # noqa: E402
 
 
 def time_ms(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> float:  # noqa: ANN001

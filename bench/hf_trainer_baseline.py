@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from dist_train.config import deepspeed_config, load_config  # noqa: E402
-from dist_train.data import TokenLoader  # noqa: E402
+from dist_train.config import load_config  # noqa: E402
+from dist_train.data.loader import TokenLoader  # noqa: E402
+from dist_train.engine.ds_config import deepspeed_config
 
 
 class WindowDataset(torch.utils.data.Dataset):

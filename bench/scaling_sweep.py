@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dist_train.config import ModelConfig, load_config  # noqa: E402
-from dist_train.scaling_count import count_params, flops_per_token  # noqa: E402
-from dist_train.scaling_fit import fit_loss_law, fit_report, load_runs, plot_fit  # noqa: E402
-from dist_train.scaling_plan import d_ff_for  # noqa: E402
+from dist_train.model.count import count_params, flops_per_token  # noqa: E402
+from dist_train.scaling.fit import fit_loss_law, fit_report, load_runs, plot_fit  # noqa: E402
+from dist_train.scaling.plan import d_ff_for  # noqa: E402
 
 BASE_CONFIG = REPO / "configs" / "tiny.yaml"
 TOKENS_PER_PARAM = 20  # where the sizes are centred (Chinchilla's rule of thumb)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dist_train.config import Config, ModelConfig, load_config  # noqa: E402
-from dist_train.scaling import flops_per_token, peak_flops  # noqa: E402
+from dist_train.model.count import flops_per_token  # noqa: E402
+from dist_train.monitor.throughput import peak_flops  # noqa: E402
 
 TIMING_WARMUP_STEPS = 5
 

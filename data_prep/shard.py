@@ -47,6 +47,7 @@ from data_prep.inputs import (
     reading_inputs,
     resolve_inputs,
 )
+from data_prep.writer import ResumeMismatch, SplitWriter
 from dist_train.formats.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -56,7 +57,6 @@ from dist_train.formats.manifest import (
     write_json_atomic,
 )
 from dist_train.formats.tokenizer_folder import load_tokenizer, tokenizer_sha256
-from data_prep.writer import ResumeMismatch, SplitWriter
 
 log = logging.getLogger("data_prep.shard")
 

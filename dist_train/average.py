@@ -1,78 +1,8 @@
-"""Average the weights of a run's last K checkpoints (checkpoint averaging: a cheap final gain).
+"""`python -m dist_train.average`: see `dist_train.tools.average`."""
 
-    python -m dist_train.average --run RUN --last K --out DIR [--json]
-
-Writes a weights folder (`model.safetensors` in our parameter names, `config.yaml`, `weights.json` with the
-averaged steps) that `python -m dist_train.evaluate --weights DIR` evaluates and `python -m dist_train.export
---weights DIR` exports. The mean is accumulated in float64, one checkpoint at a time, and rounded to fp32 once,
-so averaging K copies of one checkpoint returns it bit for bit. Memory: the float64 sums plus one
-checkpoint's weights (about three fp32 copies of the model); Adam's moments are never loaded.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
-
-from dist_train.checkpoint import CLIENT_STATE, read_client_state
-from dist_train.config import Config
-from dist_train.weights import checkpoint_weights, save_weights_folder
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints (those with client_state.json), oldest first."""
-    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / CLIENT_STATE).exists())
-
-
-def average_checkpoints(paths: list[Path]) -> tuple[dict[str, torch.Tensor], list[int], Config]:
-    """Element-wise mean of the fp32 weights of `paths`; returns it, the averaged steps and the last config."""
-    sums: dict[str, torch.Tensor] = {}
-    steps: list[int] = []
-    shape_hash = None
-    for path in paths:
-        weights = checkpoint_weights(path)  # one checkpoint held at a time
-        if shape_hash is None:
-            shape_hash = weights.config.model_hash()
-        elif weights.config.model_hash() != shape_hash:
-            raise ValueError(f"{path} holds another model shape than {paths[0]}: cannot average them")
-        for name in weights.unique_names:
-            tensor = weights.get(name).double()
-            sums[name] = sums[name].add_(tensor) if name in sums else tensor
-        steps.append(weights.meta["step"])
-    return {name: (total / len(paths)).float() for name, total in sums.items()}, steps, weights.config
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_train.average", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="run folder")
-    parser.add_argument("--last", type=int, required=True, help="average the K most recent checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="output weights folder (replaced when complete)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    available = complete_checkpoints(args.run)
-    if args.last < 1 or args.last > len(available):
-        print(f"average: --last must be between 1 and the {len(available)} complete checkpoints in "
-              f"{args.run}/checkpoints ({', '.join(p.name for p in available) or 'none'}); raise "
-              f"checkpoint.keep_last to keep more", file=sys.stderr)
-        return 2
-    paths = available[-args.last:]
-    try:
-        tensors, steps, cfg = average_checkpoints(paths)
-    except ValueError as e:
-        print(f"average: {e}", file=sys.stderr)
-        return 2
-    meta = {"averaged_steps": steps, "run": str(args.run.resolve()),
-            "tokens": read_client_state(paths[-1])["train_state"]["tokens"]}
-    save_weights_folder(args.out, tensors, cfg, meta)
-    result = {"out": str(args.out), **meta}
-    print(json.dumps(result) if args.json else f"averaged steps {steps} of {args.run} into {args.out}")
-    return 0
-
+from dist_train.tools.average import main
 
 if __name__ == "__main__":
     sys.exit(main())

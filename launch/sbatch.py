@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dist_train.signals import EXIT_PREEMPTED
+from dist_train.train.signals import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "sbatch_template.sh"

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from dist_train.trainer import train
+        from dist_train.train.trainer import train
 
         return train(cfg, resume=args.resume)
     except ConfigError as e:

@@ -9,7 +9,6 @@ world-size, export, averaging and evaluation tests.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import signal
 import subprocess

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-
-from dist_train.weights import checkpoint_weights, open_weights
 from distributed_helpers import REPO, cpu_env
 from resume_helpers import STEPS, checkpoint, shared_run
+
+from dist_train.checkpoint.weights import checkpoint_weights, open_weights
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_averaging_two_checkpoints_returns_their_mean_which_evaluates_and_export
     cli("dist_train.export", "--weights", str(tmp_path / "avg"), "--out", str(tmp_path / "hf"))
     from transformers import AutoModelForCausalLM
 
-    from dist_train.model import build_model
+    from dist_train.model.build import build_model
 
     ours = averaged.load_into(build_model(averaged.config.model)).eval()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

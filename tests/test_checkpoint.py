@@ -8,12 +8,13 @@ import math
 
 import pytest
 import torch
-
-from dist_train.checkpoint import CLIENT_STATE, find_checkpoint, plan_resume, tag_for
-from dist_train.config import ConfigError, load_config
-from dist_train.distributed import ProcessPlace
-from dist_train.weights import checkpoint_weights
 from resume_helpers import TINY, command, overrides, run, tail
+
+from dist_train.checkpoint.layout import CLIENT_STATE, tag_for
+from dist_train.checkpoint.resume import find_checkpoint, plan_resume
+from dist_train.checkpoint.weights import checkpoint_weights
+from dist_train.config import ConfigError, load_config
+from dist_train.distributed.environment import ProcessPlace
 
 PLACE = ProcessPlace(rank=0, local_rank=0, world_size=1, host="test", slurm_node=None, slurm_job_id=None,
                      slurm_restart_count=0)
@@ -106,7 +107,7 @@ def test_interrupted_saves_and_deletions_are_cleaned_up_and_latest_is_kept(tmp_p
 
 
 def test_a_checkpoint_saved_by_more_processes_is_planned_as_a_universal_load(tmp_path, monkeypatch):
-    from dist_train import reshard
+    from dist_train.checkpoint import reshard
 
     converted = []
     monkeypatch.setattr(reshard, "convert_to_universal", lambda path: converted.append(path))

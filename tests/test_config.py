@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dist_train.config import ConfigError, deepspeed_config, load_config
-from dist_train.preflight import preflight
 from distributed_helpers import REPO
+
+from dist_train.config import ConfigError, load_config
+from dist_train.engine.ds_config import deepspeed_config
+from dist_train.train.preflight import preflight
 
 CONFIGS = REPO / "configs"
 

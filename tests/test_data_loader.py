@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_train.formats.manifest import ManifestError, read_manifest
 from data_prep.shard import shard_corpus
-from dist_train.data import TokenLoader, _Permutation
+from dist_train.data.loader import TokenLoader, _Permutation
+from dist_train.formats.manifest import ManifestError, read_manifest
 
 SEQ = 64
 

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from data_prep.corpora import strip_gutenberg, write_corpus
 from data_prep.encode import DocumentEncoder, encode_stream, in_val_split
 from data_prep.errors import DataPrepError
-from dist_train.formats.manifest import DTYPES, file_sha256, read_manifest
 from data_prep.shard import shard_corpus
 from data_prep.tokenizer import EOS_TOKEN, gpt2_files, train_tokenizer
 from data_prep.writer import SplitWriter
+from dist_train.formats.manifest import DTYPES, file_sha256, read_manifest
 
 SHARD_ARGS = {"val_fraction": 0.05, "seed": 0, "shard_tokens": 500_000, "progress": False}
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from distributed_helpers import run_distributed
 
 COLLECTIVE_TIMEOUT_S = 2.0
 
 
 def _rank0_works_longer_than_the_collective_timeout(rank: int, world_size: int) -> float:
-    from dist_train.distributed import Rank0, discover
+    from dist_train.distributed.environment import discover
+    from dist_train.distributed.rank0 import Rank0
 
     start = time.monotonic()
     Rank0(discover()).run_while_others_wait(time.sleep, 3 * COLLECTIVE_TIMEOUT_S)  # e.g. a universal conversion

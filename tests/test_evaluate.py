@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dist_train.model import build_model
-from dist_train.weights import checkpoint_weights
 from distributed_helpers import REPO, cpu_env
 from resume_helpers import STEPS, checkpoint, shared_run
+
+from dist_train.checkpoint.weights import checkpoint_weights
+from dist_train.model.build import build_model
 
 pytestmark = pytest.mark.slow
 

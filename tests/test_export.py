@@ -10,14 +10,15 @@ import weakref
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from dist_train.config import ConfigError, load_config
-from dist_train.export import export, family
-from dist_train.model import Transformer, build_model
-from dist_train.weights import checkpoint_weights, open_weights, save_weights_folder
 from distributed_helpers import REPO, cpu_env
 from resume_helpers import STEPS, TINY, checkpoint, shared_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dist_train.checkpoint.weights import checkpoint_weights, open_weights, save_weights_folder
+from dist_train.config import ConfigError, load_config
+from dist_train.model.build import build_model
+from dist_train.model.decoder import Transformer
+from dist_train.tools.export import export, family
 
 LLAMA_VARIANT = ("model.n_kv_heads=2", "model.tie_embeddings=false", "model.bias=true", "model.layerscale_init=0.5")
 GPT2 = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=true")
@@ -80,7 +81,7 @@ def test_a_model_no_transformers_class_computes_is_refused():
 
 
 def val_batch(shard_dir, seq_len: int) -> torch.Tensor:
-    from dist_train.data import TokenLoader
+    from dist_train.data.loader import TokenLoader
 
     loader = TokenLoader([(str(shard_dir), 1.0)], "val", seq_len, 4, 0, 1, 0)
     return loader.next_batch()[0]

@@ -12,16 +12,12 @@ import pytest
 import torch
 from distributed_helpers import run_distributed
 
-from dist_train.checkpoint import TrainState
+from dist_train.checkpoint.layout import TrainState
 from dist_train.config import load_config
-from dist_train.distributed import ProcessPlace
-from dist_train.metrics import (
-    ForwardTimer,
-    JsonlBackend,
-    build_logger,
-    gather_rank_throughput,
-    read_metrics,
-)
+from dist_train.distributed.environment import ProcessPlace
+from dist_train.monitor.jsonl import JsonlBackend, read_metrics
+from dist_train.monitor.metrics import build_logger
+from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput
 
 
 def place(rank: int) -> ProcessPlace:

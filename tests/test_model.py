@@ -9,7 +9,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dist_train.config import ModelConfig
-from dist_train.model import Transformer, build_model, use_matmul_attention
+from dist_train.model.blocks import use_matmul_attention
+from dist_train.model.build import build_model
+from dist_train.model.decoder import Transformer
 
 LLAMA_LIKE = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=None, d_ff=96, vocab_size=101,
                          seq_len=32, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False,

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 from distributed_helpers import REPO, cpu_env
 
-from dist_train import plot
+from dist_train.monitor import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

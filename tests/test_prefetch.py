@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_train.data import TokenLoader
-from dist_train.prefetch import Prefetcher
+from dist_train.data.loader import TokenLoader
+from dist_train.data.prefetch import Prefetcher
 
 
 def loader(shard_dir, rank: int = 1) -> TokenLoader:

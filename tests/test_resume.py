@@ -28,8 +28,8 @@ from resume_helpers import (
     workers,
 )
 
-from dist_train.signals import EXIT_PREEMPTED
-from dist_train.weights import checkpoint_weights
+from dist_train.checkpoint.weights import checkpoint_weights
+from dist_train.train.signals import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 

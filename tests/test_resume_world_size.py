@@ -17,7 +17,7 @@ from resume_helpers import (
     tail,
 )
 
-from dist_train.weights import checkpoint_weights
+from dist_train.checkpoint.weights import checkpoint_weights
 
 pytestmark = pytest.mark.slow
 

@@ -17,18 +17,20 @@ import torch
 from torch import nn
 
 from dist_train.config import ModelConfig, load_config
-from dist_train.model import Transformer, build_model
-from dist_train.scaling import count_params, flops_per_token, load_sizing_config, main
-from dist_train.scaling_fit import Runs, fit_loss_law, load_runs
-from dist_train.scaling_laws import GOPHER_FLOPS, LAWS, LossLaw, approach1_table
-from dist_train.scaling_memory import (
+from dist_train.model.build import build_model
+from dist_train.model.count import count_params, flops_per_token
+from dist_train.model.decoder import Transformer
+from dist_train.scaling.cli import load_sizing_config, main
+from dist_train.scaling.fit import Runs, fit_loss_law, load_runs
+from dist_train.scaling.laws import GOPHER_FLOPS, LAWS, LossLaw, approach1_table
+from dist_train.scaling.memory import (
     activation_bytes,
     activation_bytes_per_token,
     estimate_memory,
     with_overrides,
     zero_paper_model_states,
 )
-from dist_train.scaling_plan import SHAPE_TOLERANCE, plan, shape_for_params
+from dist_train.scaling.plan import SHAPE_TOLERANCE, plan, shape_for_params
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -177,7 +179,7 @@ def test_plan_shape_is_within_5_percent_of_n_with_published_head_dims_and_aspect
 
 def test_plan_for_a_gpu_budget_writes_a_config_the_trainer_accepts(tmp_path: Path, shard_dir: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from dist_train.preflight import preflight
+    from dist_train.train.preflight import preflight
 
     out = tmp_path / "planned.yaml"
     assert main(["plan", "--gpus", "8", "--hours", "24", "--peak-tflops", "989", "--mfu", "0.4",
@@ -307,7 +309,7 @@ def _held_bytes(engine: object) -> dict[str, int]:
 def _measure_engines(rank: int, world_size: int, cases: list[tuple[int, str]]) -> list[dict[str, int]]:
     import deepspeed
 
-    from dist_train.config import deepspeed_config
+    from dist_train.engine.ds_config import deepspeed_config
 
     results = []
     for stage, precision in cases:
@@ -435,7 +437,7 @@ def _gpu_peak_worker(rank: int, port: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from dist_train.config import deepspeed_config
+    from dist_train.engine.ds_config import deepspeed_config
 
     deepspeed.init_distributed(dist_backend="nccl")
     for stage, ckpt in [(0, False), (1, False), (2, True), (3, False)]:

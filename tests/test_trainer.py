@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
-
 from distributed_helpers import REPO, launch_training, run_distributed
-from dist_train.metrics import read_metrics
+
+from dist_train.monitor.jsonl import read_metrics
 
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 4
@@ -116,9 +116,10 @@ def _build_and_train_at_zero3(rank: int, world_size: int, hf_dir: str) -> dict:
     import deepspeed
     import torch
 
-    from dist_train.config import deepspeed_config, load_config
-    from dist_train.scaling_count import count_params
-    from dist_train.trainer import build_partitioned_model
+    from dist_train.config import load_config
+    from dist_train.engine.build import build_partitioned_model
+    from dist_train.engine.ds_config import deepspeed_config
+    from dist_train.model.count import count_params
 
     cfg = load_config(TINY, ["deepspeed.zero_stage=3", f"model.hf_config={hf_dir}", "train.micro_batch_size=2",
                              "train.grad_accum_steps=1"])

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from distributed_helpers import REPO, cpu_env
 
-from dist_train import wandb_reader
-from dist_train.metrics import WANDB_ID_FILE, read_metrics
+from dist_train.monitor import wandb_reader
+from dist_train.monitor.jsonl import read_metrics
+from dist_train.monitor.wandb_run import WANDB_ID_FILE
 
 pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow  # each test runs real wandb in fresh processes

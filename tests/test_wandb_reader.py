@@ -1,4 +1,4 @@
-"""dist_train.wandb_reader reads back what real `wandb` (offline) wrote: rows, summary, config, resumes."""
+"""dist_train.monitor.wandb_reader reads back what real `wandb` (offline) wrote: rows, summary, config, resumes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from distributed_helpers import REPO, cpu_env
 
-from dist_train import wandb_reader
+from dist_train.monitor import wandb_reader
 
 pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow  # each test runs real wandb in fresh processes

@@ -1,6 +1,6 @@
 """Training with W&B offline, end to end: 2 processes under torchrun, real DeepSpeed, real wandb.
 
-What W&B holds is read back from the run's `.wandb` files with dist_train.wandb_reader (wandb's own protobuf
+What W&B holds is read back from the run's `.wandb` files with dist_train.monitor.wandb_reader (wandb's own protobuf
 classes, no network) and compared with metrics.jsonl, key by key and step by step.
 """
 
@@ -16,9 +16,10 @@ import pytest
 from distributed_helpers import REPO, cpu_env, launch_training
 from resume_helpers import command, kill_tree, logged_step, start, tail, wait_until
 
-from dist_train import wandb_reader
-from dist_train.checkpoint import read_client_state, read_latest
-from dist_train.metrics import WANDB_ID_FILE, read_metrics
+from dist_train.checkpoint.layout import read_client_state, read_latest
+from dist_train.monitor import wandb_reader
+from dist_train.monitor.jsonl import read_metrics
+from dist_train.monitor.wandb_run import WANDB_ID_FILE
 
 pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
-"""On-disk formats shared by `data_prep` (which writes them) and the trainer (which reads them).
+"""On-disk formats shared by `data_prep` (which writes them) and the trainer (which reads them): the shard
+manifest, the tokenizer folder, atomic file writes and their error type.
 
-The shard manifest, the tokenizer folder and the atomic file writer live here, so that `data_prep` imports
-`dist_train.formats` and nothing in `dist_train` imports `data_prep`. No torch, no DeepSpeed.
+Not here: anything that imports torch or DeepSpeed; `data_prep` imports this package, never the reverse.
 """

@@ -1,9 +1,9 @@
 """Size a run before paying for it: `python -m dist_train.scaling {count,plan,memory,fit}`.
 
-- count   exact parameter count and training FLOPs of a config (scaling_count)
-- plan    compute-optimal N and D under the published laws, a model shape and a config (scaling_plan)
-- memory  bytes per GPU for weights, gradients, optimizer states and activations (scaling_memory)
-- fit     fit L(N, D) = E + A/N^α + B/D^β to your own runs (scaling_fit)
+- count   exact parameter count and training FLOPs of a config (dist_train.model.count)
+- plan    compute-optimal N and D under the published laws, a model shape and a config (plan)
+- memory  bytes per GPU for weights, gradients, optimizer states and activations (memory)
+- fit     fit L(N, D) = E + A/N^α + B/D^β to your own runs (fit)
 """
 
 from __future__ import annotations
@@ -15,26 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config import Config, ConfigError, load_config
-from dist_train.scaling_count import (
-    PEAK_TFLOPS,
-    ParamCount,
-    count_params,
-    flops_per_token,
-    peak_flops,
-    run_flops,
-)
-
-__all__ = [
-    "PEAK_TFLOPS",
-    "ParamCount",
-    "count_params",
-    "flops_per_token",
-    "load_sizing_config",
-    "main",
-    "peak_flops",
-    "run_flops",
-]
-
+from dist_train.model.count import count_params, flops_per_token
+from dist_train.monitor.throughput import PEAK_TFLOPS
 
 NO_DATA = "<not needed for sizing>"
 
@@ -62,9 +44,6 @@ def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
     print(json.dumps(result, indent=2) if as_json else text)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# count
-
 def count_report(cfg: Config, tokens: int | None) -> dict[str, Any]:
     m = cfg.model
     pc = count_params(m)
@@ -90,9 +69,6 @@ def cmd_count(args: argparse.Namespace) -> None:
     r = count_report(cfg, args.tokens)
     _emit(r, args.json, _count_text(r))
 
-
-# ---------------------------------------------------------------------------------------------------------
-# plan
 
 # Without --config, plan for a bf16 Llama-family model with a real-world vocabulary (the tiny defaults of
 # ModelConfig would make the embedding dominate any budget worth planning).
@@ -129,8 +105,8 @@ def _plan_text(r: dict[str, Any]) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from dist_train.scaling_laws import compute_from_hardware
-    from dist_train.scaling_plan import plan, planned_config, write_config
+    from dist_train.scaling.laws import compute_from_hardware
+    from dist_train.scaling.plan import plan, planned_config, write_config
 
     budget = [x is not None for x in (args.compute, args.params, args.tokens, args.hours)]
     if sum(budget) != 1:
@@ -152,9 +128,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         r["max_steps"] = out.train.max_steps
     _emit(r, args.json, _plan_text(r))
 
-
-# ---------------------------------------------------------------------------------------------------------
-# memory
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:10.3f} GiB"
@@ -181,7 +154,7 @@ def _memory_text(r: dict[str, Any]) -> str:
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
-    from dist_train.scaling_memory import estimate_memory, with_overrides
+    from dist_train.scaling.memory import estimate_memory, with_overrides
 
     cfg = with_overrides(load_sizing_config(args.config, args.set), zero_stage=args.zero_stage,
                          offload_optimizer=args.offload_optimizer or None, micro_batch=args.micro_batch,
@@ -192,9 +165,6 @@ def cmd_memory(args: argparse.Namespace) -> None:
          "seq_len": cfg.model.seq_len, "params": count_params(cfg.model).total, "estimate": est.to_dict()}
     _emit(r, args.json, _memory_text(r))
 
-
-# ---------------------------------------------------------------------------------------------------------
-# fit
 
 def _fit_text(r: dict[str, Any]) -> str:
     law = r["law"]
@@ -213,7 +183,7 @@ def _fit_text(r: dict[str, Any]) -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from dist_train.scaling_fit import fit_loss_law, fit_report, load_runs, plot_fit
+    from dist_train.scaling.fit import fit_loss_law, fit_report, load_runs, plot_fit
 
     runs = load_runs(args.runs)
     starts = None if args.starts == "all" else int(args.starts)
@@ -223,9 +193,6 @@ def cmd_fit(args: argparse.Namespace) -> None:
         r["plot"] = str(plot_fit(runs, result, args.plot))
     _emit(r, args.json, _fit_text(r))
 
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML config (a preset from configs/ or your own)")
@@ -299,6 +266,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

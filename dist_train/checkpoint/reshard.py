@@ -1,6 +1,6 @@
 """Resume a checkpoint on another number of processes, optimizer state included.
 
-    python -m dist_train.reshard --checkpoint RUN/checkpoints/step_N     (optional: the trainer does it itself)
+    python -m dist_train.checkpoint.reshard --checkpoint RUN/checkpoints/step_N   (optional: the trainer does it)
 
 A ZeRO 1-3 checkpoint holds each rank's slice of the flat fp32 weights and Adam moments, cut for the world
 size that wrote it, and DeepSpeed refuses to load it into another. DeepSpeed's universal checkpoint format
@@ -86,7 +86,7 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_train.reshard", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dist_train.checkpoint.reshard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder RUN/checkpoints/step_N")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -11,8 +11,8 @@ wandb >= 0.19 ships no Python reader for these files, but the format is stable a
 The checksum is zlib's crc32 of the type byte followed by the payload. A file cut short by a kill ends in an
 incomplete record, which is dropped: everything before it is intact.
 
-    python -m dist_train.wandb_reader RUN_DIR                 # the history of the run in RUN_DIR/wandb/
-    python -m dist_train.wandb_reader RUN_DIR/wandb/offline-run-*/run-*.wandb --summary --json
+    python -m dist_train.monitor.wandb_reader RUN_DIR                 # the history of the run in RUN_DIR/wandb/
+    python -m dist_train.monitor.wandb_reader RUN_DIR/wandb/offline-run-*/run-*.wandb --summary --json
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -18,38 +17,33 @@ from typing import Any
 import torch
 
 from dist_train import distributed
-from dist_train.checkpoint import Checkpointer, TrainState, plan_resume
-from dist_train.config import Config, deepspeed_config
-from dist_train.data import TokenLoader
-from dist_train.distributed import ProcessPlace, Rank0
-from dist_train.metrics import ForwardTimer, MetricsLogger, build_logger, gather_rank_throughput
-from dist_train.model import build_model
-from dist_train.optim import SkippableAdamW, build_optimizer, build_scheduler, retarget_scheduler
-from dist_train.prefetch import Prefetcher
-from dist_train.preflight import preflight
-from dist_train.scaling import flops_per_token, peak_flops
-from dist_train.signals import EXIT_PREEMPTED, StopRequest
+from dist_train.checkpoint.layout import TrainState
+from dist_train.checkpoint.resume import plan_resume
+from dist_train.checkpoint.save import Checkpointer
+from dist_train.config import Config
+from dist_train.data.loader import TokenLoader
+from dist_train.data.prefetch import Prefetcher
+from dist_train.distributed.environment import ProcessPlace
+from dist_train.distributed.rank0 import Rank0
+from dist_train.engine.build import build_partitioned_model
+from dist_train.engine.ds_config import deepspeed_config
+from dist_train.model.count import flops_per_token
+from dist_train.monitor.memory import memory_gb
+from dist_train.monitor.metrics import MetricsLogger, build_logger
+from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput, peak_flops
+from dist_train.train.optim import SkippableAdamW, build_optimizer, build_scheduler, retarget_scheduler
+from dist_train.train.preflight import preflight
+from dist_train.train.signals import EXIT_PREEMPTED, StopRequest
+from dist_train.train.step import (
+    EXIT_DIVERGED,
+    StepResult,
+    TooManyBadSteps,
+    count_bad_step,
+    train_step,
+    validation_loss,
+)
 
 EXIT_COMPLETED = 0
-EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row: requeueing would repeat them
-
-
-class TooManyBadSteps(RuntimeError):
-    """Raised after train.max_bad_steps non-finite losses in a row; the last good checkpoint is intact."""
-
-
-@dataclass
-class StepResult:
-    loss: float
-    """Mean loss over the step's micro-batches and all ranks (nan when any rank's loss was not finite)."""
-    skipped: bool
-    """True when the update was skipped for a non-finite loss."""
-    stop_requested: bool
-    """True when any rank received a stop signal."""
-    grad_norm: float | None = None
-    """Global gradient norm before clipping (when measured)."""
-    lr: float | None = None
-    """Learning rate the step used."""
 
 
 def train(cfg: Config, resume: str = "latest") -> int:
@@ -203,7 +197,7 @@ class Run:
         self.rank0.print(format_log_line(record, cfg.train.max_steps))
 
     def log_eval(self) -> float:
-        val_loss = evaluate(self.engine, self.cfg, self.place, self.device)
+        val_loss = validation_loss(self.engine, self.cfg, self.place, self.device)
         self.logger.log({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss,
                          "val_ppl": math.exp(min(val_loss, 50))})
         self.rank0.print(f"step {self.state.step} | val_loss {val_loss:.4f}")
@@ -218,19 +212,6 @@ class Run:
         self.logger.close()
         distributed.shutdown()
         return exit_code
-
-
-def build_partitioned_model(cfg: Config, ds_config: dict[str, Any], deepspeed: Any) -> torch.nn.Module:
-    """The model; at ZeRO-3 each module's weights are partitioned as soon as it is built, so no rank ever holds
-    the whole model (a 7B model would otherwise take 27 GB of host memory per process). Our Transformer is built
-    inside zero.Init and initialises its weights through gathered_for_init; transformers does both itself for
-    an hf_config model when given the config."""
-    if cfg.deepspeed.zero_stage != 3:
-        return build_model(cfg.model)
-    if cfg.model.hf_config:
-        return build_model(cfg.model, zero3_config=ds_config)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        return build_model(cfg.model)
 
 
 class StepWindow:
@@ -258,89 +239,6 @@ class WallClock:
 
     def total(self) -> float:
         return self.carried_s + time.perf_counter() - self.start
-
-
-def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefetcher, accum: int,
-               device: torch.device, stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
-    """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
-    non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
-    for micro in range(accum):
-        inputs, targets = data.next_batch()
-        loss = engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-        loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
-        engine.backward(loss)
-        if micro == accum - 1:
-            # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
-            # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
-            stage0_norm = _module_grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
-            bad_grads = stage0_norm is not None and not math.isfinite(stage0_norm)
-            flags = reduce_step(loss_sum / accum, stop.requested, bad_grads)
-            optimizer.skip_next_step = flags.skipped
-        engine.step()
-    optimizer.skip_next_step = False  # a ZeRO overflow check may have skipped the inner step itself
-    if measure_grad_norm:
-        flags.grad_norm = stage0_norm if stage0_norm is not None else _engine_grad_norm(engine)
-    return flags
-
-
-def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool) -> StepResult:
-    """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce."""
-    finite = torch.isfinite(local_loss)
-    bad = (~finite) | bad_grads
-    values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)), bad.double(),
-                          torch.full_like(local_loss, float(stop))])
-    totals = distributed.sum_over_ranks(values).tolist()
-    skipped = totals[1] > 0
-    return StepResult(loss=math.nan if skipped else totals[0] / distributed.world_size(), skipped=skipped,
-                      stop_requested=totals[2] > 0)
-
-
-def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) -> None:
-    if not result.skipped:
-        state.consecutive_bad_steps = 0
-        return
-    state.consecutive_bad_steps += 1
-    state.skipped_steps += 1
-    if state.consecutive_bad_steps >= max_bad_steps:
-        raise TooManyBadSteps(
-            f"{state.consecutive_bad_steps} steps in a row (up to step {state.step}) had a non-finite loss or "
-            f"gradient and were skipped (train.max_bad_steps={max_bad_steps}); stopping. The last good checkpoint "
-            f"is intact: lower train.lr, raise train.warmup_steps or use precision=bf16, then re-run to resume.")
-
-
-@torch.no_grad()
-def evaluate(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device) -> float:
-    """Mean loss over the first train.eval_steps validation batches (the same batches every time)."""
-    val_data = TokenLoader(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
-                           place.rank, place.world_size, cfg.train.seed)
-    engine.eval()
-    total = 0.0
-    for _ in range(cfg.train.eval_steps):
-        inputs, targets = val_data.next_batch()
-        total += engine(inputs.to(device), targets.to(device)).float().item()
-    engine.train()
-    return distributed.mean_over_ranks(total / cfg.train.eval_steps)
-
-
-def _module_grad_norm(module: torch.nn.Module) -> float | None:
-    """Norm of the gradients held by the module (None when DeepSpeed keeps them elsewhere, e.g. bf16)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
-
-
-def _engine_grad_norm(engine: Any) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
-
-
-def memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or this process's peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def format_log_line(r: dict[str, Any], max_steps: int) -> str:

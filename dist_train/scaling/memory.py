@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from dist_train.config import Config, ModelConfig, config_from_dict, deepspeed_config
+from dist_train.config import Config, ModelConfig, config_from_dict
+from dist_train.engine.ds_config import deepspeed_config
 
 ADAM_BYTES = 8
 """AdamW momentum + variance, fp32."""
@@ -126,7 +127,7 @@ def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpoin
 
 def parameter_numels(m: ModelConfig) -> list[int]:
     """Element counts of every distinct parameter, from the model built on the meta device (no memory)."""
-    from dist_train.model import build_model
+    from dist_train.model.build import build_model
 
     with torch.device("meta"):
         model = build_model(m)
@@ -135,7 +136,7 @@ def parameter_numels(m: ModelConfig) -> list[int]:
 
 def _largest_layer(m: ModelConfig) -> int:
     """Parameters of the largest module, which ZeRO-3 gathers whole (DeepSpeed's estimator's notion)."""
-    from dist_train.model import build_model
+    from dist_train.model.build import build_model
 
     with torch.device("meta"):
         model = build_model(m)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config import Config, ModelConfig, config_from_dict, resolve_grad_accum
-from dist_train.scaling_count import count_params, flops_per_token
-from dist_train.scaling_laws import DEFAULT_LAW, LAWS, training_hours
+from dist_train.model.count import count_params, flops_per_token
+from dist_train.scaling.laws import DEFAULT_LAW, LAWS, training_hours
 
 SHAPE_TOLERANCE = 0.05
 """A proposed shape's exact parameter count is within this relative distance of the target N."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dist_train.checkpoint import read_client_state, resolve_checkpoint
+from dist_train.checkpoint.layout import read_client_state, resolve_checkpoint
 from dist_train.config import Config, config_from_dict, load_config
 
 WEIGHTS_FILE = "model.safetensors"

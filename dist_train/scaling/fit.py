@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from dist_train.scaling_laws import LossLaw
+from dist_train.scaling.laws import LossLaw
 
 HUBER_DELTA = 1e-3
 
@@ -127,7 +127,7 @@ def _read_csv(path: Path) -> list[tuple[float, float, float, str]]:
 
 def _read_run(folder: Path) -> tuple[float, float, float, str]:
     from dist_train.config import load_config
-    from dist_train.scaling_count import count_params
+    from dist_train.model.count import count_params
 
     summary = json.loads((folder / "summary.json").read_text())
     loss = summary.get("val_loss") if summary.get("val_loss") is not None else summary.get("train_loss")
@@ -196,7 +196,7 @@ def plot_fit(runs: Runs, result: FitResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dist_train.scaling_laws import LAWS
+    from dist_train.scaling.laws import LAWS
 
     law, optimal = result.law, result.law.optimal_law("fit", "your runs")
     budgets = compute_budgets(runs)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dist_train.config import Config, ConfigError, resolve_grad_accum
-from dist_train.data import read_manifest
+from dist_train.formats.manifest import read_manifest
 
 
 def check_data(cfg: Config) -> list[dict[str, Any]]:

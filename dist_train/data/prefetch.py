@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dist_train.data import TokenLoader
+from dist_train.data.loader import TokenLoader
 
 
 class Prefetcher:

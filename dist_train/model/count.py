@@ -16,40 +16,6 @@ from torch import nn
 
 from dist_train.config import ModelConfig
 
-# Dense (no 2:4 sparsity) tensor-core peak in TFLOP/s for bf16 from the vendors' data sheets. Matched by
-# substring of `torch.cuda.get_device_name()`, first match wins: more specific names come first.
-PEAK_TFLOPS: dict[str, float] = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,  # SXM
-    "H200": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 125.0,
-    "A10": 125.0,
-    "V100": 125.0,  # fp16 (V100 has no bf16)
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "MI300X": 1307.0,
-    "MI250X": 383.0,
-}
-
-
-def peak_flops(device: torch.device | str) -> float | None:
-    """Peak bf16 FLOP/s of one accelerator, for MFU; None on the CPU or on a GPU missing from PEAK_TFLOPS."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
-
 
 @dataclass(frozen=True)
 class ParamCount:

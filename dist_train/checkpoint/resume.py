@@ -1,0 +1,157 @@
+"""Where a resume starts and what it may change.
+
+`--resume latest` (the default; nothing to resume starts fresh), `none`, or a checkpoint folder. A config that
+changes the tensors (model shape keys, and seq_len for learned positions), the ZeRO stage or the precision is
+refused before any engine starts; any other change (lr, max_steps, ...) is allowed and printed. A resume on
+another world size goes through universal checkpoints (`dist_train.checkpoint.reshard`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_train.checkpoint import reshard
+from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state, read_latest, tag_for
+from dist_train.config import SHAPE_KEYS, Config, ConfigError
+from dist_train.distributed.environment import ProcessPlace
+from dist_train.distributed.rank0 import Rank0
+from dist_train.formats.atomic_file import write_text_atomic
+
+
+def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Config changes that make a checkpoint unloadable: tensor shapes, ZeRO stage, precision."""
+    keys = [("model", k) for k in SHAPE_KEYS]
+    if "learned" in (old["model"].get("pos"), new["model"].get("pos")):
+        keys.append(("model", "seq_len"))  # the learned position table has seq_len rows
+    keys += [("deepspeed", "zero_stage"), ("precision", None)]
+    changed = []
+    for section, key in keys:
+        before = old.get(section) if key is None else old.get(section, {}).get(key)
+        after = new.get(section) if key is None else new.get(section, {}).get(key)
+        if before != after:
+            changed.append(f"{section}{'.' + key if key else ''}: {before!r} -> {after!r}")
+    return changed
+
+
+def allowed_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changes = []
+    for section, values in new.items():
+        before = old.get(section)
+        if isinstance(values, dict) and isinstance(before, dict):
+            changes += [f"{section}.{k}: {before.get(k)!r} -> {v!r}" for k, v in values.items() if before.get(k) != v]
+        elif before != values:
+            changes.append(f"{section}: {before!r} -> {values!r}")
+    return changes
+
+
+@dataclass
+class ResumePlan:
+    path: Path
+    """The checkpoint folder to load."""
+    meta: dict[str, Any]
+    """Its client_state.json."""
+    changes: list[str]
+    """Config changes since the checkpoint (allowed ones; breaking ones were refused)."""
+    world_changed: bool
+    """Saved with another number of processes."""
+    universal: bool
+    """Load `path/universal` with DeepSpeed's load_universal (a ZeRO 1-3 checkpoint on another world size)."""
+    global_batch: tuple[int, int]
+    """Sequences per optimizer step (saved run, this run)."""
+
+    def describe(self) -> str:
+        step, world = self.meta["train_state"]["step"], self.meta["world_size"]
+        text = f"resumed from {self.path} at step {step}"
+        if self.world_changed:
+            text += f" (saved by {world} processes, re-sharded{' via the universal format' if self.universal else ''})"
+        if self.global_batch[0] != self.global_batch[1]:
+            text += (f"; global batch {self.global_batch[0]} -> {self.global_batch[1]} sequences: the data continues "
+                     f"without repeats or gaps, but not step for step (set train.global_batch_size to keep it)")
+        return text + (f"; config changes: {'; '.join(self.changes)}" if self.changes else "")
+
+
+def global_batch(cfg: dict[str, Any], world_size: int) -> int:
+    t = cfg["train"]
+    return t.get("global_batch_size") or t["micro_batch_size"] * t["grad_accum_steps"] * world_size
+
+
+def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | None:
+    """`latest` (if any), `none`, or an explicit checkpoint folder; first removes what a kill interrupted."""
+    checkpoint_dir = run_dir / "checkpoints"
+    rank0 = Rank0(place)
+    rank0.run_while_others_wait(remove_interrupted_writes, checkpoint_dir)
+    if resume == "none":
+        existing = read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+        if existing is not None:  # starting over would mix two runs' checkpoints (and averages of them)
+            raise ConfigError(f"--resume none: {run_dir} already holds checkpoints (latest {existing.name}); "
+                              f"choose another run.out_dir, or delete {checkpoint_dir} to start over")
+        return None
+    if resume == "latest":
+        return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+    path = Path(resume)
+    if not (path / CLIENT_STATE).exists():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {CLIENT_STATE})")
+    rank0.run_while_others_wait(set_aside_later_checkpoints, checkpoint_dir,
+                                read_client_state(path)["train_state"]["step"])
+    return path
+
+
+def remove_interrupted_writes(checkpoint_dir: Path) -> None:
+    """What a kill left behind: a save (`.tmp_*`), a prune (`.trash_*`) or a universal conversion."""
+    if not checkpoint_dir.exists():
+        return
+    for stale in [*checkpoint_dir.glob(".tmp_*"), *checkpoint_dir.glob(".trash_*"),
+                  *checkpoint_dir.glob("step_*/.universal_tmp")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[Path]:
+    """A resume from an earlier step (a roll-back past a loss spike) abandons the later checkpoints: move them
+    to `checkpoints/abandoned/` (kept, but no longer seen by `latest`, pruning or averaging)."""
+    later = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and int(p.name[5:]) > start_step)
+    if not later:
+        return []
+    aside = checkpoint_dir / "abandoned"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for p in later:
+        target = aside / p.name
+        suffix = 1
+        while target.exists():
+            target, suffix = aside / f"{p.name}.{suffix}", suffix + 1
+        os.rename(p, target)
+        moved.append(target)
+    start = checkpoint_dir / tag_for(start_step)
+    if (start / CLIENT_STATE).exists():
+        write_text_atomic(checkpoint_dir / "latest", start.name + "\n")
+    else:
+        (checkpoint_dir / "latest").unlink(missing_ok=True)
+    print(f"resuming from step {start_step}: moved later checkpoints to {aside}: "
+          f"{', '.join(p.name for p in moved)}", flush=True)
+    return moved
+
+
+def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) -> ResumePlan | None:
+    """Find the checkpoint to resume, refuse an incompatible config, and (rank 0, the others wait) convert a
+    ZeRO checkpoint of another world size to the universal format. Runs before the engine is built, because
+    a universal load must be switched on in the DeepSpeed config."""
+    path = find_checkpoint(run_dir, resume, place)
+    if path is None:
+        return None
+    meta = read_client_state(path)
+    broken = breaking_changes(meta["config"], cfg.to_dict())
+    if broken:
+        raise ConfigError(f"{path} cannot be resumed with this config: {'; '.join(broken)}. Restore these "
+                          f"settings, or start a new run (another run.out_dir, or --resume none)")
+    world_changed = meta["world_size"] != place.world_size
+    universal = world_changed and reshard.is_zero_checkpoint(path)
+    if universal:
+        Rank0(place).run_while_others_wait(reshard.convert_to_universal, path)
+    return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
+                      world_changed=world_changed, universal=universal,
+                      global_batch=(global_batch(meta["config"], meta["world_size"]),
+                                    global_batch(cfg.to_dict(), place.world_size)))

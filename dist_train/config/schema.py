@@ -1,0 +1,213 @@
+"""The run config's schema: one dataclass per section, a one-line docstring per field, defaults that work.
+
+Everything else (the DeepSpeed config, the model, the optimizer, the loader) is derived from it, so a user
+never keeps two configs in sync (GPT-NeoX's rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config the user must fix: the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 4
+    """Number of Transformer blocks."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_heads: int = 4
+    """Attention (query) heads; d_model must be divisible by it."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (multi-head attention)."""
+    d_ff: int = 512
+    """Hidden width of the MLP (for swiglu: the width of each of the gate and up projections)."""
+    vocab_size: int = 2048
+    """Rows of the embedding table; must be >= the tokenizer's vocabulary."""
+    seq_len: int = 128
+    """Tokens per training sequence (and the number of learned positions)."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer."""
+    pos: Literal["rope", "learned"] = "rope"
+    """Position encoding: rotary (Llama) or a learned table (GPT-2)."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP kind: gated SiLU (Llama) or GELU (GPT-2)."""
+    bias: bool = False
+    """Biases in linear layers and norms."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    dropout: float = 0.0
+    """Dropout on attention weights, residual branches and embeddings."""
+    layerscale_init: float | None = None
+    """Initial value of per-channel LayerScale on each residual branch; None turns LayerScale off."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    attention: Literal["auto", "sdpa", "matmul"] = "auto"
+    """Attention kernel: `sdpa` (torch's scaled_dot_product_attention: the flash kernel on GPU), `matmul` (two
+    batched matmuls and an fp32 softmax: faster than torch's CPU flash kernel in bf16 for short sequences, but
+    seq_len^2 memory), `auto` (matmul for bf16/fp16 on the CPU up to 128 tokens, else sdpa). Same math."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers)."""
+    hf_config: str | None = None
+    """Path to a `transformers` config (folder or config.json): train that architecture instead (built with
+    `AutoModelForCausalLM.from_config`, no download). The shape fields above are then ignored."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class SourceConfig:
+    path: str
+    """A shard folder made by `python -m data_prep.shard` (holds manifest.json)."""
+    weight: float = 1.0
+    """Relative share of training samples drawn from this source."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """One shard folder (holds manifest.json). Use either this or `sources`."""
+    sources: list[SourceConfig] | None = None
+    """Several shard folders mixed by weight: [{path, weight}, ...]."""
+    num_workers: int = 0
+    """Read training batches ahead in a background thread, 2 per worker (0 reads them in the training loop)."""
+
+    def weighted_paths(self) -> list[tuple[str, float]]:
+        if self.sources:
+            return [(s.path, s.weight) for s in self.sources]
+        return [(self.path, 1.0)] if self.path else []
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per process per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all processes; when set, grad_accum_steps is derived from it and
+    must come out whole (global = micro_batch_size * grad_accum_steps * world_size)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to lr."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Shape after warmup: cosine to min_lr, warmup-stable-decay, or constant lr."""
+    decay_fraction: float = 0.2
+    """For the wsd schedule: the final fraction of steps that decays linearly to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 turns clipping off)."""
+    seed: int = 1234
+    """Seed of the model init and the data order."""
+    eval_every: int = 100
+    """Evaluate on the validation split every this many steps (0 turns it off) and at the end."""
+    eval_steps: int = 10
+    """Validation micro-batches per evaluation."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    compile: bool = False
+    """torch.compile the model (fuses element-wise ops and the loss; the first step pays the compilation)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each one is skipped, not applied)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the optimizer step) on the CPU (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (ZeRO 3 only)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save a checkpoint every this many steps (0: only at the end and on a signal)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints (0 keeps all)."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/tiny"
+    """Run folder: config, metrics, checkpoints, summary. Re-running into it resumes."""
+    name: str | None = None
+    """Human-readable run name (default: the run folder's name)."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    """Log to Weights & Biases (rank 0 only)."""
+    project: str = "dist_train"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses the default of the API key."""
+    name: str | None = None
+    """W&B run name; default: run.name."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline writes locally (upload later with `wandb sync`), online needs an API key."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """Mixed-precision mode: bf16, fp16 (CUDA only, dynamic loss scaling) or fp32."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def model_hash(self) -> str:
+        """Hash of what a checkpoint's tensors depend on: a resume with another hash is refused."""
+        shape = {k: v for k, v in dataclasses.asdict(self.model).items() if k in SHAPE_KEYS}
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Model fields that change tensor shapes or the parameter set: changing one breaks a resume.
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "norm", "pos", "mlp",
+              "bias", "tie_embeddings", "layerscale_init", "hf_config")

@@ -1,0 +1,89 @@
+"""The process group (NCCL on CUDA, gloo on CPU), DeepSpeed's import, and the long-timeout group on which the
+other ranks wait for rank 0's file work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist_train.distributed.environment import ProcessPlace, export_torch_env
+
+
+def use_cuda() -> bool:
+    """GPUs are used when CUDA is present, unless DeepSpeed was told to run on the CPU."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def prepare_accelerator() -> None:
+    """Point DeepSpeed at the CPU (gloo) when there is no GPU; must run before deepspeed is imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def import_deepspeed() -> ModuleType:
+    """Import DeepSpeed for this machine: its accelerator is chosen at import time, and its logger, created then
+    too, is pointed at stderr so that stdout carries only our own output (`--json` stays parseable)."""
+    prepare_accelerator()
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed
+    return deepspeed
+
+
+def gathered_for_init(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Full tensors of ZeRO-3-partitioned parameters while a module initialises them (every rank runs the init,
+    so RNG streams stay in step; rank 0's values are kept and scattered); a no-op for ordinary parameters."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+"""How long a collective of the training loop waits for the slowest rank before the job fails."""
+
+
+RANK0_WORK_TIMEOUT = datetime.timedelta(hours=6)
+"""How long the other ranks wait for rank 0's file work (a universal conversion of a large model can take
+longer than COLLECTIVE_TIMEOUT)."""
+
+
+_rank0_work_group: Any = None
+
+
+def init(place: ProcessPlace, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> torch.device:
+    """Start the process group (NCCL on CUDA, gloo on CPU) and return this process's device."""
+    deepspeed = import_deepspeed()
+    export_torch_env(place)
+    if use_cuda():
+        torch.cuda.set_device(place.local_rank)
+        device = torch.device("cuda", place.local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
+    return device
+
+
+def shutdown() -> None:
+    """A barrier then destroy: without it some gloo runs abort at exit (code 250)."""
+    global _rank0_work_group
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _rank0_work_group = None
+
+
+def _wait_for_rank0_group() -> Any:
+    """A gloo group with RANK0_WORK_TIMEOUT, made once, by every rank at the same call."""
+    global _rank0_work_group
+    if _rank0_work_group is None and dist.is_available() and dist.is_initialized():
+        _rank0_work_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
+    return _rank0_work_group

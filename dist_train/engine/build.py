@@ -1,0 +1,24 @@
+"""Building the model for the engine: under ZeRO-3 no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist_train.config import Config
+from dist_train.model.build import build_model
+
+
+def build_partitioned_model(cfg: Config, ds_config: dict[str, Any], deepspeed: Any) -> torch.nn.Module:
+    """The model; at ZeRO-3 each module's weights are partitioned as soon as it is built, so no rank ever holds
+    the whole model (a 7B model would otherwise take 27 GB of host memory per process). Our Transformer is built
+    inside zero.Init and initialises its weights through gathered_for_init; transformers does both itself for
+    an hf_config model when given the config."""
+    if cfg.deepspeed.zero_stage != 3:
+        return build_model(cfg.model)
+    if cfg.model.hf_config:
+        return build_model(cfg.model, zero3_config=ds_config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return build_model(cfg.model)

@@ -1,0 +1,19 @@
+"""`build_model`: the model a config names, ours or a transformers one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dist_train.config import ModelConfig
+from dist_train.model.decoder import Transformer
+from dist_train.model.hf import HFCausalLM
+
+
+def build_model(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
+    """Our Transformer, or the HF architecture named by cfg.hf_config. `zero3_config` (a ZeRO-3 DeepSpeed
+    config) makes transformers build an HF model partitioned; our Transformer is partitioned by building it
+    inside `deepspeed.zero.Init` (see trainer.build_partitioned_model)."""
+    return HFCausalLM(cfg, zero3_config) if cfg.hf_config else Transformer(cfg)

@@ -1,0 +1,93 @@
+"""A decoder-only Transformer built from `ModelConfig`, read top to bottom (nanoGPT-style).
+
+Llama-style (rmsnorm, rope, swiglu, no bias, untied) and GPT-2-style (layernorm, learned positions, gelu,
+bias, tied) models are the same code with different options. Parameter names follow one fixed scheme so
+that the HF export is a pure renaming (plus a transposition / q,k,v concatenation for GPT-2's Conv1D):
+
+    tok_emb.weight                      model.embed_tokens.weight        | transformer.wte.weight
+    pos_emb.weight                      -                                | transformer.wpe.weight
+    blocks.{i}.attn_norm.*              model.layers.{i}.input_layernorm  | transformer.h.{i}.ln_1
+    blocks.{i}.attn.{q,k,v}_proj.*      ...self_attn.{q,k,v}_proj        | ...attn.c_attn (concatenated)
+    blocks.{i}.attn.o_proj.*            ...self_attn.o_proj              | ...attn.c_proj
+    blocks.{i}.mlp_norm.*               ...post_attention_layernorm      | ...ln_2
+    blocks.{i}.mlp.{gate,up,down}_proj  ...mlp.{gate,up,down}_proj       | ...mlp.c_fc (up), mlp.c_proj (down)
+    blocks.{i}.{attn,mlp}_scale.gamma   (LayerScale: folded into o_proj / down_proj rows on export)
+    norm_f.*                            model.norm                       | transformer.ln_f
+    lm_head.weight                      lm_head.weight                   | lm_head.weight (tied to wte)
+
+Labels convention (both `Transformer` and the HF adapter): `labels[b, t]` is the target for position t,
+i.e. the loader already shifted them (nanoGPT's x, y); -100 is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dist_train.config import ModelConfig
+from dist_train.distributed.process_group import gathered_for_init
+from dist_train.model.blocks import Block, RotaryEmbedding, make_norm
+
+IGNORE_INDEX = -100
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored positions, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class Transformer(nn.Module):
+    """forward(input_ids (B, T), labels (B, T) | None) -> fp32 mean loss if labels else logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 / Llama init: N(0, init_std); the projections that write into the residual stream are
+        # scaled by 1/sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2 paper).
+        # Built under ZeRO-3's zero.Init, each module's weights are already partitioned here: gather them.
+        with gathered_for_init(list(module.parameters(recurse=False))):
+            if isinstance(module, nn.Linear):
+                std = self.cfg.init_std
+                if getattr(module, "is_residual_out", False):
+                    std /= math.sqrt(2 * self.cfg.n_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            if self.pos_emb.num_embeddings < T:
+                raise ValueError(f"sequence of {T} tokens is longer than the {self.cfg.seq_len} learned "
+                                 f"positions (model.seq_len)")
+            x = x + self.pos_emb(torch.arange(T, device=input_ids.device))  # (B, T, C)
+        x = self.emb_dropout(x)
+        rope = None
+        if self.rotary is not None:
+            # Cast once here rather than in every layer: each cast is a (T, hd) copy kept for the backward.
+            rope = tuple(t.to(x.dtype) for t in self.rotary(T, input_ids.device))  # 2 x (T, hd)
+        recompute = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            # Recompute keeps only each block's input for the backward pass instead of all its activations.
+            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        return logits if labels is None else lm_loss(logits, labels)

@@ -1,0 +1,145 @@
+"""Validation loss and perplexity of a checkpoint and/or a weights folder, next to a unigram baseline.
+
+    python -m dist_train.evaluate --run RUN [--step N] [--weights DIR] [--max-samples M] [--json]
+
+Rows: the run's latest checkpoint (or --step N), then each --weights folder (e.g. averaged weights from
+`dist_train.average`), then the unigram model of the training split, all on the same validation windows, so the
+numbers compare side by side. With only --weights, the data of that folder's config is used.
+
+Validation windows are the loader's (`dist_train.data`): seq_len + 1 tokens cut from each source's val split,
+in the loader's seeded order, the first --max-samples of them (default all); the loss is the mean next-token
+cross-entropy in nats over all their positions, the perplexity exp(loss). The unigram baseline predicts every
+token with its frequency in the training split (add-one smoothed over the model's vocabulary, counted over the
+first --unigram-tokens tokens of each source and mixed by the sources' weights): a model whose loss is not well
+below it has learned nothing about context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_train.checkpoint.weights import Weights, open_weights
+from dist_train.config import Config
+from dist_train.data.loader import TokenLoader
+from dist_train.model.build import build_model
+
+
+@dataclass
+class ValData:
+    inputs: torch.Tensor
+    """(N, seq_len) token ids."""
+    targets: torch.Tensor
+    """(N, seq_len) next tokens."""
+
+
+def val_windows(cfg: Config, max_samples: int | None) -> ValData:
+    """Every source's validation windows (up to max_samples each), in the loader's order."""
+    windows = []
+    for path, _ in cfg.data.weighted_paths():
+        loader = TokenLoader([(path, 1.0)], "val", cfg.model.seq_len, 1, 0, 1, cfg.train.seed)
+        count = loader.num_samples[0] if max_samples is None else min(max_samples, loader.num_samples[0])
+        windows += [loader.window(g) for g in range(count)]
+    stacked = torch.from_numpy(np.stack(windows))  # (N, seq_len + 1)
+    return ValData(inputs=stacked[:, :-1].contiguous(), targets=stacked[:, 1:].contiguous())
+
+
+@torch.no_grad()
+def model_loss(weights: Weights, data: ValData, batch_size: int, device: torch.device) -> float:
+    """Mean cross-entropy (nats per token) of the weights on the windows."""
+    model = weights.load_into(build_model(weights.config.model)).to(device).eval()
+    total = 0.0
+    for start in range(0, len(data.inputs), batch_size):
+        x, y = data.inputs[start:start + batch_size].to(device), data.targets[start:start + batch_size].to(device)
+        total += model(x, y).double().item() * len(x)  # every window has seq_len targets: a per-window mean
+    return total / len(data.inputs)
+
+
+def unigram_probs(cfg: Config, max_tokens: int) -> np.ndarray:
+    """Add-one smoothed token frequencies of the training split, mixed over sources by weight."""
+    vocab = cfg.model.vocab_size
+    probs = np.zeros(vocab)
+    sources = cfg.data.weighted_paths()
+    total_weight = sum(w for _, w in sources)
+    for path, weight in sources:
+        loader = TokenLoader([(path, 1.0)], "train", cfg.model.seq_len, 1, 0, 1, cfg.train.seed)
+        stream = loader.streams[0]
+        counts = np.zeros(vocab, dtype=np.int64)
+        chunk = 1 << 24
+        for start in range(0, min(stream.num_tokens, max_tokens), chunk):
+            length = min(chunk, min(stream.num_tokens, max_tokens) - start)
+            counts += np.bincount(stream.read(start, length), minlength=vocab)[:vocab]
+        probs += weight / total_weight * (counts + 1) / (counts.sum() + vocab)
+    return probs
+
+
+def unigram_loss(probs: np.ndarray, data: ValData) -> float:
+    return float(-np.log(probs[data.targets.numpy()]).mean())
+
+
+def row(name: str, loss: float, step: int | None = None, **extra: object) -> dict[str, object]:
+    return {"name": name, "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)), **extra}
+
+
+def format_table(rows: list[dict[str, object]], tokens: int) -> str:
+    width = max(len(str(r["name"])) for r in rows)
+    lines = [f"{'weights':<{width}}  {'step':>7}  {'val_loss':>9}  {'val_ppl':>10}"]
+    for r in rows:
+        step = "-" if r["step"] is None else str(r["step"])
+        lines.append(f"{r['name']:<{width}}  {step:>7}  {r['val_loss']:>9.4f}  {r['val_ppl']:>10.2f}")
+    lines.append(f"({tokens:,} validation tokens)")
+    return "\n".join(lines)
+
+
+def evaluate(sources: list[Weights], max_samples: int | None, batch_size: int, unigram_tokens: int,
+             device: torch.device) -> dict[str, object]:
+    """Rows for each weights source plus the unigram baseline, on the first source's validation data."""
+    cfg = sources[0].config
+    data = val_windows(cfg, max_samples)
+    rows = []
+    for w in sources:
+        averaged = w.meta.get("averaged_steps")
+        label = f"{w.source} (average of steps {averaged})" if averaged else w.source
+        rows.append(row(label, model_loss(w, data, batch_size, device), w.meta.get("step")))
+    rows.append(row("unigram (train split)", unigram_loss(unigram_probs(cfg, unigram_tokens), data)))
+    return {"rows": rows, "val_tokens": data.targets.numel(), "val_windows": len(data.inputs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_train.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="run folder: evaluate its latest checkpoint (or --step N)")
+    parser.add_argument("--step", type=int, help="evaluate the checkpoint of this step")
+    parser.add_argument("--weights", type=Path, action="append", default=[],
+                        help="a weights folder (from dist_train.average); repeatable")
+    parser.add_argument("--max-samples", type=int, help="validation windows per source (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--unigram-tokens", type=int, default=100_000_000,
+                        help="training tokens per source counted for the unigram baseline")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    if args.run is None and not args.weights:
+        parser.error("give --run RUN and/or --weights DIR")
+    if args.step is not None and args.run is None:
+        parser.error("--step needs --run")
+    try:
+        sources = ([open_weights(args.run, args.step)] if args.run else []) + [open_weights(weights=w)
+                                                                             for w in args.weights]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(sources, args.max_samples, args.batch_size, args.unigram_tokens, device)
+    print(json.dumps(result) if args.json else format_table(result["rows"], result["val_tokens"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""One optimizer step (micro-batches, gradient accumulation, the reduced loss), the count of non-finite steps that
+stops a diverging run, and the validation loss during training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_train import distributed
+from dist_train.checkpoint.layout import TrainState
+from dist_train.config import Config
+from dist_train.data.loader import TokenLoader
+from dist_train.data.prefetch import Prefetcher
+from dist_train.distributed.environment import ProcessPlace
+from dist_train.train.optim import SkippableAdamW
+from dist_train.train.signals import StopRequest
+
+EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row: requeueing would repeat them
+
+
+class TooManyBadSteps(RuntimeError):
+    """Raised after train.max_bad_steps non-finite losses in a row; the last good checkpoint is intact."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the step's micro-batches and all ranks (nan when any rank's loss was not finite)."""
+    skipped: bool
+    """True when the update was skipped for a non-finite loss."""
+    stop_requested: bool
+    """True when any rank received a stop signal."""
+    grad_norm: float | None = None
+    """Global gradient norm before clipping (when measured)."""
+    lr: float | None = None
+    """Learning rate the step used."""
+
+
+def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefetcher, accum: int,
+               device: torch.device, stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
+    """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
+    non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
+    for micro in range(accum):
+        inputs, targets = data.next_batch()
+        loss = engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+        loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
+        engine.backward(loss)
+        if micro == accum - 1:
+            # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
+            # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
+            stage0_norm = _module_grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
+            bad_grads = stage0_norm is not None and not math.isfinite(stage0_norm)
+            flags = reduce_step(loss_sum / accum, stop.requested, bad_grads)
+            optimizer.skip_next_step = flags.skipped
+        engine.step()
+    optimizer.skip_next_step = False  # a ZeRO overflow check may have skipped the inner step itself
+    if measure_grad_norm:
+        flags.grad_norm = stage0_norm if stage0_norm is not None else _engine_grad_norm(engine)
+    return flags
+
+
+def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool) -> StepResult:
+    """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce."""
+    finite = torch.isfinite(local_loss)
+    bad = (~finite) | bad_grads
+    values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)), bad.double(),
+                          torch.full_like(local_loss, float(stop))])
+    totals = distributed.sum_over_ranks(values).tolist()
+    skipped = totals[1] > 0
+    return StepResult(loss=math.nan if skipped else totals[0] / distributed.world_size(), skipped=skipped,
+                      stop_requested=totals[2] > 0)
+
+
+def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) -> None:
+    if not result.skipped:
+        state.consecutive_bad_steps = 0
+        return
+    state.consecutive_bad_steps += 1
+    state.skipped_steps += 1
+    if state.consecutive_bad_steps >= max_bad_steps:
+        raise TooManyBadSteps(
+            f"{state.consecutive_bad_steps} steps in a row (up to step {state.step}) had a non-finite loss or "
+            f"gradient and were skipped (train.max_bad_steps={max_bad_steps}); stopping. The last good checkpoint "
+            f"is intact: lower train.lr, raise train.warmup_steps or use precision=bf16, then re-run to resume.")
+
+
+@torch.no_grad()
+def validation_loss(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device) -> float:
+    """Mean loss over the first train.eval_steps validation batches (the same batches every time)."""
+    val_data = TokenLoader(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
+                           place.rank, place.world_size, cfg.train.seed)
+    engine.eval()
+    total = 0.0
+    for _ in range(cfg.train.eval_steps):
+        inputs, targets = val_data.next_batch()
+        total += engine(inputs.to(device), targets.to(device)).float().item()
+    engine.train()
+    return distributed.mean_over_ranks(total / cfg.train.eval_steps)
+
+
+def _module_grad_norm(module: torch.nn.Module) -> float | None:
+    """Norm of the gradients held by the module (None when DeepSpeed keeps them elsewhere, e.g. bf16)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+
+
+def _engine_grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
