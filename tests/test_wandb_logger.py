@@ -26,10 +26,10 @@ pytestmark = pytest.mark.slow  # each test runs real wandb in fresh processes
 JOB = """
 import json, os, signal, sys
 from pathlib import Path
-from dist_train.checkpoint import TrainState
+from dist_train.checkpoint.layout import TrainState
 from dist_train.config import load_config
 from dist_train.distributed import ProcessPlace
-from dist_train.metrics import build_logger
+from dist_train.monitor.metrics import build_logger
 
 spec = json.loads(sys.argv[1])
 cfg = load_config(None, spec["overrides"])
