@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 from distributed_helpers import REPO
 
-from dist_train.config import ConfigError, load_config
+from dist_train.config import Config, ConfigError, SourceConfig, load_config
+from dist_train.config.validation import RANGES
 from dist_train.engine.ds_config import deepspeed_config
 from dist_train.train.preflight import preflight
 
@@ -165,3 +169,73 @@ def test_hf_config_vocabulary_smaller_than_the_tokenizers_is_refused(shard_dir, 
     cfg = load_config(CONFIGS / "tiny.yaml", [f"data.path={shard_dir}", f"model.hf_config={tmp_path}"])
     with pytest.raises(ConfigError, match=r"vocab_size in .* \(1000\) is smaller than the tokenizer's vocabulary"):
         preflight(cfg, world_size=1)
+
+
+def numeric_fields(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    """Every int or float field of the schema (None allowed or not) by dotted key; `data.sources.weight` for
+    the fields of each data source."""
+    found = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        key = f"{prefix}{name}"
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if typing.get_origin(inner[0]) is list and typing.get_args(inner[0]) == (SourceConfig,):
+            found.update(numeric_fields(SourceConfig, f"{key}."))
+        elif dataclasses.is_dataclass(inner[0]):
+            found.update(numeric_fields(inner[0], f"{key}."))
+        elif inner[0] in (int, float):
+            found[key] = inner[0]
+    return found
+
+
+def field_docstrings() -> dict[str, str]:
+    """The docstring under each field of dist_train/config/schema.py, by ClassName.field."""
+    tree = ast.parse((REPO / "dist_train" / "config" / "schema.py").read_text())
+    docs = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for a, b in zip(cls.body, cls.body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[f"{cls.name}.{a.target.id}"] = b.value.value
+    return docs
+
+
+SECTION_CLASSES = {"model": "ModelConfig", "data.sources": "SourceConfig", "data": "DataConfig",
+                   "train": "TrainConfig", "deepspeed": "DeepSpeedConfig", "checkpoint": "CheckpointConfig"}
+
+
+def test_every_numeric_field_has_a_range_that_its_docstring_states():
+    assert set(numeric_fields()) == set(RANGES), "a numeric config field without a range in RANGES (or a stale one)"
+    docs = field_docstrings()
+    for key, allowed in RANGES.items():
+        section, name = key.rsplit(".", 1)
+        doc = docs[f"{SECTION_CLASSES[section]}.{name}"]
+        assert f"range {allowed.describe()}" in " ".join(doc.split()), f"{key}: docstring does not state its range"
+
+
+def out_of_range_values() -> list[tuple[str, object]]:
+    """Per field, the value just outside its range at each end that has one."""
+    cases = []
+    for key, allowed in RANGES.items():
+        kind = numeric_fields()[key]
+        step = 1 if kind is int else 0.5
+        if allowed.low is not None:
+            cases.append((key, kind(allowed.low if allowed.low_open else allowed.low - step)))
+        if allowed.high is not None:
+            cases.append((key, kind(allowed.high if allowed.high_open else allowed.high + step)))
+    return cases
+
+
+@pytest.mark.parametrize(("key", "bad"), out_of_range_values(), ids=lambda v: str(v))
+def test_an_out_of_range_value_is_refused_naming_the_override_and_the_range(key, bad):
+    if key == "data.sources.weight":
+        override = f"data.sources=[{{path: data/x, weight: {bad}}}]"
+        msg, key = refused(["data.path=null", override]), "data.sources[0].weight"
+    else:
+        override = f"{key}={bad}"
+        msg = refused([override])
+    assert msg.startswith(f"override {override}: {key} must be {RANGES[key.replace('[0]', '')].describe()}, got ")
+
+
+def test_a_bad_value_in_the_yaml_file_is_blamed_on_the_file(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train:\n  weight_decay: -1\n")
+    assert refused(["model.seq_len=64"], bad_yaml).startswith(f"{bad_yaml}: train.weight_decay must be >= 0")

@@ -147,14 +147,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return config_from_dict(tree)
     except ConfigError as e:
-        raise ConfigError(f"{_error_source(str(e), path, overrides)}{e}") from None
+        raise ConfigError(f"{_error_source(e, path, overrides)}{e}", e.keys) from None
 
 
-def _error_source(message: str, path: Path | None, overrides: list[str] | tuple[str, ...]) -> str:
+def _error_source(error: ConfigError, path: Path | None, overrides: list[str] | tuple[str, ...]) -> str:
     """Where the offending key was written: the command-line override that set it (the last one wins), else
-    the YAML file. A message about one key starts with it, or quotes it."""
+    the YAML file. The error lists its keys (`ConfigError.keys`), or its message starts with one or quotes it;
+    an override of a whole section or list (`data.sources=[...]`) sets every key below it."""
+    message = str(error)
     for override in reversed(overrides):
         key = override.split("=", 1)[0].strip()
-        if message.startswith(f"{key}:") or f"'{key}'" in message:
+        if (message.startswith(f"{key}:") or f"'{key}'" in message
+                or any(k == key or k.startswith((f"{key}.", f"{key}[")) for k in error.keys)):
             return f"override {override}: "
     return f"{path}: " if path is not None else ""

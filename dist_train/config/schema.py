@@ -18,23 +18,27 @@ import yaml
 class ConfigError(ValueError):
     """A config the user must fix: the message names the key and what to do."""
 
+    def __init__(self, message: str, keys: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)  # the dotted keys at fault: the loader names the override that set them
+
 
 @dataclass
 class ModelConfig:
     n_layers: int = 4
-    """Number of Transformer blocks."""
+    """Number of Transformer blocks; range > 0."""
     d_model: int = 128
-    """Width of the residual stream."""
+    """Width of the residual stream; range > 0."""
     n_heads: int = 4
-    """Attention (query) heads; d_model must be divisible by it."""
+    """Attention (query) heads; d_model must be divisible by it; range > 0."""
     n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention; None means n_heads (multi-head attention)."""
+    """Key/value heads for grouped-query attention; None means n_heads (multi-head attention); range > 0."""
     d_ff: int = 512
-    """Hidden width of the MLP (for swiglu: the width of each of the gate and up projections)."""
+    """Hidden width of the MLP (for swiglu: the width of each of the gate and up projections); range > 0."""
     vocab_size: int = 2048
-    """Rows of the embedding table; must be >= the tokenizer's vocabulary."""
+    """Rows of the embedding table; must be >= the tokenizer's vocabulary; range > 0."""
     seq_len: int = 128
-    """Tokens per training sequence (and the number of learned positions)."""
+    """Tokens per training sequence (and the number of learned positions); range > 0."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer."""
     pos: Literal["rope", "learned"] = "rope"
@@ -46,9 +50,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     dropout: float = 0.0
-    """Dropout on attention weights, residual branches and embeddings."""
+    """Dropout on attention weights, residual branches and embeddings; range in [0, 1)."""
     layerscale_init: float | None = None
-    """Initial value of per-channel LayerScale on each residual branch; None turns LayerScale off."""
+    """Initial value of per-channel LayerScale on each residual branch; None turns LayerScale off; range > 0."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them."""
     attention: Literal["auto", "sdpa", "matmul"] = "auto"
@@ -56,11 +60,11 @@ class ModelConfig:
     batched matmuls and an fp32 softmax: faster than torch's CPU flash kernel in bf16 for short sequences, but
     seq_len^2 memory), `auto` (matmul for bf16/fp16 on the CPU up to 128 tokens, else sdpa). Same math."""
     norm_eps: float = 1e-5
-    """Epsilon of the normalisation layers."""
+    """Epsilon of the normalisation layers; range > 0."""
     rope_theta: float = 10000.0
-    """Base of the rotary frequencies."""
+    """Base of the rotary frequencies; range > 0."""
     init_std: float = 0.02
-    """Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers)."""
+    """Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers); range > 0."""
     hf_config: str | None = None
     """Path to a `transformers` config (folder or config.json): train that architecture instead (built with
     `AutoModelForCausalLM.from_config`, no download). The shape fields above are then ignored."""
@@ -79,7 +83,7 @@ class SourceConfig:
     path: str
     """A shard folder made by `python -m data_prep.shard` (holds manifest.json)."""
     weight: float = 1.0
-    """Relative share of training samples drawn from this source."""
+    """Relative share of training samples drawn from this source; range > 0."""
 
 
 @dataclass
@@ -89,7 +93,8 @@ class DataConfig:
     sources: list[SourceConfig] | None = None
     """Several shard folders mixed by weight: [{path, weight}, ...]."""
     num_workers: int = 0
-    """Read training batches ahead in a background thread, 2 per worker (0 reads them in the training loop)."""
+    """Read training batches ahead in a background thread, 2 per worker (0 reads them in the training loop);
+    range >= 0."""
 
     def weighted_paths(self) -> list[tuple[str, float]]:
         if self.sources:
@@ -100,52 +105,53 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for; range > 0."""
     micro_batch_size: int = 8
-    """Sequences per process per forward pass."""
+    """Sequences per process per forward pass; range > 0."""
     grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step; range > 0."""
     global_batch_size: int | None = None
     """Sequences per optimizer step over all processes; when set, grad_accum_steps is derived from it and
-    must come out whole (global = micro_batch_size * grad_accum_steps * world_size)."""
+    must come out whole (global = micro_batch_size * grad_accum_steps * world_size); range > 0."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate; range > 0."""
     min_lr: float = 1e-4
-    """Learning rate at the end of the decay."""
+    """Learning rate at the end of the decay; range >= 0."""
     warmup_steps: int = 20
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup steps from 0 to lr; range >= 0."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """Shape after warmup: cosine to min_lr, warmup-stable-decay, or constant lr."""
     decay_fraction: float = 0.2
-    """For the wsd schedule: the final fraction of steps that decays linearly to min_lr."""
+    """For the wsd schedule: the final fraction of steps that decays linearly to min_lr; range in (0, 1]."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (not applied to norms, biases and embeddings)."""
+    """AdamW decoupled weight decay (not applied to norms, biases and embeddings); range >= 0."""
     beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW beta1; range in [0, 1)."""
     beta2: float = 0.95
-    """AdamW beta2."""
+    """AdamW beta2; range in [0, 1)."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon; range > 0."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 turns clipping off)."""
+    """Clip the global gradient norm to this value (0 turns clipping off); range >= 0."""
     seed: int = 1234
-    """Seed of the model init and the data order."""
+    """Seed of the model init and the data order; range in [0, 4294967295]."""
     eval_every: int = 100
-    """Evaluate on the validation split every this many steps (0 turns it off) and at the end."""
+    """Evaluate on the validation split every this many steps (0 turns it off) and at the end; range >= 0."""
     eval_steps: int = 10
-    """Validation micro-batches per evaluation."""
+    """Validation micro-batches per evaluation; range > 0."""
     log_every: int = 10
-    """Write a metrics line every this many steps."""
+    """Write a metrics line every this many steps; range > 0."""
     compile: bool = False
     """torch.compile the model (fuses element-wise ops and the loss; the first step pays the compilation)."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss (each one is skipped, not applied)."""
+    """Stop after this many consecutive steps with a non-finite loss (each one is skipped, not applied); range > 0."""
 
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
-    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters);
+    range 0, 1, 2 or 3."""
     offload_optimizer: bool = False
     """Keep optimizer states (and the optimizer step) on the CPU (ZeRO 1-3)."""
     offload_params: bool = False
@@ -155,9 +161,9 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100
-    """Save a checkpoint every this many steps (0: only at the end and on a signal)."""
+    """Save a checkpoint every this many steps (0: only at the end and on a signal); range >= 0."""
     keep_last: int = 3
-    """Keep this many most recent checkpoints (0 keeps all)."""
+    """Keep this many most recent checkpoints (0 keeps all); range >= 0."""
 
 
 @dataclass

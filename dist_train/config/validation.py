@@ -4,35 +4,110 @@ engine starts. Each error names the key and the fix.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dist_train.config.schema import Config, ConfigError, ModelConfig, TrainConfig
 
 
-def _require(ok: bool, message: str) -> None:
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take; `describe()` is what its docstring and its error say."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """Exclude `low` itself."""
+    high_open: bool = False
+    """Exclude `high` itself."""
+    text: str | None = None
+    """Wording of the range when the interval notation reads badly (e.g. `0, 1, 2 or 3`)."""
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _number(x: float) -> str:
+    return f"{int(x)}" if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)
+
+RANGES: dict[str, Range] = {
+    "model.n_layers": POSITIVE, "model.d_model": POSITIVE, "model.n_heads": POSITIVE,
+    "model.n_kv_heads": POSITIVE, "model.d_ff": POSITIVE, "model.vocab_size": POSITIVE,
+    "model.seq_len": POSITIVE, "model.dropout": FRACTION, "model.layerscale_init": POSITIVE,
+    "model.norm_eps": POSITIVE, "model.rope_theta": POSITIVE, "model.init_std": POSITIVE,
+    "data.sources.weight": POSITIVE, "data.num_workers": NON_NEGATIVE,
+    "train.max_steps": POSITIVE, "train.micro_batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
+    "train.global_batch_size": POSITIVE, "train.lr": POSITIVE, "train.min_lr": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE, "train.decay_fraction": Range(0, 1, low_open=True),
+    "train.weight_decay": NON_NEGATIVE, "train.beta1": FRACTION, "train.beta2": FRACTION, "train.eps": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE, "train.seed": Range(0, 2**32 - 1), "train.eval_every": NON_NEGATIVE,
+    "train.eval_steps": POSITIVE, "train.log_every": POSITIVE, "train.max_bad_steps": POSITIVE,
+    "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
+    "checkpoint.every": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
+}
+"""Every numeric config field (dotted key; `data.sources.weight` is each source's weight) and its range. A
+field set to None (where the schema allows it) means "off" or "derived" and is not checked."""
+
+
+def _require(ok: bool, message: str, *keys: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise ConfigError(message, keys)
+
+
+def _lookup(cfg: Config, dotted: str) -> list[tuple[str, Any]]:
+    """(key as the user writes it, value) for a dotted key; one pair per source for `data.sources.*`."""
+    if dotted.startswith("data.sources."):
+        field_name = dotted.rsplit(".", 1)[1]
+        return [(f"data.sources[{i}].{field_name}", getattr(s, field_name))
+                for i, s in enumerate(cfg.data.sources or [])]
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return [(dotted, node)]
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric field inside its range (RANGES); the error names the key, the range and the value."""
+    for dotted, allowed in RANGES.items():
+        for key, value in _lookup(cfg, dotted):
+            if value is not None:
+                _require(allowed.contains(value), f"{key} must be {allowed.describe()}, got {value}", key)
 
 
 def _validate_model(m: ModelConfig) -> None:
     if m.hf_config is not None:
-        _require(Path(m.hf_config).exists(), f"model.hf_config: {m.hf_config} does not exist")
-    for key in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "seq_len"):
-        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+        _require(Path(m.hf_config).exists(), f"model.hf_config: {m.hf_config} does not exist", "model.hf_config")
     _require(m.d_model % m.n_heads == 0,
              f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
-             f"e.g. set model.n_heads={_nearest_divisor(m.d_model, m.n_heads)}")
+             f"e.g. set model.n_heads={_nearest_divisor(m.d_model, m.n_heads)}", "model.d_model", "model.n_heads")
     if m.n_kv_heads is not None:
-        _require(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
+        _require(m.n_heads % m.n_kv_heads == 0,
                  f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
-                 f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}")
+                 f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}",
+                 "model.n_heads", "model.n_kv_heads")
     if m.pos == "rope":
         _require(m.head_dim % 2 == 0, f"model.pos=rope needs an even head dimension, got "
-                                      f"d_model/n_heads = {m.head_dim}")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.layerscale_init is not None:
-        _require(m.layerscale_init > 0, f"model.layerscale_init must be positive or null, got "
-                                        f"{m.layerscale_init}")
+                                      f"d_model/n_heads = {m.head_dim}", "model.pos", "model.d_model",
+                 "model.n_heads")
 
 
 def _nearest_divisor(n: int, near: int) -> int:
@@ -41,41 +116,32 @@ def _nearest_divisor(n: int, near: int) -> int:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
-        _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
-    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
-    _require(0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})")
-    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _require(0 < t.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
-    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 turns it off), got {t.grad_clip}")
-    _require(t.eval_every >= 0 and t.eval_steps > 0, "train.eval_every must be >= 0 and train.eval_steps > 0")
-    _require(t.max_bad_steps > 0, f"train.max_bad_steps must be positive, got {t.max_bad_steps}")
+    _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})",
+             "train.min_lr", "train.lr")
     if t.global_batch_size is not None:
-        _require(t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size == 0,
+        _require(t.global_batch_size % t.micro_batch_size == 0,
                  f"train.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
-                 f"train.micro_batch_size ({t.micro_batch_size})")
+                 f"train.micro_batch_size ({t.micro_batch_size})", "train.global_batch_size",
+                 "train.micro_batch_size")
 
 
 def validate(cfg: Config) -> None:
     """Checks that need only the config; raise ConfigError naming the key and the fix."""
+    check_ranges(cfg)
     _validate_model(cfg.model)
     _validate_train(cfg.train)
     ds = cfg.deepspeed
-    _require(0 <= ds.zero_stage <= 3, f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
     _require(not ds.offload_optimizer or ds.zero_stage >= 1,
-             "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-    _require(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3")
+             "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1", "deepspeed.offload_optimizer",
+             "deepspeed.zero_stage")
+    _require(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params needs deepspeed.zero_stage=3",
+             "deepspeed.offload_params", "deepspeed.zero_stage")
     d = cfg.data
     _require(bool(d.path) or bool(d.sources),
              "data.path is missing: set data.path=<shard folder> (made by `python -m data_prep.shard`) "
-             "or data.sources=[{path, weight}, ...]")
-    _require(not (d.path and d.sources), "set either data.path or data.sources, not both")
-    for i, s in enumerate(d.sources or []):
-        _require(s.weight > 0, f"data.sources[{i}].weight must be positive, got {s.weight}")
-    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    _require(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 0,
-             "checkpoint.every and checkpoint.keep_last must be >= 0")
+             "or data.sources=[{path, weight}, ...]", "data.path", "data.sources")
+    _require(not (d.path and d.sources), "set either data.path or data.sources, not both", "data.path",
+             "data.sources")
 
 
 def resolve_grad_accum(cfg: Config, world_size: int) -> int:
@@ -86,5 +152,6 @@ def resolve_grad_accum(cfg: Config, world_size: int) -> int:
     per_pass = t.micro_batch_size * world_size
     _require(t.global_batch_size % per_pass == 0,
              f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
-             f"({t.micro_batch_size}) x world size ({world_size}) = {per_pass}; pick a multiple of {per_pass}")
+             f"({t.micro_batch_size}) x world size ({world_size}) = {per_pass}; pick a multiple of {per_pass}",
+             "train.global_batch_size")
     return t.global_batch_size // per_pass
