@@ -5,9 +5,11 @@
     python -m launch.slurm status JOBID
     python -m launch.slurm cancel JOBID
 
-`submit` validates the config, writes `RUN_DIR/slurm/job.sbatch` (see launch/sbatch.py) and hands it to
-`sbatch`; the job's output goes to `RUN_DIR/slurm/JOBID.out`. `run` writes the same script and runs it in the
-foreground: inside an `salloc` allocation it uses that one, otherwise `srun` allocates the nodes itself.
+`submit` validates the config and runs the trainer's preflight (data, vocabulary, batch size, resume state; the
+per-GPU memory estimate is printed, and refused above `--gpu-memory`), writes `RUN_DIR/slurm/job.sbatch` (see
+launch/sbatch.py) and hands it to `sbatch`; the job's output goes to `RUN_DIR/slurm/JOBID.out`. `run` writes the
+same script and runs it in the foreground: inside an `salloc` allocation it uses that one, otherwise `srun`
+allocates the nodes itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import ConfigError, load_config
+from dist_train.config import Config, ConfigError, add_override_arguments, load_config, overrides_from
 from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, render
 
 
@@ -50,17 +52,48 @@ def _call(name: str, *args: str) -> str:
 # submit / run
 
 def job_spec(args: argparse.Namespace) -> JobSpec:
-    """Validate the config first (nothing is written or submitted for a bad one), then the job request."""
+    """Validate the config and what the trainer would check first (nothing is written or submitted for a bad
+    one), then the job request."""
     config = Path(args.config)
-    cfg = load_config(config, args.overrides)
+    overrides = overrides_from(args)
+    cfg = load_config(config, overrides)
+    peak_gib = cluster_preflight(cfg, args)
+    if not args.cpu:
+        print(f"preflight: data, vocabulary and batch size checked; estimated peak {peak_gib:.1f} GiB per GPU "
+              f"(python -m dist_train.scaling memory for the breakdown)", file=sys.stderr)
     run_dir = Path(cfg.run.out_dir).resolve()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.run.name or run_dir.name)
     return JobSpec(
         config=config.resolve(), run_dir=run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        overrides=tuple(args.overrides), launcher=args.launcher, cpu=args.cpu, partition=args.partition,
+        overrides=tuple(overrides), launcher=args.launcher, cpu=args.cpu, partition=args.partition,
         account=args.account, time=args.time, cpus_per_task=args.cpus_per_task, grace_s=args.grace,
         job_name=f"dist_train-{name}",
     )
+
+
+def cluster_preflight(cfg: Config, args: argparse.Namespace) -> float:
+    """The trainer's own checks, on the submitting machine, so that a job does not wait in the queue to fail:
+    data (exists, fits the vocabulary and seq_len, one tokenizer), batch size for this world size, and what the
+    run folder holds (a finished run, a max_steps already passed, a config that breaks its checkpoint). Returns
+    the estimated peak GiB per GPU; refuses one above --gpu-memory."""
+    from dist_train.checkpoint.resume import check_before_launch
+    from dist_train.scaling.memory import estimate_memory
+    from dist_train.train.preflight import preflight
+
+    if args.cpu and cfg.precision == "fp16":
+        raise ConfigError("precision=fp16 needs CUDA GPUs, and --cpu asks for none: use precision=bf16 or fp32")
+    preflight(cfg, args.nodes * args.gpus_per_node, this_machine=False)
+    finished = check_before_launch(Path(cfg.run.out_dir), cfg, "latest")
+    if finished:
+        raise ConfigError(finished.replace("nothing to do, nothing changed", "nothing to submit"))
+    est = estimate_memory(cfg, args.nodes * args.gpus_per_node)
+    peak_gib = est.peak(cfg.model.grad_checkpointing) / 2**30
+    if args.gpu_memory is not None and not args.cpu and peak_gib > args.gpu_memory:
+        raise ConfigError(f"the run needs about {peak_gib:.1f} GiB per GPU (python -m dist_train.scaling memory "
+                          f"--config {args.config} --gpus {args.nodes * args.gpus_per_node}), more than "
+                          f"--gpu-memory {args.gpu_memory:g}: set model.grad_checkpointing=true, a higher "
+                          f"deepspeed.zero_stage, a smaller train.micro_batch_size, or more GPUs")
+    return peak_gib
 
 
 def write_script(spec: JobSpec) -> Path:
@@ -141,9 +174,11 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
                    help="srun: one task per GPU, ranks from SLURM (default); "
                         "deepspeed: one task per node running the deepspeed launcher with --no_ssh")
     p.add_argument("--cpu", action="store_true", help="train on CPUs (gloo), ask for no GPUs")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="GiB per GPU of the cluster: refuse a run whose estimated peak needs more")
     p.add_argument("--grace", type=int, default=300, metavar="SECONDS",
                    help="seconds before the time limit at which training is told to checkpoint (default 300)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+    add_override_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_train.config import ConfigError, load_config  # noqa: E402
+from dist_train.config import ConfigError, add_override_arguments, load_config, overrides_from  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="latest (default: resume if the run folder has a checkpoint), none, "
                              "or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    add_override_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides_from(args))
         from dist_train.train.trainer import train
 
         return train(cfg, resume=args.resume)

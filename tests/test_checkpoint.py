@@ -71,14 +71,15 @@ def test_resume_none_latest_and_an_explicit_folder(tmp_path):
     fake_checkpoint(tmp_path, 2, cfg)
     fake_checkpoint(tmp_path, 4, cfg)
     assert plan_resume(tmp_path, cfg, PLACE, "latest").path.name == "step_00000004"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="nowhere does not exist; pass a checkpoint folder .checkpoints of"):
         plan_resume(tmp_path, cfg, PLACE, str(tmp_path / "nowhere"))
 
 
 def test_starting_over_in_a_folder_with_checkpoints_is_refused(tmp_path):
     cfg = config(tmp_path)
     fake_checkpoint(tmp_path, 4, cfg)
-    with pytest.raises(ConfigError, match="already holds checkpoints .latest step_00000004.; choose another"):
+    with pytest.raises(ConfigError, match="already holds checkpoints .latest step_00000004.; start the new run in "
+                                          "its own folder"):
         plan_resume(tmp_path, cfg, PLACE, "none")
 
 

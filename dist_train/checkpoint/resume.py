@@ -8,6 +8,7 @@ another world size goes through universal checkpoints (`dist_train.checkpoint.re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -84,20 +85,95 @@ def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | N
     checkpoint_dir = run_dir / "checkpoints"
     rank0 = Rank0(place)
     rank0.run_while_others_wait(remove_interrupted_writes, checkpoint_dir)
-    if resume == "none":
-        existing = read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
-        if existing is not None:  # starting over would mix two runs' checkpoints (and averages of them)
-            raise ConfigError(f"--resume none: {run_dir} already holds checkpoints (latest {existing.name}); "
-                              f"choose another run.out_dir, or delete {checkpoint_dir} to start over")
-        return None
-    if resume == "latest":
-        return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
-    path = Path(resume)
-    if not (path / CLIENT_STATE).exists():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {CLIENT_STATE})")
+    path = resume_target(run_dir, resume)
+    if path is None or resume == "latest":
+        return path
     rank0.run_while_others_wait(set_aside_later_checkpoints, checkpoint_dir,
                                 read_client_state(path)["train_state"]["step"])
     return path
+
+
+def resume_target(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint folder `--resume` names (None: start fresh); reads only, so every rank may call it
+    before any process group starts. Refuses a folder that is no complete checkpoint, and `none` where
+    checkpoints exist (starting over would mix two runs' checkpoints, and averages of them)."""
+    checkpoint_dir = run_dir / "checkpoints"
+    if resume == "none":
+        existing = read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+        if existing is not None:
+            raise ConfigError(f"--resume none: {run_dir} already holds checkpoints (latest {existing.name}); "
+                              f"start the new run in its own folder (run.out_dir={_sibling(run_dir)}), or "
+                              f"delete {checkpoint_dir} to start over here")
+        return None
+    if resume == "latest":
+        try:
+            return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    path = Path(resume)
+    if not (path / CLIENT_STATE).exists():
+        what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {CLIENT_STATE})"
+        steps = sorted(p for p in checkpoint_dir.glob("step_*") if (p / CLIENT_STATE).exists())
+        hint = (f"checkpoints of {run_dir}: {', '.join(str(p) for p in steps)}" if steps
+                else f"{run_dir} has no checkpoint yet")
+        raise ConfigError(f"--resume {resume}: {path} {what}; pass a checkpoint folder ({hint}), "
+                          f"`latest` (the default) or `none`")
+    return path
+
+
+def _sibling(run_dir: Path) -> str:
+    """A free folder name next to `run_dir`, for a new run: RUN-2, RUN-3, ..."""
+    n = 2
+    while run_dir.with_name(f"{run_dir.name}-{n}").exists():
+        n += 1
+    return str(run_dir.with_name(f"{run_dir.name}-{n}"))
+
+
+def refuse_breaking_changes(run_dir: Path, path: Path, meta: dict[str, Any], cfg: Config) -> None:
+    broken = breaking_changes(meta["config"], cfg.to_dict())
+    if broken:
+        raise ConfigError(f"{path} cannot be resumed with this config: {'; '.join(broken)}. Restore these "
+                          f"settings, or start a new run in its own folder (run.out_dir="
+                          f"{_sibling(run_dir)})")
+
+
+def check_before_launch(run_dir: Path, cfg: Config, resume: str) -> str | None:
+    """What a resume would do, decided from the files alone before any process group starts, so that a
+    refusal leaves the run folder as it was. Refuses a missing `--resume` folder, a config that breaks the
+    checkpoint, and a `train.max_steps` the run has already passed. Returns a message when the run is
+    finished (its summary is written at that step): re-running it is then a no-op."""
+    path = resume_target(run_dir, resume)
+    if path is None:
+        return None
+    meta = read_client_state(path)
+    step, max_steps = meta["train_state"]["step"], cfg.train.max_steps
+    if step > max_steps:
+        raise ConfigError(f"train.max_steps={max_steps} is below step {step} of {path}: this run is past it, "
+                          f"and nothing was changed. To train a new {max_steps}-step run, give it its own "
+                          f"folder (run.out_dir={_sibling(run_dir)}); to continue this one, set "
+                          f"train.max_steps above {step}", ("train.max_steps",))
+    refuse_breaking_changes(run_dir, path, meta, cfg)
+    summary = _read_summary(run_dir)
+    if step == max_steps and summary.get("final_step") == step and _is_latest(run_dir, path):
+        return (f"{run_dir} is finished: step {step} of train.max_steps={max_steps}, val_loss "
+                f"{summary.get('val_loss')} (summary.json); nothing to do, nothing changed. To train longer, raise "
+                f"train.max_steps; for a new run, give it its own folder (run.out_dir={_sibling(run_dir)})")
+    return None
+
+
+def _is_latest(run_dir: Path, path: Path) -> bool:
+    try:
+        latest = read_latest(run_dir / "checkpoints")
+    except FileNotFoundError:
+        return False
+    return latest is not None and latest.resolve() == path.resolve()
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def remove_interrupted_writes(checkpoint_dir: Path) -> None:
@@ -143,10 +219,7 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     if path is None:
         return None
     meta = read_client_state(path)
-    broken = breaking_changes(meta["config"], cfg.to_dict())
-    if broken:
-        raise ConfigError(f"{path} cannot be resumed with this config: {'; '.join(broken)}. Restore these "
-                          f"settings, or start a new run (another run.out_dir, or --resume none)")
+    refuse_breaking_changes(run_dir, path, meta, cfg)
     world_changed = meta["world_size"] != place.world_size
     universal = world_changed and reshard.is_zero_checkpoint(path)
     if universal:

@@ -5,7 +5,14 @@ Not here: the DeepSpeed config generated from it (`dist_train.engine.ds_config`)
 the machine (`dist_train.train.preflight`).
 """
 
-from dist_train.config.loading import apply_override, config_from_dict, load_config, parse_yaml
+from dist_train.config.loading import (
+    add_override_arguments,
+    apply_override,
+    config_from_dict,
+    load_config,
+    overrides_from,
+    parse_yaml,
+)
 from dist_train.config.schema import (
     SHAPE_KEYS,
     CheckpointConfig,
@@ -22,5 +29,5 @@ from dist_train.config.schema import (
 from dist_train.config.validation import resolve_grad_accum, validate
 
 __all__ = ["SHAPE_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "ModelConfig",
-           "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig", "apply_override", "config_from_dict",
-           "load_config", "parse_yaml", "resolve_grad_accum", "validate"]
+           "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig", "add_override_arguments", "apply_override",
+           "config_from_dict", "load_config", "overrides_from", "parse_yaml", "resolve_grad_accum", "validate"]

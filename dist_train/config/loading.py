@@ -4,6 +4,7 @@ closest valid one, a bad value names the override (or the file) that set it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import re
@@ -120,7 +121,25 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: '{part}' is not a section")
-    node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override}: the value is not valid YAML ({_yaml_problem(e)}); e.g. "
+                          f"{dotted}=4, {dotted}=true, {dotted}='[a, b]' (quoted for the shell)") from None
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """The one override syntax of every command that takes a config: positional `key=value` pairs (as
+    `launch/train.py` always took them) and, equally, `--set key=value` (repeatable)."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. train.max_steps=100 model.n_layers=24")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_overrides",
+                        help="the same as a positional key=value (repeatable); applied after the positional ones")
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    """The overrides of a command line parsed with `add_override_arguments`, in the order they apply."""
+    return [*args.overrides, *args.set_overrides]
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
@@ -139,7 +158,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             tree = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path}{_yaml_place(e)} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
     for override in overrides:
@@ -148,6 +167,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return config_from_dict(tree)
     except ConfigError as e:
         raise ConfigError(f"{_error_source(e, path, overrides)}{e}", e.keys) from None
+
+
+def _yaml_place(error: yaml.YAMLError) -> str:
+    """`, line L, column C` of a YAML error (PyYAML's own text names "<unicode string>" instead of the file)."""
+    mark = getattr(error, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    return "; ".join(p for p in (context, problem) if p) or str(error).splitlines()[0]
 
 
 def _error_source(error: ConfigError, path: Path | None, overrides: list[str] | tuple[str, ...]) -> str:

@@ -19,6 +19,9 @@ from dist_train.formats.errors import FormatError
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a local HF tokenizer folder; refuse one that does not load or has no EOS token."""
     folder = Path(path).expanduser()
+    if folder.is_file():
+        raise FormatError(f"{path} is a file: a tokenizer is the folder that holds it (and its "
+                          f"tokenizer_config.json); pass the folder {folder.parent}")
     if not folder.is_dir():
         raise FormatError(f"tokenizer folder {path} does not exist (make one with "
                             f"`python -m data_prep.tokenizer --input ... --vocab-size N --out DIR`)")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import Config, ConfigError, load_config
+from dist_train.config import Config, ConfigError, add_override_arguments, load_config, overrides_from
 from dist_train.model.count import count_params, flops_per_token
 from dist_train.monitor.throughput import PEAK_TFLOPS
 
@@ -65,7 +65,7 @@ def _count_text(r: dict[str, Any]) -> str:
 
 
 def cmd_count(args: argparse.Namespace) -> None:
-    cfg = load_sizing_config(args.config, args.set)
+    cfg = load_sizing_config(args.config, overrides_from(args))
     r = count_report(cfg, args.tokens)
     _emit(r, args.json, _count_text(r))
 
@@ -115,7 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     compute = args.compute
     if args.hours is not None:
         compute = compute_from_hardware(args.gpus, args.hours, args.peak_tflops, args.mfu)
-    cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *args.set])
+    cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *overrides_from(args)])
     r = plan(cfg, compute=compute, params=args.params, tokens=args.tokens, method=args.method,
              gpus=args.gpus, peak_tflops=args.peak_tflops, mfu=args.mfu)
     r["budget_hours"] = args.hours
@@ -156,7 +156,7 @@ def _memory_text(r: dict[str, Any]) -> str:
 def cmd_memory(args: argparse.Namespace) -> None:
     from dist_train.scaling.memory import estimate_memory, with_overrides
 
-    cfg = with_overrides(load_sizing_config(args.config, args.set), zero_stage=args.zero_stage,
+    cfg = with_overrides(load_sizing_config(args.config, overrides_from(args)), zero_stage=args.zero_stage,
                          offload_optimizer=args.offload_optimizer or None, micro_batch=args.micro_batch,
                          precision=args.precision)
     est = estimate_memory(cfg, args.gpus)
@@ -196,8 +196,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML config (a preset from configs/ or your own)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable: --set model.n_layers=24")
+    add_override_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

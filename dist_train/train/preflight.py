@@ -42,7 +42,29 @@ def check_data(cfg: Config) -> list[dict[str, Any]]:
                     f"model.seq_len ({cfg.model.seq_len}) is longer than the {split} split of {path} "
                     f"({tokens} tokens); lower model.seq_len or add data")
         manifests.append(manifest)
+    check_same_tokenizer(cfg.data.weighted_paths(), manifests)
     return manifests
+
+
+def _tokenizer_identity(manifest: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes token ids mean the same: the tokenizer's files (their hash, when the manifest records it),
+    else its folder, plus the vocabulary and EOS id."""
+    sha = manifest.get("prep", {}).get("tokenizer_sha256")
+    return (sha or manifest.get("tokenizer"), manifest["vocab_size"], manifest.get("eos_token_id"))
+
+
+def check_same_tokenizer(paths: list[tuple[str, float]], manifests: list[dict[str, Any]]) -> None:
+    """Mixed sources must share one tokenizer: the same id means another token in each otherwise."""
+    if len(manifests) < 2:
+        return
+    first_path, first = paths[0][0], manifests[0]
+    for (path, _), manifest in zip(paths[1:], manifests[1:]):
+        if _tokenizer_identity(manifest) != _tokenizer_identity(first):
+            raise ConfigError(
+                f"data.sources: {path} was made by another tokenizer than {first_path} ({manifest.get('tokenizer')}, "
+                f"vocab {manifest['vocab_size']} vs {first.get('tokenizer')}, vocab {first['vocab_size']}): the "
+                f"same token id would mean different text. Re-shard {path} with `python -m data_prep.shard "
+                f"--tokenizer {first.get('tokenizer')} ...`", ("data.sources",))
 
 
 def model_vocab_size(cfg: Config) -> tuple[int, str]:
@@ -77,9 +99,11 @@ def check_positions(cfg: Config) -> None:
                           f"({limit}, max_position_embeddings in {cfg.model.hf_config}); lower model.seq_len")
 
 
-def preflight(cfg: Config, world_size: int) -> None:
-    """Everything that can be refused before launch, refused with the key and the fix."""
-    check_machine(cfg)
+def preflight(cfg: Config, world_size: int, this_machine: bool = True) -> None:
+    """Everything that can be refused before launch, refused with the key and the fix. `this_machine=False`
+    (a job submitted to a cluster) skips the checks of the machine it runs on: training runs elsewhere."""
+    if this_machine:
+        check_machine(cfg)
     check_positions(cfg)
     resolve_grad_accum(cfg, world_size)
     check_data(cfg)

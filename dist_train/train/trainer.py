@@ -18,7 +18,7 @@ import torch
 
 from dist_train import distributed
 from dist_train.checkpoint.layout import TrainState
-from dist_train.checkpoint.resume import plan_resume
+from dist_train.checkpoint.resume import check_before_launch, plan_resume
 from dist_train.checkpoint.save import Checkpointer
 from dist_train.config import Config
 from dist_train.data.loader import TokenLoader
@@ -49,6 +49,10 @@ EXIT_COMPLETED = 0
 def train(cfg: Config, resume: str = "latest") -> int:
     """Train to cfg.train.max_steps (resuming when a checkpoint exists); return the process exit code."""
     place = distributed.discover()
+    finished = check_before_launch(Path(cfg.run.out_dir), cfg, resume)  # reads only: a refusal changes nothing
+    if finished:
+        Rank0(place).print(finished)
+        return EXIT_COMPLETED
     preflight(cfg, place.world_size)
     stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the process
     run = Run.set_up(cfg, place, resume)
