@@ -542,3 +542,50 @@ def test_fit_names_a_csv_without_the_needed_columns(tmp_path: Path) -> None:
     bad.write_text("params,steps,loss\n1,2,3\n")
     with pytest.raises(ValueError, match="needs columns N, D and loss"):
         load_runs([bad])
+
+
+def test_fit_refuses_a_degenerate_design_naming_the_distinct_sizes() -> None:
+    """Eight runs at one size and one elsewhere (the shape of the first-hour report): N cannot be fitted."""
+    rows = [(1.0e6, d, KNOWN.loss(1.0e6, d)) for d in np.logspace(7, 9, 8)] + [(4e6, 1e8, KNOWN.loss(4e6, 1e8))]
+    n, d, loss = (np.array(x) for x in zip(*rows))
+    with pytest.raises(ValueError, match=r"degenerate design: the 9 runs have 2 distinct model sizes N "
+                                         r"\(1e\+06, 4e\+06\), and a fit of L\(N, D\) needs at least 3 distinct N"):
+        fit_loss_law(Runs(n, d, loss, [f"run{i}" for i in range(9)]))
+
+
+def test_fit_refuses_exponents_out_of_range_with_the_reason_and_the_goodness_of_fit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Loss that grows with N gives α < 0 (and a complex optimum if printed): refused, exit 2."""
+    grows = LossLaw(E=2.0, A=1e-2, B=50.0, alpha=-0.3, beta=0.3)
+    csv_path = tmp_path / "runs.csv"
+    csv_path.write_text("N,D,loss\n" + "".join(f"{n},{d},{grows.loss(n, d)}\n" for n in (1e6, 3e6, 1e7)
+                                               for d in (1e7, 3e7, 1e8)))
+    assert main(["fit", str(csv_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the fit is refused: α = -0.3 is outside (0, 3]" in err
+    assert "R² 1.0000 and RMSE 0.0000 of log loss over 9 runs" in err
+
+
+def test_fit_reports_r2_and_rmse_of_log_loss(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    runs = isoflop_runs(KNOWN, noise=0.005, seed=0)
+    csv_path = tmp_path / "runs.csv"
+    csv_path.write_text("N,D,loss\n" + "".join(f"{n},{d},{loss}\n" for n, d, loss in
+                                                zip(runs.params, runs.tokens, runs.loss)))
+    assert main(["fit", str(csv_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    r2, rmse = (float(first.split(label)[1].split()[0].rstrip(",")) for label in ("R² ", "RMSE "))
+    assert 0.99 < r2 <= 1.0 and 0.002 < rmse < 0.01, first  # 0.5 % noise on the loss is ~0.005 of log loss
+
+
+def test_fit_refuses_runs_on_different_data_naming_each_group(tmp_path: Path, shard_dir: Path) -> None:
+    for i, layers in enumerate((1, 2, 3, 4, 6)):
+        data = shard_dir if i < 3 else tmp_path / "other_shards"
+        run = tmp_path / "sweep" / f"run{i}"
+        run.mkdir(parents=True)
+        cfg = load_config(TINY, [f"model.n_layers={layers}", f"data.path={data}"])
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        (run / "summary.json").write_text(json.dumps({"tokens": 1_000_000 * (i + 1), "val_loss": 5.0 - 0.1 * i}))
+    with pytest.raises(ValueError, match="trained on different data or tokenizers") as e:
+        fit_loss_law(load_runs([tmp_path / "sweep"]))
+    assert f"{shard_dir} (tokenizer " in str(e.value) and ": run0, run1, run2;" in str(e.value)
+    assert f"{tmp_path / 'other_shards'}: run3, run4" in str(e.value)

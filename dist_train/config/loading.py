@@ -163,10 +163,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
     for override in overrides:
         apply_override(tree, override)
+    run = tree.setdefault("run", {})
+    if isinstance(run, dict) and run.get("out_dir") is None:
+        run["out_dir"] = default_out_dir(path)
     try:
         return config_from_dict(tree)
     except ConfigError as e:
         raise ConfigError(f"{_error_source(e, path, overrides)}{e}", e.keys) from None
+
+
+def default_out_dir(path: Path | None) -> str:
+    """`runs/<config file name>`: each config trains into its own folder (`runs/run` without a file)."""
+    return f"runs/{path.stem if path is not None else 'run'}"
 
 
 def _yaml_place(error: yaml.YAMLError) -> str:

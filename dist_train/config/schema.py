@@ -168,8 +168,9 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/tiny"
-    """Run folder: config, metrics, checkpoints, summary. Re-running into it resumes."""
+    out_dir: str | None = None
+    """Run folder: config, metrics, checkpoints, summary. Re-running into it resumes. Default: runs/<name of the
+    config file> (runs/my_run for my_run.yaml), so each config trains into its own folder."""
     name: str | None = None
     """Human-readable run name (default: the run folder's name)."""
 

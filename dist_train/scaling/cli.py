@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config import Config, ConfigError, add_override_arguments, load_config, overrides_from
+from dist_train.config.loading import default_out_dir
 from dist_train.model.count import count_params, flops_per_token
 from dist_train.monitor.throughput import PEAK_TFLOPS
 
@@ -99,14 +100,38 @@ def _plan_text(r: dict[str, Any]) -> str:
     if r.get("budget_hours") and abs(r["hours"] / r["budget_hours"] - 1) > 0.01:
         lines.append(f"note            {r['hours'] / r['budget_hours'] - 1:+.1%} against --hours: the laws budget "
                      f"C = 6ND, the run's FLOPs add attention and this shape's exact count")
+    lines += _data_text(r)
     if r.get("config"):
-        lines.append(f"config          {r['config']} (train.max_steps {r['max_steps']:,})")
+        lines.append(f"config          {r['config']} (train.max_steps {r['max_steps']:,}, run folder {r['out_dir']})")
     return "\n".join(lines)
+
+
+def _data_text(r: dict[str, Any]) -> list[str]:
+    if not r.get("data"):
+        return []
+    d = r["data"]
+    lines = [f"data            {s['path']}: {s['train_tokens']:,} training tokens ({s['share']:.0%} of samples), "
+             f"{s['epochs']:,.1f} epochs of it" for s in d["sources"]]
+    if r.get("vocab_source"):
+        lines.append(f"vocabulary      {r['shape']['vocab_size']:,} (from {r['vocab_source']})")
+    if d["repeats_too_much"]:
+        lines.append(f"warning         {d['max_epochs']:,.0f} epochs: past ~{d['fresh_epochs']} epochs repeated tokens "
+                     f"are worth less than fresh ones, and extra compute soon buys nothing (Muennighoff et al. 2023, "
+                     f"Scaling Data-Constrained Language Models). Get more data, or plan for the data you have: "
+                     f"--tokens {d['fresh_tokens']:.3g} ({d['fresh_epochs']} epochs)")
+    return lines
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from dist_train.scaling.laws import compute_from_hardware
-    from dist_train.scaling.plan import plan, planned_config, write_config
+    from dist_train.scaling.plan import (
+        data_sources,
+        epochs_report,
+        plan,
+        planned_config,
+        vocab_for_data,
+        write_config,
+    )
 
     budget = [x is not None for x in (args.compute, args.params, args.tokens, args.hours)]
     if sum(budget) != 1:
@@ -115,17 +140,27 @@ def cmd_plan(args: argparse.Namespace) -> None:
     compute = args.compute
     if args.hours is not None:
         compute = compute_from_hardware(args.gpus, args.hours, args.peak_tflops, args.mfu)
-    cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *overrides_from(args)])
+    overrides = overrides_from(args)
+    cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *overrides])
+    sources = data_sources(cfg) if cfg.data.path != NO_DATA else []
+    vocab_set = any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in overrides)
+    if sources and not vocab_set:  # the data's tokenizer decides the embedding, not a preset's default
+        cfg = load_sizing_config(args.config, [*([] if args.config else PLAN_DEFAULTS), *overrides,
+                                               f"model.vocab_size={vocab_for_data(sources)}"])
     r = plan(cfg, compute=compute, params=args.params, tokens=args.tokens, method=args.method,
              gpus=args.gpus, peak_tflops=args.peak_tflops, mfu=args.mfu)
     r["budget_hours"] = args.hours
+    if sources:
+        r["data"] = epochs_report(sources, r["tokens"])
+        r["vocab_source"] = None if vocab_set else ", ".join(f"{s['path']}/manifest.json" for s in sources)
     if args.write_config:
         if cfg.data.path == NO_DATA:
             raise ValueError("--write-config needs a data source for the trainer: pass --config with data.path "
                              "or --set data.path=<shard folder>")
-        out = planned_config(cfg, r, world_size=args.gpus)
+        out = planned_config(cfg, r, world_size=args.gpus, out_dir=default_out_dir(Path(args.write_config)))
         r["config"] = str(write_config(out, args.write_config))
         r["max_steps"] = out.train.max_steps
+        r["out_dir"] = out.run.out_dir
     _emit(r, args.json, _plan_text(r))
 
 
@@ -169,7 +204,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
 def _fit_text(r: dict[str, Any]) -> str:
     law = r["law"]
     lines = [f"fitted to {r['runs']} runs (Huber δ=1e-3 on log loss, L-BFGS from {r['starts']} starts; "
-             f"RMSE of log loss {r['rmse_log_loss']:.4f}):",
+             f"R² {r['r2_log_loss']:.4f}, RMSE {r['rmse_log_loss']:.4f} of log loss):",
              f"  L(N, D) = {law['E']:.4f} + {law['A']:.4g} / N^{law['alpha']:.4f} "
              f"+ {law['B']:.4g} / D^{law['beta']:.4f}",
              f"compute-optimal: N_opt = {r['G']:.4g} (C/6)^{r['a']:.4f}, D_opt ∝ C^{r['b']:.4f}",

@@ -19,9 +19,18 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
+from dist_train.config import Config
 from dist_train.scaling.laws import LossLaw
 
 HUBER_DELTA = 1e-3
+
+EXPONENT_RANGE = (0.0, 3.0)
+"""α and β a fitted law may have: loss must fall with N and D (> 0), and not implausibly fast (published fits
+give 0.28-0.37; Hoffmann et al.'s initialisation grid stops at 2)."""
+
+MIN_DISTINCT = 3
+"""Distinct model sizes N and distinct token counts D a fit of L(N, D) needs: with fewer, the terms of N or of
+D cannot be told from E (two points fit any exponent)."""
 
 # Hoffmann et al.'s initialisation grid: α, β ∈ {0, 0.5, ..., 2}, e ∈ {-1, -0.5, ..., 1}, a, b ∈ {0, 5, ..., 25}.
 PAPER_GRID = {"alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5),
@@ -34,6 +43,8 @@ class Runs:
     tokens: np.ndarray
     loss: np.ndarray
     names: list[str]
+    data: list[str] | None = None
+    """Per run, the data it was trained on (folder and tokenizer); None for CSV rows, which do not say."""
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -48,6 +59,11 @@ class FitResult:
     """Initialisations L-BFGS ran from."""
     rmse_log: float
     """Root-mean-square error of log L over the runs."""
+    r2_log: float
+    """Coefficient of determination of log L (1 is a perfect fit; 0 no better than the mean loss)."""
+
+    def goodness(self) -> str:
+        return f"R² {self.r2_log:.4f} and RMSE {self.rmse_log:.4f} of log loss"
 
 
 def _terms(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
@@ -84,6 +100,7 @@ def fit_loss_law(runs: Runs, delta: float = HUBER_DELTA, grid: dict[str, np.ndar
     same optimum on every data set the tests use)."""
     if len(runs) < 5:
         raise ValueError(f"fitting 5 parameters needs at least 5 runs, got {len(runs)}")
+    check_design(runs)
     grid = grid or PAPER_GRID
     log_n, log_d, log_l = np.log(runs.params), np.log(runs.tokens), np.log(runs.loss)
     candidates = np.array(list(itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])))
@@ -99,8 +116,58 @@ def fit_loss_law(runs: Runs, delta: float = HUBER_DELTA, grid: dict[str, np.ndar
     law = LossLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
                   beta=float(beta))
     pred = np.log([law.loss(n, d) for n, d in zip(runs.params, runs.tokens)])
-    return FitResult(law=law, objective=float(best.fun), starts=len(chosen),
-                     rmse_log=float(np.sqrt(np.mean((pred - log_l) ** 2))))
+    spread = float(np.sum((log_l - log_l.mean()) ** 2))
+    result = FitResult(law=law, objective=float(best.fun), starts=len(chosen),
+                       rmse_log=float(np.sqrt(np.mean((pred - log_l) ** 2))),
+                       r2_log=1.0 - float(np.sum((pred - log_l) ** 2)) / spread if spread > 0 else float("nan"))
+    check_law(result, len(runs))
+    return result
+
+
+def _distinct(values: np.ndarray) -> list[float]:
+    """Values that differ by more than 2 % (token counts are rounded to whole steps)."""
+    out: list[float] = []
+    for v in sorted(values):
+        if not out or v > out[-1] * 1.02:
+            out.append(float(v))
+    return out
+
+
+def check_design(runs: Runs) -> None:
+    """Refuse runs that cannot determine the law: one data set, and enough distinct N and D."""
+    if runs.data is not None and len(set(runs.data)) > 1:
+        groups: dict[str, list[str]] = {}
+        for name, data in zip(runs.names, runs.data):
+            groups.setdefault(data, []).append(name)
+        listing = "; ".join(f"{data}: {', '.join(names)}" for data, names in groups.items())
+        raise ValueError(f"these runs were trained on different data or tokenizers, whose losses are not "
+                         f"comparable: {listing}. Fit each group on its own (pass only its run folders)")
+    for symbol, values, what in (("N", runs.params, "model sizes"), ("D", runs.tokens, "token counts")):
+        distinct = _distinct(values)
+        if len(distinct) < MIN_DISTINCT:
+            shown = ", ".join(f"{v:.3g}" for v in distinct)
+            raise ValueError(f"degenerate design: the {len(runs)} runs have {len(distinct)} distinct {what} {symbol} "
+                             f"({shown}), and a fit of L(N, D) needs at least {MIN_DISTINCT} distinct N and "
+                             f"{MIN_DISTINCT} distinct D. Add runs, e.g. an IsoFLOP design: 3 or more model sizes at "
+                             f"each of 2 or more budgets (bench/scaling_sweep.py)")
+
+
+def check_law(result: FitResult, runs: int) -> None:
+    """Refuse a law whose parameters are out of range, not finite, or whose optimum is not a real number."""
+    law, (low, high) = result.law, EXPONENT_RANGE
+    values = {"E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta}
+    problems = [f"{k} = {v!r} is not finite" for k, v in values.items() if not np.isfinite(v)]
+    problems += [f"{k} = {v:.4g} is outside ({low:g}, {high:g}]" for k, v in (("α", law.alpha), ("β", law.beta))
+                 if np.isfinite(v) and not low < v <= high]
+    if not problems:
+        g = law.optimal_law("fit", "").g
+        if isinstance(g, complex) or not np.isfinite(g) or g <= 0:
+            problems.append(f"the compute-optimal N is not a positive real number (G = {g})")
+    if problems:
+        raise ValueError(f"the fit is refused: {'; '.join(problems)} (L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.4g}"
+                         f" + {law.B:.4g}/D^{law.beta:.4g}; {result.goodness()} over {runs} runs). An exponent <= 0 "
+                         f"means the loss does not fall as N or D grows in these runs: look for a run that diverged "
+                         f"or trained with another recipe; otherwise add runs over a wider range of N and D")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +192,25 @@ def _read_csv(path: Path) -> list[tuple[float, float, float, str]]:
     return rows
 
 
-def _read_run(folder: Path) -> tuple[float, float, float, str]:
+def _data_label(cfg: Config) -> str:
+    """The data a run trained on, as a label: its folders and the tokenizer that made them (a hash of the
+    tokenizer's files where the manifest records it), so runs on other data or tokenizers can be told apart."""
+    from dist_train.formats.manifest import read_manifest
+
+    parts = []
+    for path, weight in cfg.data.weighted_paths():
+        try:
+            manifest = read_manifest(path)
+            tokenizer = manifest.get("prep", {}).get("tokenizer_sha256", "")[:12] or manifest.get("tokenizer")
+            parts.append(f"{path} (tokenizer {tokenizer}, vocab {manifest['vocab_size']})")
+        except (OSError, ValueError):
+            parts.append(str(path))
+        if len(cfg.data.weighted_paths()) > 1:
+            parts[-1] += f" x{weight:g}"
+    return " + ".join(parts)
+
+
+def _read_run(folder: Path) -> tuple[float, float, float, str, str]:
     from dist_train.config import load_config
     from dist_train.model.count import count_params
 
@@ -136,16 +221,17 @@ def _read_run(folder: Path) -> tuple[float, float, float, str]:
     if not (folder / "config.yaml").is_file():
         raise ValueError(f"{folder}: no config.yaml next to summary.json, so N is unknown")
     cfg = load_config(folder / "config.yaml")
-    return float(count_params(cfg.model).total), float(summary["tokens"]), float(loss), folder.name
+    return (float(count_params(cfg.model).total), float(summary["tokens"]), float(loss), folder.name,
+            _data_label(cfg))
 
 
 def load_runs(paths: list[str | Path]) -> Runs:
     """Runs from CSV files, run folders, or folders holding run folders (any depth)."""
-    rows: list[tuple[float, float, float, str]] = []
+    rows: list[tuple[float, float, float, str, str | None]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
-            rows += _read_csv(path)
+            rows += [(*row, None) for row in _read_csv(path)]
         elif (path / "summary.json").is_file():
             rows.append(_read_run(path))
         elif path.is_dir():
@@ -155,10 +241,12 @@ def load_runs(paths: list[str | Path]) -> Runs:
             rows += [_read_run(p) for p in found]
         else:
             raise ValueError(f"{path} does not exist: pass a CSV of N, D, loss or run folders")
-    if any(n <= 0 or d <= 0 or loss <= 0 for n, d, loss, _ in rows):
+    if any(n <= 0 or d <= 0 or loss <= 0 for n, d, loss, _, _ in rows):
         raise ValueError("N, D and loss must all be positive")
-    n, d, loss, names = zip(*rows) if rows else ((), (), (), ())
-    return Runs(np.array(n, dtype=float), np.array(d, dtype=float), np.array(loss, dtype=float), list(names))
+    n, d, loss, names, data = zip(*rows) if rows else ((), (), (), (), ())
+    known = [x for x in data if x is not None]
+    return Runs(np.array(n, dtype=float), np.array(d, dtype=float), np.array(loss, dtype=float), list(names),
+                [x or "a CSV (data not recorded)" for x in data] if known else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +271,8 @@ def fit_report(runs: Runs, result: FitResult, extra_budgets: list[float] = ()) -
     optimal = law.optimal_law("fit", "your runs")
     budgets = sorted({c for c, _ in compute_budgets(runs)} | set(extra_budgets))
     return {"runs": len(runs), "law": {"E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta},
-            "objective": result.objective, "rmse_log_loss": result.rmse_log, "starts": result.starts,
+            "objective": result.objective, "rmse_log_loss": result.rmse_log, "r2_log_loss": result.r2_log,
+            "starts": result.starts,
             "a": optimal.a, "b": optimal.b, "G": optimal.g,
             "allocations": [optimal.allocation(c) for c in budgets]}
 

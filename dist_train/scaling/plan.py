@@ -9,12 +9,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import Config, ModelConfig, config_from_dict, resolve_grad_accum
+from dist_train.config import Config, ConfigError, ModelConfig, config_from_dict, resolve_grad_accum
 from dist_train.model.count import count_params, flops_per_token
 from dist_train.scaling.laws import DEFAULT_LAW, LAWS, training_hours
 
 SHAPE_TOLERANCE = 0.05
 """A proposed shape's exact parameter count is within this relative distance of the target N."""
+
+FRESH_EPOCHS = 4
+"""Muennighoff et al. 2023 (Scaling Data-Constrained Language Models): up to ~4 epochs of repeated data train
+almost as well as fresh data; beyond, each repetition is worth less (a decay constant of ~15 epochs in their
+fit) and extra compute eventually buys nothing."""
 
 
 def head_dim_for(d_model: int) -> int:
@@ -123,12 +128,47 @@ def plan(base: Config, compute: float | None = None, params: float | None = None
     }
 
 
-def planned_config(base: Config, result: dict[str, Any], world_size: int) -> Config:
+def data_sources(cfg: Config) -> list[dict[str, Any]]:
+    """The training data the config names: per source its path, share of samples, training tokens and
+    vocabulary (from its manifest.json). Empty without data."""
+    from dist_train.formats.manifest import read_manifest
+
+    paths = cfg.data.weighted_paths()
+    total_weight = sum(w for _, w in paths)
+    sources = []
+    for path, weight in paths:
+        try:
+            manifest = read_manifest(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.path: {e}") from None
+        sources.append({"path": path, "share": weight / total_weight, "vocab_size": manifest["vocab_size"],
+                        "train_tokens": manifest["splits"]["train"]["num_tokens"]})
+    return sources
+
+
+def vocab_for_data(sources: list[dict[str, Any]]) -> int:
+    """Embedding rows for the data's tokenizer: its vocabulary rounded up to a multiple of 64 (as preflight
+    suggests; GPT-2's 50,257 -> 50,304)."""
+    return -(-max(s["vocab_size"] for s in sources) // 64) * 64
+
+
+def epochs_report(sources: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """How many times the planned tokens go through each source, and whether that is past fresh-data value."""
+    rows = [{**s, "epochs": tokens * s["share"] / max(s["train_tokens"], 1)} for s in sources]
+    most = max(r["epochs"] for r in rows)
+    return {"sources": rows, "max_epochs": most, "repeats_too_much": most > FRESH_EPOCHS, "fresh_epochs": FRESH_EPOCHS,
+            "fresh_tokens": FRESH_EPOCHS * min(r["train_tokens"] / r["share"] for r in rows)}
+
+
+def planned_config(base: Config, result: dict[str, Any], world_size: int, out_dir: str | None = None) -> Config:
     """`base` with the planned model shape and enough steps for the planned tokens on `world_size`
-    processes; validated like any config the trainer loads."""
+    processes, training into `out_dir` (its own folder, not the base's); validated like any config the
+    trainer loads."""
     tree = base.to_dict()
     tree["model"].update(result["shape"])
     tree["model"]["hf_config"] = None
+    if out_dir is not None:
+        tree["run"]["out_dir"] = out_dir
     t = tree["train"]
     tokens_per_step = (t["micro_batch_size"] * resolve_grad_accum(base, world_size) * world_size
                        * tree["model"]["seq_len"])
