@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 from data_prep.errors import DataPrepError, run_command
 from data_prep.inputs import SAMPLE_BY, iter_text_batches, load_corpus, reading_inputs, resolve_inputs
+from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.formats.tokenizer_folder import load_tokenizer, tokenizer_sha256
 
 __all__ = ["EOS_TOKEN", "load_tokenizer", "tokenizer_sha256", "train_tokenizer"]
@@ -52,6 +53,7 @@ def _save_and_publish(tokenizer: Tokenizer, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _save_fast(tokenizer, tmp)
+        apply_umask_modes(tmp)  # mkdtemp made it 0700: give it the modes the user's umask asks for
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dist_train.formats.atomic_file import current_umask
 from dist_train.config import Config, ConfigError, add_override_arguments, load_config, overrides_from
 from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, render
 
@@ -99,7 +100,7 @@ def cluster_preflight(cfg: Config, args: argparse.Namespace) -> float:
 def write_script(spec: JobSpec) -> Path:
     spec.script_path.parent.mkdir(parents=True, exist_ok=True)
     spec.script_path.write_text(render(spec))
-    spec.script_path.chmod(0o755)
+    spec.script_path.chmod(0o777 & ~current_umask())  # executable, readable as far as the umask allows
     return spec.script_path
 
 

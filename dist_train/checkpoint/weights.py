@@ -23,6 +23,7 @@ import torch
 
 from dist_train.checkpoint.layout import read_client_state, resolve_checkpoint
 from dist_train.config import Config, config_from_dict, load_config
+from dist_train.formats.atomic_file import apply_umask_modes
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_META = "weights.json"
@@ -126,6 +127,7 @@ def save_weights_folder(out: Path, tensors: dict[str, torch.Tensor], cfg: Config
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     (tmp / "config.yaml").write_text(cfg.to_yaml())
     (tmp / WEIGHTS_META).write_text(json.dumps(meta, indent=2) + "\n")
+    apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

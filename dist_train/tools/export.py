@@ -31,6 +31,7 @@ import torch
 
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
+from dist_train.formats.atomic_file import apply_umask_modes
 
 LLAMA = ("rmsnorm", "rope", "swiglu")
 GPT2 = ("layernorm", "learned", "gelu")
@@ -234,6 +235,8 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
     """Write the HF folder into OUT.tmp and rename it to OUT when complete."""
     m = w.config.model
     kind = family(m)
+    if tokenizer_dir is not None and tokenizer_dir.is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is a file: pass the folder {tokenizer_dir.parent}")
     tokenizer_dir = tokenizer_dir or tokenizer_path(w)
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"cannot find the tokenizer of {w.source} (the manifest of data.path names "
@@ -251,6 +254,7 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
     tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "hf": hf_model_tensors}[kind](w)
     write_shards(tmp, tensors, max_shard_bytes, DTYPES[dtype])
     (tmp / "dist_train.json").write_text(json.dumps({"source": w.source, **w.meta, "family": kind}, indent=2))
+    apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
