@@ -58,18 +58,19 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     config = Path(args.config)
     overrides = overrides_from(args)
     cfg = load_config(config, overrides)
-    peak_gib = cluster_preflight(cfg, args)
-    if not args.cpu:
-        print(f"preflight: data, vocabulary and batch size checked; estimated peak {peak_gib:.1f} GiB per GPU "
-              f"(python -m dist_train.scaling memory for the breakdown)", file=sys.stderr)
     run_dir = Path(cfg.run.out_dir).resolve()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.run.name or run_dir.name)
-    return JobSpec(
+    spec = JobSpec(  # checks the job request (counts, launcher) before the preflight uses them
         config=config.resolve(), run_dir=run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         overrides=tuple(overrides), launcher=args.launcher, cpu=args.cpu, partition=args.partition,
         account=args.account, time=args.time, cpus_per_task=args.cpus_per_task, grace_s=args.grace,
         job_name=f"dist_train-{name}",
     )
+    peak_gib = cluster_preflight(cfg, args)
+    if not args.cpu:
+        print(f"preflight: data, vocabulary and batch size checked; estimated peak {peak_gib:.1f} GiB per GPU "
+              f"(python -m dist_train.scaling memory for the breakdown)", file=sys.stderr)
+    return spec
 
 
 def cluster_preflight(cfg: Config, args: argparse.Namespace) -> float:

@@ -47,10 +47,11 @@ def test_rerunning_a_finished_run_is_a_no_op_that_changes_no_byte(finished_run, 
 
 
 @pytest.mark.slow
-def test_max_steps_below_the_checkpoint_is_refused_by_every_rank_and_changes_no_byte(finished_run, shard_dir):
+def test_max_steps_below_the_checkpoint_is_refused_on_every_rank_with_exit_2_and_changes_no_byte(finished_run, shard_dir):
     before = folder_bytes(finished_run)
-    proc = launch_training(TINY, overrides(shard_dir, finished_run, ZERO2, "train.max_steps=3"), nproc=2)
-    assert proc.returncode != 0
+    proc = launch_training(TINY, overrides(shard_dir, finished_run, ZERO2, "train.max_steps=3"), nproc=2,
+                           launcher="deepspeed")
+    assert proc.returncode == 2
     assert (f"config error: train.max_steps=3 is below step {STEPS} of {finished_run}/checkpoints/step_00000006: "
             f"this run is past it, and nothing was changed. To train a new 3-step run, give it its own folder "
             f"(run.out_dir={finished_run}-2)") in proc.stderr

@@ -589,3 +589,39 @@ def test_fit_refuses_runs_on_different_data_naming_each_group(tmp_path: Path, sh
         fit_loss_law(load_runs([tmp_path / "sweep"]))
     assert f"{shard_dir} (tokenizer " in str(e.value) and ": run0, run1, run2;" in str(e.value)
     assert f"{tmp_path / 'other_shards'}: run3, run4" in str(e.value)
+
+
+def test_plan_for_a_data_folder_takes_its_vocabulary_and_reports_the_epochs_it_means(
+        shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first-hour report: 54.5 B tokens with vocab 32000 planned on a 1.76 M-token, 2048-vocab folder."""
+    train_tokens = json.loads((shard_dir / "manifest.json").read_text())["splits"]["train"]["num_tokens"]
+    out = tmp_path / "my_run.yaml"
+    assert main(["plan", "--compute", "1e18", f"data.path={shard_dir}", "--write-config", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["shape"]["vocab_size"] == 2048 and r["vocab_source"] == f"{shard_dir}/manifest.json"
+    assert r["data"]["max_epochs"] == pytest.approx(r["tokens"] / train_tokens) and r["data"]["max_epochs"] > 100
+    assert r["data"]["repeats_too_much"] and r["data"]["fresh_tokens"] == 4 * train_tokens
+    planned = load_config(out)
+    assert planned.model.vocab_size == 2048 and planned.run.out_dir == "runs/my_run"  # its own folder
+
+    assert main(["plan", "--compute", "1e18", "--set", f"data.path={shard_dir}"]) == 0
+    text = capsys.readouterr().out
+    assert f"data            {shard_dir}: {train_tokens:,} training tokens (100% of samples), " in text
+    assert f"vocabulary      2,048 (from {shard_dir}/manifest.json)" in text
+    assert "warning" in text and "past ~4 epochs" in text and "Muennighoff et al. 2023" in text
+
+    # Within 4 epochs no warning; a vocabulary given on the command line is kept.
+    assert main(["plan", "--tokens", str(3 * train_tokens), "--config", str(TINY), f"data.path={shard_dir}",
+                 "model.vocab_size=2112", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["data"]["max_epochs"] == pytest.approx(3.0, rel=1e-6) and not r["data"]["repeats_too_much"]
+    assert r["shape"]["vocab_size"] == 2112 and r["vocab_source"] is None
+
+
+def test_sizing_commands_take_positional_overrides_like_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["count", "--config", str(TINY), "model.n_layers=8", "--json"]) == 0
+    positional = json.loads(capsys.readouterr().out)
+    assert main(["count", "--config", str(TINY), "--set", "model.n_layers=8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == positional
+    assert main(["count", "--config", str(TINY), "model.n_layers=0"]) == 2
+    assert "override model.n_layers=0: model.n_layers must be > 0, got 0" in capsys.readouterr().err

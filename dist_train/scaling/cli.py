@@ -117,8 +117,9 @@ def _data_text(r: dict[str, Any]) -> list[str]:
     if d["repeats_too_much"]:
         lines.append(f"warning         {d['max_epochs']:,.0f} epochs: past ~{d['fresh_epochs']} epochs repeated tokens "
                      f"are worth less than fresh ones, and extra compute soon buys nothing (Muennighoff et al. 2023, "
-                     f"Scaling Data-Constrained Language Models). Get more data, or plan for the data you have: "
-                     f"--tokens {d['fresh_tokens']:.3g} ({d['fresh_epochs']} epochs)")
+                     f"Scaling Data-Constrained Language Models). Get more data, or size the run for the data you "
+                     f"have: {d['fresh_epochs']} epochs are {d['fresh_tokens']:.3g} tokens (--tokens), compute-"
+                     f"optimal for about {d['fresh_tokens'] / 20:.3g} parameters at ~20 tokens per parameter")
     return lines
 
 

@@ -25,11 +25,11 @@ def shell_array(script: str, name: str) -> list[str]:
     return out.stdout.splitlines()
 
 
-def test_dry_run_for_4_nodes_x_8_gpus_is_a_valid_sbatch_script_with_the_expected_directives(tmp_path):
+def test_dry_run_for_4_nodes_x_8_gpus_is_a_valid_sbatch_script_with_the_expected_directives(tmp_path, shard_dir):
     run_dir = tmp_path / "big_run"
     proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "4", "--gpus-per-node", "8",
                      "--partition", "gpu", "--account", "proj42", "--time", "2-00:00:00", "--cpus-per-task", "12",
-                     "--dry-run", f"run.out_dir={run_dir}", "train.max_steps=1000")
+                     "--dry-run", f"run.out_dir={run_dir}", "train.max_steps=1000", "--set", f"data.path={shard_dir}")
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     assert script.startswith("#!/bin/bash\n")
@@ -45,15 +45,17 @@ def test_dry_run_for_4_nodes_x_8_gpus_is_a_valid_sbatch_script_with_the_expected
         "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=0", "--wait=120", "--gpus-per-node=8",
         "--cpus-per-task=12"]
     assert shell_array(script, "DT_TRAIN") == [
-        str(REPO / "launch" / "train.py"), "--config", str(TINY), f"run.out_dir={run_dir}", "train.max_steps=1000"]
+        str(REPO / "launch" / "train.py"), "--config", str(TINY), f"run.out_dir={run_dir}", "train.max_steps=1000",
+        f"data.path={shard_dir}"]
     assert "DT_LAUNCHER=srun" in script
     assert "DS_ACCELERATOR" not in script, "a GPU job must not pin DeepSpeed to the CPU"
     assert not run_dir.exists(), "--dry-run must write nothing"
 
 
-def test_deepspeed_launcher_asks_for_one_task_per_node_holding_all_its_cpus(tmp_path):
+def test_deepspeed_launcher_asks_for_one_task_per_node_holding_all_its_cpus(tmp_path, shard_dir):
     proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task",
-                     "4", "--launcher", "deepspeed", "--dry-run", "--json", f"run.out_dir={tmp_path}")
+                     "4", "--launcher", "deepspeed", "--dry-run", "--json", f"run.out_dir={tmp_path}",
+                     f"data.path={shard_dir}")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["script_path"] == str(tmp_path / "slurm" / "job.sbatch")
@@ -65,9 +67,9 @@ def test_deepspeed_launcher_asks_for_one_task_per_node_holding_all_its_cpus(tmp_
     assert "DT_PROCS_PER_NODE=8" in result["script"]
 
 
-def test_cpu_job_asks_for_no_gpus_and_runs_deepspeed_on_the_cpu(tmp_path):
+def test_cpu_job_asks_for_no_gpus_and_runs_deepspeed_on_the_cpu(tmp_path, shard_dir):
     proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "1", "--cpu",
-                     "--dry-run", f"run.out_dir={tmp_path}")
+                     "--dry-run", f"run.out_dir={tmp_path}", f"data.path={shard_dir}")
     assert proc.returncode == 0, proc.stderr
     assert not any(d.startswith("--gpus") for d in sbatch_directives(proc.stdout))
     assert "--gpus-per-node=1" not in shell_array(proc.stdout, "DT_SRUN_ARGS")
@@ -102,12 +104,12 @@ def test_bad_config_override_is_refused_naming_the_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_submit_without_sbatch_installed_says_so_and_writes_nothing(tmp_path):
+def test_submit_without_sbatch_installed_says_so_and_writes_nothing(tmp_path, shard_dir):
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
     env = {**os.environ, "PATH": str(empty_bin)}
     proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "8",
-                     f"run.out_dir={tmp_path / 'run'}", env=env)
+                     f"run.out_dir={tmp_path / 'run'}", f"data.path={shard_dir}", env=env)
     assert proc.returncode == 1
     assert "error: `sbatch` is not installed or not on PATH" in proc.stderr
     assert not (tmp_path / "run").exists()
