@@ -23,8 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dist_train.config import (
+    Config,
+    ConfigError,
+    add_override_arguments,
+    load_config,
+    overrides_from,
+    parse_args_with_overrides,
+)
 from dist_train.formats.atomic_file import current_umask
-from dist_train.config import Config, ConfigError, add_override_arguments, load_config, overrides_from
 from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, render
 
 
@@ -231,7 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     try:
         return _dispatch(args)
     except (ConfigError, JobSpecError) as e:

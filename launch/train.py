@@ -12,7 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_train.config import ConfigError, add_override_arguments, load_config, overrides_from  # noqa: E402
+from dist_train.config import (  # noqa: E402
+    ConfigError,
+    add_override_arguments,
+    load_config,
+    overrides_from,
+    parse_args_with_overrides,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                              "or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     add_override_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     try:
         cfg = load_config(args.config, overrides_from(args))
         from dist_train.train.trainer import train

@@ -47,7 +47,8 @@ def test_rerunning_a_finished_run_is_a_no_op_that_changes_no_byte(finished_run, 
 
 
 @pytest.mark.slow
-def test_max_steps_below_the_checkpoint_is_refused_on_every_rank_with_exit_2_and_changes_no_byte(finished_run, shard_dir):
+def test_max_steps_below_the_checkpoint_is_refused_on_every_rank_with_exit_2_and_no_byte_changed(finished_run,
+                                                                                                  shard_dir):
     before = folder_bytes(finished_run)
     proc = launch_training(TINY, overrides(shard_dir, finished_run, ZERO2, "train.max_steps=3"), nproc=2,
                            launcher="deepspeed")

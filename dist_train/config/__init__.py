@@ -11,6 +11,7 @@ from dist_train.config.loading import (
     config_from_dict,
     load_config,
     overrides_from,
+    parse_args_with_overrides,
     parse_yaml,
 )
 from dist_train.config.schema import (
@@ -30,4 +31,5 @@ from dist_train.config.validation import resolve_grad_accum, validate
 
 __all__ = ["SHAPE_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "ModelConfig",
            "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig", "add_override_arguments", "apply_override",
-           "config_from_dict", "load_config", "overrides_from", "parse_yaml", "resolve_grad_accum", "validate"]
+           "config_from_dict", "load_config", "overrides_from", "parse_args_with_overrides", "parse_yaml",
+           "resolve_grad_accum", "validate"]

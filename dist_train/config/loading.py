@@ -137,6 +137,18 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the same as a positional key=value (repeatable); applied after the positional ones")
 
 
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, but `key=value` overrides may also come after options (`--resume none
+    train.max_steps=10`), which argparse alone refuses once a positional list has been read."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def overrides_from(args: argparse.Namespace) -> list[str]:
     """The overrides of a command line parsed with `add_override_arguments`, in the order they apply."""
     return [*args.overrides, *args.set_overrides]

@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import Config, ConfigError, add_override_arguments, load_config, overrides_from
+from dist_train.config import (
+    Config,
+    ConfigError,
+    add_override_arguments,
+    load_config,
+    overrides_from,
+    parse_args_with_overrides,
+)
 from dist_train.config.loading import default_out_dir
 from dist_train.model.count import count_params, flops_per_token
 from dist_train.monitor.throughput import PEAK_TFLOPS
@@ -291,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     if args.command == "count" and args.tokens is not None:
         args.tokens = int(args.tokens)
     try:
