@@ -593,6 +593,8 @@ def test_fit_refuses_runs_on_different_data_naming_each_group(tmp_path: Path, sh
 
 def test_plan_for_a_data_folder_takes_its_vocabulary_and_reports_the_epochs_it_means(
         shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_train.scaling.plan import data_sources, epochs_report
+
     """The first-hour report: 54.5 B tokens with vocab 32000 planned on a 1.76 M-token, 2048-vocab folder."""
     train_tokens = json.loads((shard_dir / "manifest.json").read_text())["splits"]["train"]["num_tokens"]
     out = tmp_path / "my_run.yaml"
@@ -610,12 +612,12 @@ def test_plan_for_a_data_folder_takes_its_vocabulary_and_reports_the_epochs_it_m
     assert f"vocabulary      2,048 (from {shard_dir}/manifest.json)" in text
     assert "warning" in text and "past ~4 epochs" in text and "Muennighoff et al. 2023" in text
 
-    # Within 4 epochs no warning; a vocabulary given on the command line is kept.
-    assert main(["plan", "--tokens", str(3 * train_tokens), "--config", str(TINY), f"data.path={shard_dir}",
-                 "model.vocab_size=2112", "--json"]) == 0
+    # A vocabulary given on the command line is kept; within 4 epochs there is no warning.
+    assert main(["plan", "--compute", "1e18", f"data.path={shard_dir}", "model.vocab_size=4096", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["data"]["max_epochs"] == pytest.approx(3.0, rel=1e-6) and not r["data"]["repeats_too_much"]
-    assert r["shape"]["vocab_size"] == 2112 and r["vocab_source"] is None
+    assert r["shape"]["vocab_size"] == 4096 and r["vocab_source"] is None
+    sources = data_sources(load_config(TINY, [f"data.path={shard_dir}"]))
+    assert not epochs_report(sources, 3 * train_tokens)["repeats_too_much"]
 
 
 def test_sizing_commands_take_positional_overrides_like_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
