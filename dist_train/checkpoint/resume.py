@@ -155,9 +155,11 @@ def check_before_launch(run_dir: Path, cfg: Config, resume: str) -> str | None:
     refuse_breaking_changes(run_dir, path, meta, cfg)
     summary = _read_summary(run_dir)
     if step == max_steps and summary.get("final_step") == step and _is_latest(run_dir, path):
-        return (f"{run_dir} is finished: step {step} of train.max_steps={max_steps}, val_loss "
-                f"{summary.get('val_loss')} (summary.json); nothing to do, nothing changed. To train longer, raise "
-                f"train.max_steps; for a new run, give it its own folder (run.out_dir={_sibling(run_dir)})")
+        val_loss = summary.get("val_loss")
+        shown = "None" if val_loss is None else f"{val_loss:.4f}"
+        return (f"{run_dir} is finished: step {step} of train.max_steps={max_steps}, val_loss {shown} "
+                f"(summary.json); nothing to do, nothing changed. To train longer, raise train.max_steps; for a "
+                f"new run, give it its own folder (run.out_dir={_sibling(run_dir)})")
     return None
 
 
