@@ -6,15 +6,18 @@ a document is in val iff  blake2b-64(seed, text) < val_fraction · 2^64.
 Because the rule looks at the text, exact duplicate documents always land in the same split (no
 train/val leakage through duplicates). The val share is `val_fraction` in expectation, not exactly.
 
-Documents are encoded as plain text: a literal "<|endoftext|>" inside a document is split into
-ordinary tokens (`split_special_tokens=True`), so only `data_prep.shard` ever writes EOS. An empty
+Documents are encoded by the Rust tokenizer (`data_prep.rust_tokenizer`) as plain text: a literal
+"<|endoftext|>" inside a document is split into ordinary tokens, so only `data_prep.shard` ever writes EOS. An empty
 document has no tokens and gets no EOS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_prep.inputs import MissingTextError
+from data_prep.rust_tokenizer import load_rust_tokenizer
 
-_TOKENIZERS: dict[str, object] = {}  # one loaded tokenizer per process and folder
+_TOKENIZERS: dict[str, object] = {}  # one loaded Rust tokenizer per process and folder
 
 
 @dataclass
@@ -43,8 +47,26 @@ def in_val_split(text: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest.digest(), "little") < val_fraction * 2**64
 
 
+@contextlib.contextmanager
+def one_tokenizer_thread() -> Iterator[None]:
+    """Make `encode_batch_fast` use one thread in this process (tokenizers reads the variable per call).
+
+    Parallelism comes from `num_proc` processes instead: the Rust call holds the GIL, so a process whose
+    tokenizer used every core could not read the next batch meanwhile.
+    """
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 class DocumentEncoder:
-    """Picklable (it holds only a folder path), so `datasets.map` can hash it and ship it to workers."""
+    """Picklable (it holds only a folder path and numbers), so it can be shipped to worker processes."""
 
     def __init__(self, tokenizer_dir: str, eos_token_id: int, seed: int, val_fraction: float) -> None:
         self.tokenizer_dir = tokenizer_dir
@@ -54,31 +76,30 @@ class DocumentEncoder:
 
     def _tokenizer(self):
         if self.tokenizer_dir not in _TOKENIZERS:
-            from dist_train.formats.tokenizer_folder import load_tokenizer
-
-            _TOKENIZERS[self.tokenizer_dir] = load_tokenizer(self.tokenizer_dir)
+            _TOKENIZERS[self.tokenizer_dir] = load_rust_tokenizer(self.tokenizer_dir)[0]
         return _TOKENIZERS[self.tokenizer_dir]
 
-    def _ids(self, texts: list, first_row: int) -> tuple[list[list[int]], list[bool]]:
+    def encode(self, first_row: int, texts: list) -> EncodedBatch:
+        """Token ids of a batch as one flat array (EOS after every non-empty document), cheap to send."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise MissingTextError.at(first_row + i, text)
-        ids = self._tokenizer()(texts, add_special_tokens=False, split_special_tokens=True,
-                                return_attention_mask=False)["input_ids"]
-        ids = [doc + [self.eos_token_id] if text else [] for doc, text in zip(ids, texts)]
-        return ids, [bool(text) and in_val_split(text, self.seed, self.val_fraction) for text in texts]
-
-    def __call__(self, texts: list, rows: list[int], row_offset: int = 0) -> dict:
-        """The `datasets.map(batched=True, with_indices=True)` form; rows count within one part."""
-        ids, is_val = self._ids(texts, row_offset + (rows[0] if rows else 0))
-        return {"input_ids": ids, "is_val": is_val}
-
-    def encode(self, first_row: int, texts: list) -> EncodedBatch:
-        """The streaming form: one flat array, cheap to send between processes."""
-        ids, is_val = self._ids(texts, first_row)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        tokens = np.fromiter((t for doc in ids for t in doc), dtype=np.uint32, count=int(lengths.sum()))
+        ids = [e.ids for e in self._tokenizer().encode_batch_fast(texts, add_special_tokens=False)]
+        nonempty = np.fromiter(map(bool, texts), dtype=bool, count=len(texts))
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + nonempty
+        ends = np.cumsum(lengths)
+        tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint32)
+        is_text = np.ones(tokens.size, dtype=bool)
+        is_text[ends[nonempty] - 1] = False
+        tokens[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32,
+                                      count=tokens.size - int(nonempty.sum()))
+        tokens[~is_text] = self.eos_token_id
+        is_val = [bool(text) and in_val_split(text, self.seed, self.val_fraction) for text in texts]
         return EncodedBatch(tokens, lengths, np.asarray(is_val, dtype=bool))
+
+
+def _init_worker() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker process is one tokenizer thread
 
 
 def _encode_job(args: tuple[DocumentEncoder, int, list]) -> EncodedBatch:
@@ -88,16 +109,18 @@ def _encode_job(args: tuple[DocumentEncoder, int, list]) -> EncodedBatch:
 
 def encode_stream(batches: Iterator[tuple[int, list]], encoder: DocumentEncoder,
                   num_proc: int) -> Iterator[EncodedBatch]:
-    """Encode (first_row, texts) batches in order, in `num_proc` processes.
+    """Encode (first_row, texts) batches in order: here (num_proc 1) or in `num_proc` worker processes.
 
-    At most 2·num_proc batches are in flight, so memory stays flat however long the stream is
-    (`Pool.imap` would read the whole input ahead).
+    One tokenizer thread per process. With workers, this process reads and writes while they encode, and at
+    most 2·num_proc batches are in flight, so memory stays flat however long the stream is (`Pool.imap`
+    would read the whole input ahead).
     """
     if num_proc <= 1:
-        for first_row, texts in batches:
-            yield encoder.encode(first_row, texts)
+        with one_tokenizer_thread():
+            for first_row, texts in batches:
+                yield encoder.encode(first_row, texts)
         return
-    with multiprocessing.get_context().Pool(num_proc) as pool:
+    with multiprocessing.get_context().Pool(num_proc, initializer=_init_worker) as pool:
         pending: deque = deque()
         for first_row, texts in batches:
             pending.append(pool.apply_async(_encode_job, ((encoder, first_row, texts),)))

@@ -47,7 +47,7 @@ class InputSource:
     def describe(self) -> dict:
         """Identity for the manifest and for resuming: a changed file is a different dataset."""
         stat = os.stat(self.path)
-        return {"path": self.path, "format": self.format, "bytes": _tree_bytes(self.path),
+        return {"path": self.path, "format": self.format, "bytes": tree_bytes(self.path),
                 "mtime_ns": stat.st_mtime_ns}
 
 
@@ -61,7 +61,7 @@ class MissingTextError(DataPrepError):
                    f"choose the field holding the text")
 
 
-def _tree_bytes(path: str) -> int:
+def tree_bytes(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -155,15 +155,21 @@ def _groups(sources: Sequence[InputSource]) -> Iterator[tuple[str, list[str]]]:
         yield group[0].format, [s.path for s in group]
 
 
+def load_saved_dataset(path: str) -> datasets.Dataset:
+    """A `save_to_disk` folder (its `train` split if it is a `DatasetDict`), memory-mapped."""
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataPrepError(f"saved dataset {path} has splits {sorted(ds)} and no 'train': "
+                                f"pass the folder of the split to use, e.g. {path}/{min(ds)}")
+        ds = ds["train"]
+    return ds
+
+
 def _load_group(fmt: str, paths: list[str], text_field: str, sample_by: str, streaming: bool,
                 cache_dir: str | None):
     if fmt == "disk":
-        ds = datasets.load_from_disk(paths[0])
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataPrepError(f"saved dataset {paths[0]} has splits {sorted(ds)} and no 'train': "
-                                    f"pass the folder of the split to use, e.g. {paths[0]}/{min(ds)}")
-            ds = ds["train"]
+        ds = load_saved_dataset(paths[0])
         if streaming:
             ds = ds.to_iterable_dataset(num_shards=1)  # one shard keeps the row order
         return _select_text(ds, text_field, paths[0])
@@ -190,10 +196,28 @@ def load_corpus(sources: Sequence[InputSource], text_field: str = "text", sample
             for fmt, paths in _groups(sources)]
 
 
+def _cut(first_row: int, texts: list, max_chars: int | None) -> Iterator[tuple[int, list]]:
+    """A reader's batch cut into batches of at most `max_chars` characters (a longer document alone)."""
+    if max_chars is None:
+        yield first_row, texts
+        return
+    lo = chars = 0
+    for i, text in enumerate(texts):
+        size = len(text) if isinstance(text, str) else 0
+        if i > lo and chars + size > max_chars:
+            yield first_row + lo, texts[lo:i]
+            lo, chars = i, 0
+        chars += size
+    if lo < len(texts):
+        yield first_row + lo, texts[lo:]
+
+
 def iter_text_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], batch_size: int,
-                      start: int = 0) -> Iterator[tuple[int, list]]:
+                      start: int = 0, max_chars: int | None = None) -> Iterator[tuple[int, list]]:
     """(index of the first document, texts) batches over all parts, skipping the first `start` rows.
 
+    A batch holds at most `batch_size` documents and, with `max_chars`, at most that many characters (or
+    one longer document), so what is in flight is bounded in bytes, not only in documents.
     Skipped rows of a streaming part are still parsed (a stream cannot seek) but not tokenized.
     """
     row = 0
@@ -204,14 +228,14 @@ def iter_text_batches(parts: Sequence[datasets.Dataset | datasets.IterableDatase
                 continue
             table = part.with_format("arrow")
             for lo in range(max(start - row, 0), len(part), batch_size):
-                yield row + lo, table[lo:lo + batch_size].column(TEXT_COLUMN).to_pylist()
+                yield from _cut(row + lo, table[lo:lo + batch_size].column(TEXT_COLUMN).to_pylist(), max_chars)
             row += len(part)
             continue
         for batch in part.iter(batch_size=batch_size):
             texts = batch[TEXT_COLUMN]
             if row + len(texts) > start:
                 skip = max(start - row, 0)
-                yield row + skip, texts[skip:]
+                yield from _cut(row + skip, texts[skip:], max_chars)
             row += len(texts)
 
 

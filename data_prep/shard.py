@@ -2,13 +2,18 @@
 
     python -m data_prep.shard --input corpus.jsonl --tokenizer tok/ --out shards/ \\
         [--val-fraction 0.01] [--seed 0] [--num-proc 8] [--streaming] [--text-field text] \\
-        [--shard-tokens 100000000] [--dtype auto|uint16|uint32] [--sample-by line|paragraph|document]
+        [--shard-tokens 100000000] [--dtype auto|uint16|uint32] [--sample-by line|paragraph|document] \
+        [--num-tasks N --task-id I]
 
-- Reads with `datasets.load_dataset` (text / JSON lines / parquet) or `load_from_disk`.
-  Without `--streaming`, tokenizes with `Dataset.map(batched=True, num_proc=N)` into Arrow files under
-  OUT/.tokenized (deleted at the end); with `--streaming`, reads the files lazily and tokenizes
-  batches in N processes with a bounded queue, so peak memory does not grow with the corpus.
-  Both give byte-identical shards, for any N.
+- Reads with `datasets.load_dataset` (text / JSON lines / parquet) or `load_from_disk`: without
+  `--streaming` through its Arrow cache, with `--streaming` lazily. Batches of at most `BATCH_DOCS`
+  documents and `BATCH_CHARS` characters go to the Rust tokenizer (`encode_batch_fast`, one thread per
+  process) here or in N worker processes, at most 2·N batches in flight, and their token ids go straight
+  into the shard files as numpy arrays. Memory is bounded by the batches in flight, the reader's chunk and
+  the longest document, not by the corpus. Streaming or not, any N: byte-identical shards.
+- `--num-tasks N --task-id I` (defaults: a SLURM array's `SLURM_ARRAY_TASK_COUNT`/`SLURM_ARRAY_TASK_ID`):
+  only task I's share of the inputs (`data_prep.tasks`), into OUT/tasks/I/ (its own shards and manifest,
+  resumable the same way); `python -m data_prep.merge OUT` then writes OUT/manifest.json over all tasks.
 - Holds out a validation split by document (`data_prep.encode.in_val_split`: a seeded hash of the
   text), then writes each split as shards of `--shard-tokens` tokens (see `data_prep.manifest`).
 - Resumable: OUT/progress.json checkpoints (documents consumed, finished shards, length of the open
@@ -27,6 +32,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -41,7 +47,6 @@ from data_prep.encode import DocumentEncoder, EncodedBatch, encode_stream
 from data_prep.errors import DataPrepError, run_command
 from data_prep.inputs import (
     SAMPLE_BY,
-    TEXT_COLUMN,
     iter_text_batches,
     load_corpus,
     reading_inputs,
@@ -56,15 +61,19 @@ from dist_train.formats.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from dist_train.formats.tokenizer_folder import load_tokenizer, tokenizer_sha256
+from dist_train.formats.tokenizer_folder import tokenizer_sha256
+from data_prep.rust_tokenizer import load_rust_tokenizer
+from data_prep.tasks import check_task, dataset_rows, describe_share, load_share, plan_tasks
 
 log = logging.getLogger("data_prep.shard")
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: few files, yet each a cheap unit to rewrite
-BATCH_DOCS = 256  # documents per tokenizer call and per checkpoint granule
+BATCH_DOCS = 256  # at most this many documents per tokenizer call (and checkpoint granule) ...
+BATCH_CHARS = 1 << 20  # ... and at most this many characters, unless one document is longer
 CHECKPOINT_SECONDS = 30.0
 PROGRESS_NAME = "progress.json"
-TOKENIZED_DIR = ".tokenized"
+TASKS_DIR = "tasks"  # OUT/tasks/ID/: one task's shards and manifest (--num-tasks)
+TOKENIZED_DIR = ".tokenized"  # Arrow files of runs made before tokenizing went straight to shards: removed
 _OURS = re.compile(rf"^({'|'.join(SPLITS)})(_\d{{5,}}\.bin|\.partial)$|^(manifest|progress)\.json(\.tmp)?$"
                    rf"|^{re.escape(TOKENIZED_DIR)}$")
 
@@ -73,7 +82,7 @@ _WHAT_DIFFERS = {"sources": "sources (the input files, their sizes or modificati
                  "tokenizer": "tokenizer (its path)"}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
     """Human-readable names of the settings in which two dataset headers differ."""
     keys = sorted(set(old) | set(new))
     diffs = [_WHAT_DIFFERS.get(k, k) for k in keys if k != "prep" and old.get(k) != new.get(k)]
@@ -93,7 +102,7 @@ def _finished_result(out: Path, header: dict) -> dict | None:
     if not (out / MANIFEST_NAME).is_file():
         return None
     manifest = read_manifest(out)
-    diffs = _differences({k: v for k, v in manifest.items() if k != "splits"}, header)
+    diffs = differences({k: v for k, v in manifest.items() if k != "splits"}, header)
     if diffs:
         raise DataPrepError(f"output folder {out} already holds a different dataset (it differs in: "
                             f"{', '.join(diffs)}); choose another --out or delete the folder")
@@ -110,7 +119,7 @@ def _start_state(out: Path, header: dict) -> dict:
     progress = out / PROGRESS_NAME
     if progress.is_file():
         state = json.loads(progress.read_text())
-        diffs = _differences(state["header"], header)
+        diffs = differences(state["header"], header)
         if diffs:
             raise DataPrepError(f"output folder {out} holds an unfinished run of a different dataset (it "
                                 f"differs in: {', '.join(diffs)}); re-run that command to finish it, or "
@@ -139,29 +148,6 @@ def _open_writers(out: Path, state: dict, dtype: str, shard_tokens: int) -> dict
         state.update(docs_done=0, splits={})
         write_json_atomic(out / PROGRESS_NAME, state)
         return {s: SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
-
-
-def _mapped_batches(parts: list, encoder: DocumentEncoder, num_proc: int, start: int,
-                    work_dir: Path) -> Iterator[EncodedBatch]:
-    """Non-streaming: `Dataset.map` tokenizes each part (cached under work_dir), then Arrow slices."""
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint32")),
-                                  "is_val": datasets.Value("bool")})
-    work_dir.mkdir(exist_ok=True)
-    offset = 0
-    for k, part in enumerate(parts):
-        if offset + len(part) > start:
-            mapped = part.map(encoder, batched=True, batch_size=BATCH_DOCS, with_indices=True,
-                              input_columns=[TEXT_COLUMN], remove_columns=[TEXT_COLUMN], features=features,
-                              num_proc=num_proc if num_proc > 1 else None, fn_kwargs={"row_offset": offset},
-                              cache_file_name=str(work_dir / f"part{k}.arrow"), desc="tokenizing")
-            table = mapped.with_format("arrow")
-            for lo in range(max(start - offset, 0), len(part), BATCH_DOCS):
-                batch = table[lo:lo + BATCH_DOCS]
-                ids = batch.column("input_ids").combine_chunks()
-                yield EncodedBatch(ids.flatten().to_numpy(zero_copy_only=False),
-                                   ids.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64),
-                                   batch.column("is_val").to_numpy(zero_copy_only=False))
-        offset += len(part)
 
 
 @contextlib.contextmanager
@@ -218,47 +204,70 @@ def _check_args(val_fraction: float, seed: int, num_proc: int, shard_tokens: int
         raise DataPrepError(f"--sample-by must be one of {SAMPLE_BY}, not {sample_by!r}")
 
 
+def _header(sources: list, tok_dir: Path, dtype: str, prep: dict, task: dict | None) -> dict:
+    tok = load_rust_tokenizer(tok_dir)[1]
+    header = {"vocab_size": tok.vocab_size, "dtype": dtype_for_vocab(tok.vocab_size, dtype),
+              "eos_token_id": tok.eos_token_id, "tokenizer": str(tok_dir),
+              "sources": [s.describe() for s in sources],
+              "prep": {**prep, "tokenizer_sha256": tokenizer_sha256(tok_dir)}}
+    return header if task is None else {**header, "task": task}
+
+
+def _tokenize(out_dir: Path, parts: list, header: dict, state: dict, num_proc: int, progress: bool) -> dict:
+    """Read, encode and write until the parts are done; the splits' manifest entries."""
+    prep = header["prep"]
+    writers = _open_writers(out_dir, state, header["dtype"], prep["shard_tokens"])
+    encoder = DocumentEncoder(header["tokenizer"], header["eos_token_id"], prep["seed"], prep["val_fraction"])
+    texts = iter_text_batches(parts, BATCH_DOCS, start=state["docs_done"], max_chars=BATCH_CHARS)
+    _write_all(out_dir, encode_stream(texts, encoder, num_proc), writers, state, dataset_rows(parts), progress)
+    return {s: w.close() for s, w in writers.items()}
+
+
 def shard_corpus(inputs: Sequence[str], tokenizer: str, out: str, *, val_fraction: float = 0.01,
                  seed: int = 0, num_proc: int = 1, streaming: bool = False, text_field: str = "text",
                  sample_by: str = "line", shard_tokens: int = DEFAULT_SHARD_TOKENS, dtype: str = "auto",
-                 cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Tokenize `inputs` into shards under `out`; returns the manifest (see the module docstring)."""
+                 cache_dir: str | None = None, progress: bool = True, num_tasks: int | None = None,
+                 task_id: int = 0) -> dict:
+    """Tokenize `inputs` into shards under `out`; returns the manifest (see the module docstring).
+
+    With `num_tasks`, only task `task_id`'s share of the inputs (`data_prep.tasks`), into `out/tasks/ID/`.
+    """
     _check_args(val_fraction, seed, num_proc, shard_tokens, sample_by)
     sources = resolve_inputs(inputs)
-    tok_dir = Path(tokenizer).expanduser().resolve()
-    tok = load_tokenizer(tok_dir)
-    header = {"vocab_size": len(tok), "dtype": dtype_for_vocab(len(tok), dtype),
-              "eos_token_id": tok.eos_token_id, "tokenizer": str(tok_dir),
-              "sources": [s.describe() for s in sources],
-              "prep": {"text_field": text_field, "sample_by": sample_by, "val_fraction": val_fraction,
-                       "seed": seed, "shard_tokens": shard_tokens, "tokenizer_sha256": tokenizer_sha256(tok_dir)}}
     out_dir = Path(out).expanduser().resolve()
+    task, pieces = None, None
+    if num_tasks is not None:
+        check_task(num_tasks, task_id)
+        pieces = plan_tasks(sources, num_tasks, sample_by)[task_id]
+        task = {"num_tasks": num_tasks, "id": task_id, "share": describe_share(pieces, sources)}
+        out_dir = out_dir / TASKS_DIR / str(task_id)
+    prep = {"text_field": text_field, "sample_by": sample_by, "val_fraction": val_fraction, "seed": seed,
+            "shard_tokens": shard_tokens}
+    header = _header(sources, Path(tokenizer).expanduser().resolve(), dtype, prep, task)
     finished = _finished_result(out_dir, header)
     if finished:
         return finished
-    created = not out_dir.exists()
+    missing = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     state = _start_state(out_dir, header)
-    writers = _open_writers(out_dir, state, header["dtype"], shard_tokens)
-    encoder = DocumentEncoder(str(tok_dir), tok.eos_token_id, seed, val_fraction)
     try:
         with reading_inputs(sources, text_field), _datasets_quiet(not progress):
-            parts = load_corpus(sources, text_field, sample_by, streaming, cache_dir)
-            if streaming:
-                texts = iter_text_batches(parts, BATCH_DOCS, start=state["docs_done"])
-                batches, total = encode_stream(texts, encoder, num_proc), None
+            if pieces is None:
+                parts = load_corpus(sources, text_field, sample_by, streaming, cache_dir)
             else:
-                batches = _mapped_batches(parts, encoder, num_proc, state["docs_done"], out_dir / TOKENIZED_DIR)
-                total = sum(len(p) for p in parts)
-            _write_all(out_dir, batches, writers, state, total, progress)
-        splits = {s: w.close() for s, w in writers.items()}
-        if splits["train"]["num_tokens"] == 0:
+                parts = load_share(sources, pieces, text_field, sample_by, streaming, cache_dir)
+            splits = _tokenize(out_dir, parts, header, state, num_proc, progress)
+        if splits["train"]["num_tokens"] == 0 and task is None:
             raise DataPrepError(f"inputs {', '.join(map(str, inputs))} hold no text for the train split")
     except DataPrepError:
         _remove_our_files(out_dir)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for folder in missing:  # only the folders this run made, deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
-    if val_fraction > 0 and splits["val"]["num_tokens"] == 0:
+    if task is not None and splits["train"]["num_documents"] + splits["val"]["num_documents"] == 0:
+        log.warning("task %d of %d has no documents (more tasks than the inputs can be cut into); it finishes "
+                    "empty, which is fine", task_id, num_tasks)
+    elif val_fraction > 0 and splits["val"]["num_tokens"] == 0:
         log.warning("no document fell into the val split (val_fraction=%s); raise --val-fraction for a "
                     "validation loss", val_fraction)
     manifest = {**header, "splits": splits}
@@ -266,6 +275,12 @@ def shard_corpus(inputs: Sequence[str], tokenizer: str, out: str, *, val_fractio
     (out_dir / PROGRESS_NAME).unlink()
     shutil.rmtree(out_dir / TOKENIZED_DIR, ignore_errors=True)
     return manifest
+
+
+def _env_int(name: str) -> int | None:
+    """A SLURM array variable as the default of an option (the launcher's environment, read here only)."""
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,15 +304,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"),
                         help="token dtype (default: uint16 if the vocabulary fits, else uint32)")
     parser.add_argument("--cache-dir", help="datasets cache folder (default: HF's)")
+    parser.add_argument("--num-tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT"),
+                        help="split the job into N tasks (nodes); this run does one, into OUT/tasks/ID/; then "
+                             "`python -m data_prep.merge OUT` (default: $SLURM_ARRAY_TASK_COUNT, else one job)")
+    parser.add_argument("--task-id", type=int, default=_env_int("SLURM_ARRAY_TASK_ID"),
+                        help="which task, in [0, N) (default: $SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
+    if args.num_tasks is not None and args.task_id is None:
+        parser.error("--num-tasks needs --task-id (or $SLURM_ARRAY_TASK_ID)")
+    if args.task_id is not None and args.num_tasks is None:
+        parser.error("--task-id needs --num-tasks (or $SLURM_ARRAY_TASK_COUNT)")
     manifest = shard_corpus(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
                             seed=args.seed, num_proc=args.num_proc, streaming=args.streaming,
                             text_field=args.text_field, sample_by=args.sample_by,
                             shard_tokens=args.shard_tokens, dtype=args.dtype, cache_dir=args.cache_dir,
-                            progress=not args.no_progress)
-    summary = {"out": str(Path(args.out).resolve()), "dtype": manifest["dtype"],
+                            progress=not args.no_progress, num_tasks=args.num_tasks,
+                            task_id=args.task_id or 0)
+    out = Path(args.out).resolve()
+    out = out if args.num_tasks is None else out / TASKS_DIR / str(args.task_id)
+    summary = {"out": str(out), "dtype": manifest["dtype"],
                "vocab_size": manifest["vocab_size"],
                **{f"{s}_{k}": (len(v) if k == "shards" else v) for s in SPLITS
                   for k, v in manifest["splits"][s].items()}}
