@@ -4,12 +4,15 @@
     python -m launch.slurm run    --config configs/X.yaml --nodes 1 --gpus-per-node 8   # no sbatch
     python -m launch.slurm status JOBID
     python -m launch.slurm cancel JOBID
+    python -m launch.slurm prep   --tasks 64 --input corpus/ --tokenizer tok/ --out shards/ [--nodes 16]
 
 `submit` validates the config and runs the trainer's preflight (data, vocabulary, batch size, resume state; the
 per-GPU memory estimate is printed, and refused above `--gpu-memory`), writes `RUN_DIR/slurm/job.sbatch` (see
 launch/sbatch.py) and hands it to `sbatch`; the job's output goes to `RUN_DIR/slurm/JOBID.out`. `run` writes the
 same script and runs it in the foreground: inside an `salloc` allocation it uses that one, otherwise `srun`
 allocates the nodes itself.
+`prep` tokenizes a corpus as a SLURM array of `--tasks` tasks plus a merge job that runs after it (see
+launch/prep.py); re-submitting it runs only the unfinished tasks.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dist_train.config import (
     parse_args_with_overrides,
 )
 from dist_train.formats.atomic_file import current_umask
+from launch.prep import PrepSpec, array_option, write_scripts
 from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, render
 
 
@@ -128,6 +132,45 @@ def run_here(spec: JobSpec) -> int:
     return subprocess.call(["bash", str(write_script(spec))])
 
 
+def submit_prep(spec: PrepSpec, dry_run: bool = False) -> dict[str, Any]:
+    """Write OUT/slurm/{prep,merge}.sbatch; submit the unfinished tasks as an array and the merge after it."""
+    scripts = write_scripts(spec)
+    todo = spec.unfinished()
+    result: dict[str, Any] = {"out": str(spec.out), "tasks": spec.tasks, "submitted_tasks": todo,
+                              "prep_script": str(scripts["prep"]), "merge_script": str(scripts["merge"])}
+    prep_cmd = ["sbatch", "--parsable", array_option(spec, todo), str(scripts["prep"])] if todo else None
+    merge_cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes", str(scripts["merge"])]
+    if dry_run:
+        after = [*merge_cmd[:2], "--dependency=afterok:ARRAY_JOB_ID", *merge_cmd[2:]] if prep_cmd else merge_cmd
+        return {**result, "commands": [c for c in (prep_cmd, after) if c]}
+    _tool("sbatch")
+    array_id = None
+    if prep_cmd:
+        array_id = _call(*prep_cmd).strip().split(";")[0]
+        merge_cmd.insert(2, f"--dependency=afterok:{array_id}")
+    merge_id = _call(*merge_cmd).strip().split(";")[0]
+    return {**result, "array_job_id": array_id, "merge_job_id": merge_id,
+            "logs": str(spec.slurm_dir / "prep-%A_%a.out"), "merge_log": str(spec.slurm_dir / f"merge-{merge_id}.out")}
+
+
+def prep_spec(args: argparse.Namespace) -> PrepSpec:
+    if args.tasks < 1:
+        raise JobSpecError(f"--tasks must be >= 1, not {args.tasks}")
+    if args.nodes is not None and args.nodes < 1:
+        raise JobSpecError(f"--nodes must be >= 1, not {args.nodes}")
+    shard_args = ["--input", *[str(Path(p).resolve()) for p in args.input],
+                  "--tokenizer", str(Path(args.tokenizer).resolve())]
+    for option in ("val_fraction", "seed", "num_proc", "text_field", "sample_by", "shard_tokens", "dtype"):
+        value = getattr(args, option)
+        if value is not None:
+            shard_args += [f"--{option.replace('_', '-')}", str(value)]
+    if args.streaming:
+        shard_args.append("--streaming")
+    return PrepSpec(out=Path(args.out).resolve(), tasks=args.tasks, shard_args=tuple(shard_args), nodes=args.nodes,
+                    partition=args.partition, account=args.account, time=args.time,
+                    cpus_per_task=args.cpus_per_task)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # status / cancel
 
@@ -190,6 +233,26 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     add_override_arguments(p)
 
 
+def _add_prep_parser(sub) -> None:
+    p = sub.add_parser("prep", help="tokenize a corpus as a SLURM array of tasks + a merge job after it")
+    p.add_argument("--tasks", type=int, required=True, help="number of tasks (array elements, one node each)")
+    p.add_argument("--nodes", type=int, help="run at most this many tasks at once (default: as SLURM allows)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="as data_prep.shard --input")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (data_prep.tokenizer --out)")
+    p.add_argument("--out", required=True, help="shard folder; tasks write OUT/tasks/I/, the merge OUT/manifest.json")
+    for option, kind in (("--val-fraction", float), ("--seed", int), ("--num-proc", int), ("--text-field", str),
+                         ("--sample-by", str), ("--shard-tokens", int), ("--dtype", str)):
+        p.add_argument(option, type=kind, help=f"as data_prep.shard {option} (default: its default)")
+    p.add_argument("--streaming", action="store_true", help="as data_prep.shard --streaming")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--account", help="SLURM account to charge")
+    p.add_argument("--time", help="time limit per task")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per task (give --num-proc as many)")
+    p.add_argument("--dry-run", action="store_true", help="write the scripts and print the sbatch commands; "
+                                                          "submit nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="write the script and run it here with srun, without sbatch "
                                    "(inside salloc, or letting srun allocate)")
     _add_job_options(p)
+    _add_prep_parser(sub)
     commands = {"status": "show a job's state, restarts and log",
                 "cancel": "scancel a job; training saves a checkpoint, then stops"}
     for name, text in commands.items():
@@ -223,6 +287,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "cancel":
         _print(cancel(args.job_id), args.json,
                f"cancel requested for job {args.job_id}: training saves a checkpoint, then stops")
+        return 0
+    if args.command == "prep":
+        r = submit_prep(prep_spec(args), dry_run=args.dry_run)
+        text = (f"tasks {r['submitted_tasks']} of {r['tasks']} to run; scripts in {Path(r['prep_script']).parent}"
+                + ("".join(f"\n  {' '.join(c)}" for c in r["commands"]) if args.dry_run else
+                   f"\n  array job {r['array_job_id']}, merge job {r['merge_job_id']} (after the array)"))
+        _print(r, args.json, text)
         return 0
     spec = job_spec(args)
     if args.command == "run":

@@ -10,14 +10,18 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from dist_train.formats.errors import FormatError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a local HF tokenizer folder; refuse one that does not load or has no EOS token."""
+    from transformers import AutoTokenizer  # imported here: hashing a folder needs no transformers (1-2 s)
+
     folder = Path(path).expanduser()
     if folder.is_file():
         raise FormatError(f"{path} is a file: a tokenizer is the folder that holds it (and its "
