@@ -2,8 +2,8 @@
 
 Writes two batch scripts into OUT/slurm/ and submits them:
 - `prep.sbatch`, an array job with one element per unfinished task: element I runs
-  `python -m data_prep.shard ... --out OUT --num-tasks N` (its task id comes from `SLURM_ARRAY_TASK_ID`) on one
-  node, into OUT/tasks/I/;
+  `python -m data_prep.shard ... --out OUT --num-tasks N` (its task id comes from `SLURM_ARRAY_TASK_ID`) on a
+  node of its own (`--exclusive`: give it `--num-proc` = the node's cores), into OUT/tasks/I/;
 - `merge.sbatch`: `python -m data_prep.merge OUT`, submitted with `--dependency=afterok:ARRAY` (it starts when
   every element succeeded; `--kill-on-invalid-dep=yes` cancels it when one failed or was cancelled).
 A task is finished when OUT/tasks/I/manifest.json exists. Re-submitting the same command submits only the
@@ -57,7 +57,7 @@ def array_ranges(ids: list[int]) -> str:
 
 
 def _directives(spec: PrepSpec, name: str, log: str) -> list[str]:
-    lines = [f"#SBATCH --job-name={name}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+    lines = [f"#SBATCH --job-name={name}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1", "#SBATCH --exclusive",
              f"#SBATCH --output={spec.slurm_dir / log}", "#SBATCH --open-mode=append"]
     for option, value in (("partition", spec.partition), ("account", spec.account), ("time", spec.time),
                           ("cpus-per-task", spec.cpus_per_task)):
