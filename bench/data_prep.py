@@ -164,7 +164,7 @@ def tasks(work: Path, corpus: Path, tok: Path) -> dict:
 
 def loader(folder: str, seq_len: int = 128, micro: int = 8, batches: int = 2000) -> dict:
     sys.path.insert(0, str(REPO))
-    from dist_train.data import TokenLoader
+    from dist_train.data.loader import TokenLoader
 
     tl = TokenLoader([(folder, 1.0)], "train", seq_len, micro, rank=0, world_size=1, seed=0)
     start = time.perf_counter()

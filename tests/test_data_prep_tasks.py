@@ -18,7 +18,7 @@ import torch
 from data_prep.errors import DataPrepError
 from data_prep.merge import merge_tasks
 from data_prep.shard import shard_corpus
-from dist_train.data import TokenLoader
+from dist_train.data.loader import TokenLoader
 from dist_train.formats.manifest import DTYPES, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
