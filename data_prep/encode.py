@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,34 +66,95 @@ def one_tokenizer_thread() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
+# A long document is tokenized in pieces cut where a GPT-2-style byte-level pre-tokenizer always splits: between
+# a printable ASCII character and a newline followed by one. No pre-token (and so no BPE token) crosses that point,
+# and the pieces' pre-tokens are the document's, so the pieces' tokens joined are the document's tokens. The Rust
+# encoding holds ~370 bytes per token while it is built (measured: 8 MB of text → 900 MB), so a whole 1 GB document
+# would need ~100 GB; in pieces of `PIECE_CHARS` it needs one piece's worth at a time.
+PIECE_CHARS = 1 << 20
+_CUT = re.compile(r"(?<=[!-~])(?=\n[!-~])")
+
+
+def _cuttable(tok) -> bool:
+    """Whether cutting at `_CUT` leaves the tokens unchanged: a byte-level BPE splitting with the GPT-2 regex,
+    no prefix space, no normalizer, no added token holding a newline."""
+    pre = tok.pre_tokenizer
+    return (type(pre).__name__ == "ByteLevel" and pre.use_regex and not pre.add_prefix_space
+            and tok.normalizer is None
+            and not any("\n" in t.content for t in tok.get_added_tokens_decoder().values()))
+
+
+def pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut at `_CUT` points into pieces of at most `max_chars` where it can be (at least half that)."""
+    out, start = [], 0
+    while len(text) - start > max_chars:
+        cut = None
+        for match in _CUT.finditer(text, start + max_chars // 2, start + max_chars):
+            cut = match.start()
+        if cut is None:  # no cut point in reach: the next one, however far
+            match = _CUT.search(text, start + max_chars)
+            if match is None:
+                break
+            cut = match.start()
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 class DocumentEncoder:
     """Picklable (it holds only a folder path and numbers), so it can be shipped to worker processes."""
 
-    def __init__(self, tokenizer_dir: str, eos_token_id: int, seed: int, val_fraction: float) -> None:
+    def __init__(self, tokenizer_dir: str, eos_token_id: int, seed: int, val_fraction: float,
+                 piece_chars: int = PIECE_CHARS) -> None:
         self.tokenizer_dir = tokenizer_dir
         self.eos_token_id = eos_token_id
         self.seed = seed
         self.val_fraction = val_fraction
+        self.piece_chars = piece_chars
 
     def _tokenizer(self):
         if self.tokenizer_dir not in _TOKENIZERS:
-            _TOKENIZERS[self.tokenizer_dir] = load_rust_tokenizer(self.tokenizer_dir)[0]
+            tok = load_rust_tokenizer(self.tokenizer_dir)[0]
+            _TOKENIZERS[self.tokenizer_dir] = (tok, _cuttable(tok))
         return _TOKENIZERS[self.tokenizer_dir]
+
+    def _token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' token ids end to end (uint32) and tokens per text; long texts go in pieces."""
+        tok, cuttable = self._tokenizer()
+        owner, parts = [], []
+        for i, text in enumerate(texts):
+            split = pieces(text, self.piece_chars) if cuttable and len(text) > self.piece_chars else [text]
+            owner += [i] * len(split)
+            parts += split
+        flat, lengths, lo = [], [], 0
+        while lo < len(parts):  # groups of at most piece_chars characters (or one longer piece)
+            hi, chars = lo + 1, len(parts[lo])
+            while hi < len(parts) and chars + len(parts[hi]) <= self.piece_chars:
+                chars += len(parts[hi])
+                hi += 1
+            ids = [e.ids for e in tok.encode_batch_fast(parts[lo:hi], add_special_tokens=False)]
+            counts = list(map(len, ids))
+            flat.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=sum(counts)))
+            lengths += counts
+            lo = hi
+        per_text = np.bincount(np.asarray(owner, dtype=np.int64), weights=np.asarray(lengths, dtype=np.float64),
+                               minlength=len(texts)).astype(np.int64)
+        return (np.concatenate(flat) if flat else np.empty(0, dtype=np.uint32)), per_text
 
     def encode(self, first_row: int, texts: list) -> EncodedBatch:
         """Token ids of a batch as one flat array (EOS after every non-empty document), cheap to send."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise MissingTextError.at(first_row + i, text)
-        ids = [e.ids for e in self._tokenizer().encode_batch_fast(texts, add_special_tokens=False)]
+        ids, per_text = self._token_ids(texts)
         nonempty = np.fromiter(map(bool, texts), dtype=bool, count=len(texts))
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + nonempty
+        lengths = per_text + nonempty
         ends = np.cumsum(lengths)
         tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint32)
         is_text = np.ones(tokens.size, dtype=bool)
         is_text[ends[nonempty] - 1] = False
-        tokens[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32,
-                                      count=tokens.size - int(nonempty.sum()))
+        tokens[is_text] = ids
         tokens[~is_text] = self.eos_token_id
         is_val = [bool(text) and in_val_split(text, self.seed, self.val_fraction) for text in texts]
         return EncodedBatch(tokens, lengths, np.asarray(is_val, dtype=bool))

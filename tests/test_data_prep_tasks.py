@@ -232,3 +232,20 @@ def test_tokenizer_trained_on_a_seeded_sample_is_reproducible_and_depends_on_the
     picked = [t for batch in _sample(iter([[str(i) for i in range(500)], [str(i) for i in range(500, 1000)]]), 50, 3)
               for t in batch]
     assert len(picked) == 50 and picked == sorted(picked, key=int) and int(picked[-1]) > 500
+
+
+def test_long_documents_tokenized_in_pieces_give_the_whole_documents_tokens(tokenizer_dir, gpt2_tokenizer_dir,
+                                                                           corpus_file):
+    from data_prep.encode import DocumentEncoder, one_tokenizer_thread, pieces
+
+    docs = [json.loads(line)["text"] for line in corpus_file.read_text(encoding="utf-8").splitlines()[:300]]
+    long_docs = ["\n".join(docs[k:k + 60]) for k in range(0, 300, 60)] + ["x" * 10_000, "", "a\nb"]
+    cut = pieces(long_docs[0], 2000)
+    assert len(cut) > 50 and "".join(cut) == long_docs[0] and max(map(len, cut)) <= 2000
+    assert pieces("x" * 10_000, 2000) == ["x" * 10_000]  # no cut point: one piece
+    for folder in (tokenizer_dir, gpt2_tokenizer_dir):
+        with one_tokenizer_thread():
+            whole = DocumentEncoder(str(folder), 0, 0, 0.1).encode(0, long_docs)
+            in_pieces = DocumentEncoder(str(folder), 0, 0, 0.1, piece_chars=2000).encode(0, long_docs)
+        assert np.array_equal(whole.tokens, in_pieces.tokens) and whole.tokens.size > 100_000
+        assert np.array_equal(whole.lengths, in_pieces.lengths) and np.array_equal(whole.is_val, in_pieces.is_val)
