@@ -45,7 +45,11 @@ def _num_tasks(out: Path) -> int:
             path = tasks / str(task_id) / name
             if path.is_file():
                 header = json.loads(path.read_text())
-                return (header.get("header", header).get("task") or {}).get("num_tasks", 0)
+                num_tasks = (header.get("header", header).get("task") or {}).get("num_tasks", 0)
+                if num_tasks < 1:
+                    raise DataPrepError(f"{path} was not written by a task (no `task` entry); {out} is not the "
+                                        f"--out folder of a job run with --num-tasks")
+                return num_tasks
     raise DataPrepError(f"{out} holds no tasks ({tasks}/ID/ folders): run `python -m data_prep.shard ... --out "
                         f"{out} --num-tasks N --task-id I` for every I first")
 

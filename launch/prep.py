@@ -8,7 +8,8 @@ Writes two batch scripts into OUT/slurm/ and submits them:
   every element succeeded; `--kill-on-invalid-dep=yes` cancels it when one failed or was cancelled).
 A task is finished when OUT/tasks/I/manifest.json exists. Re-submitting the same command submits only the
 unfinished tasks (an interrupted one resumes from its checkpoint) and the merge; with every task finished, only
-the merge. `--nodes K` runs at most K tasks at once (`--array=...%K`).
+the merge. `--nodes K` runs at most K tasks at once (`--array=...%K`). A finished task is not re-run even when the
+command's settings changed: the merge then refuses it, naming the setting (use another OUT for other settings).
 """
 
 from __future__ import annotations
