@@ -124,18 +124,23 @@ def corpus_variants(work: Path, docs: list[dict], scale: float) -> dict[str, lis
     (folder / "one.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in take))
     for k, d in enumerate(take):
         (folder / "many" / f"{k:06d}.jsonl").write_text(json.dumps({"text": d["text"]}) + "\n")
-    datasets.Dataset.from_dict({"text": [d["text"] for d in take]}).to_parquet(str(folder / "all.parquet"))
+    # Row groups of 100 documents (~2 MB): a row group is what parquet readers decompress at once, so it bounds
+    # the reader's memory (one row group for the whole file would grow with the corpus).
+    datasets.Dataset.from_dict({"text": [d["text"] for d in take]}).to_parquet(str(folder / "all.parquet"),
+                                                                                batch_size=100)
     (folder / "all.txt").write_text("".join(d["text"] if d["text"].endswith("\n") else d["text"] + "\n"
                                             for d in take))
     return {"one JSONL": [folder / "one.jsonl"], "many files": [folder / "many"],
             "parquet": [folder / "all.parquet"], ".txt": [folder / "all.txt"]}
 
 
-def memory(work: Path, docs: list[dict], tok: Path, scales: list[float]) -> list[dict]:
+def memory(work: Path, docs: list[dict], tok: Path, scales: list[float], kinds: list[str] | None) -> list[dict]:
     rss: dict[str, dict[float, int]] = {}
     for scale in scales:
         variants = corpus_variants(work, docs, scale)
         for kind, inputs in variants.items():
+            if kinds and kind not in kinds:
+                continue
             shutil.rmtree(work / "out", ignore_errors=True)
             mb = sum(p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir()) for p in inputs)
             _, peak, _ = timed(shard_cmd(inputs, tok, work / "out", "--streaming", "--num-proc", "1"), work)
@@ -181,6 +186,8 @@ def main() -> None:
     parser.add_argument("--memory-scales", type=float, nargs="+", default=[1, 10])
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-kinds", nargs="+", help="only these inputs: 'one JSONL', 'many files', parquet, .txt")
+    parser.add_argument("--skip-tasks", action="store_true", help="no N-task and loader rows")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -195,10 +202,11 @@ def main() -> None:
     if not args.skip_speed:
         results["speed"] = speed(work, corpus, tok, args.rounds)
     if not args.skip_memory:
-        results["memory"] = memory(work, docs, tok, args.memory_scales)
+        results["memory"] = memory(work, docs, tok, args.memory_scales, args.memory_kinds)
     shutil.rmtree(work / "hf_cache", ignore_errors=True)
-    results["tasks"] = tasks(work, corpus, tok)
-    results["loader"] = loader(results["tasks"]["out"])
+    if not args.skip_tasks:
+        results["tasks"] = tasks(work, corpus, tok)
+        results["loader"] = loader(results["tasks"]["out"])
     results["load_avg_at_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))
 
