@@ -35,6 +35,7 @@ FORMAT_OF_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 SAMPLE_BY = ("line", "paragraph", "document")
 TEXT_COLUMN = "text"  # every source is normalised to one string column of this name
+READ_CHUNK_BYTES = 1 << 20  # what `datasets` reads of a text / JSON lines file at a time
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,10 @@ def _load_group(fmt: str, paths: list[str], text_field: str, sample_by: str, str
             ds = ds.to_iterable_dataset(num_shards=1)  # one shard keeps the row order
         return _select_text(ds, text_field, paths[0])
     kwargs = {"sample_by": sample_by} if fmt == "text" else {}
+    if fmt in ("text", "json"):
+        # datasets reads these formats in chunks (10 MB by default) that it turns into a Python list of lines or
+        # an Arrow table at once: for short lines that is ~20x the chunk in RAM. The documents do not depend on it.
+        kwargs["chunksize"] = READ_CHUNK_BYTES
     ds = datasets.load_dataset(fmt, data_files=paths, split="train", streaming=streaming,
                                cache_dir=cache_dir, **kwargs)
     return _select_text(ds, TEXT_COLUMN if fmt == "text" else text_field, ", ".join(paths))

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from data_prep.errors import DataPrepError
 from data_prep.inputs import (
     COMPRESSION_SUFFIXES,
+    READ_CHUNK_BYTES,
     TEXT_COLUMN,
     InputSource,
     MissingTextError,
@@ -39,7 +40,7 @@ from data_prep.inputs import (
     tree_bytes,
 )
 
-CHUNK_BYTES = 8 << 20  # bytes read at a time from a part of a file
+CHUNK_BYTES = READ_CHUNK_BYTES  # bytes read at a time from a part of a file, as datasets does for whole files
 
 
 @dataclass(frozen=True)
