@@ -71,7 +71,7 @@ def one_tokenizer_thread() -> Iterator[None]:
 # and the pieces' pre-tokens are the document's, so the pieces' tokens joined are the document's tokens. The Rust
 # encoding holds ~370 bytes per token while it is built (measured: 8 MB of text → 900 MB), so a whole 1 GB document
 # would need ~100 GB; in pieces of `PIECE_CHARS` it needs one piece's worth at a time.
-PIECE_CHARS = 1 << 20
+PIECE_CHARS = 1 << 18  # characters: the Rust encoding of a piece holds ~370 bytes per token (~30 MB)
 _CUT = re.compile(r"(?<=[!-~])(?=\n[!-~])")
 
 

@@ -69,7 +69,7 @@ log = logging.getLogger("data_prep.shard")
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: few files, yet each a cheap unit to rewrite
 BATCH_DOCS = 256  # at most this many documents per tokenizer call (and checkpoint granule) ...
-BATCH_CHARS = 1 << 20  # ... and at most this many characters, unless one document is longer
+BATCH_CHARS = 1 << 18  # ... and at most this many characters (256 KiB), unless one document is longer
 CHECKPOINT_SECONDS = 30.0
 PROGRESS_NAME = "progress.json"
 TASKS_DIR = "tasks"  # OUT/tasks/ID/: one task's shards and manifest (--num-tasks)
