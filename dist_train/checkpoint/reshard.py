@@ -38,6 +38,21 @@ def universal_path(path: Path) -> Path:
     return path / UNIVERSAL_TAG
 
 
+MAX_EXTRACT_WORKERS = 16
+"""ds_to_universal extract processes at most: each holds one saved rank's optimizer shard (12 bytes x Ψ/N)."""
+MAX_MERGE_WORKERS = 8
+"""Merge processes at most: each holds every rank's slice of one parameter (its fp32 weights and Adam moments)."""
+
+
+def conversion_workers(cpus: int, rank_files: int) -> tuple[int, int]:
+    """(extract, merge) worker processes for ds_to_universal. The conversion runs at start-up, while the other
+    ranks only wait for it, so it may use every CPU this process is allowed on: one extract worker per saved
+    rank file (that is the work it splits), merge workers for the rest, each within its memory cap."""
+    extract = max(1, min(cpus, rank_files, MAX_EXTRACT_WORKERS))
+    merge = max(1, min(cpus, MAX_MERGE_WORKERS))
+    return extract, merge
+
+
 def convert_to_universal(path: Path) -> Path:
     """Convert checkpoint folder `path` to `path/universal` (cached); return that folder."""
     out = universal_path(path)
@@ -45,11 +60,11 @@ def convert_to_universal(path: Path) -> Path:
         return out
     work = path / ".universal_tmp"
     shutil.rmtree(work, ignore_errors=True)
-    # One worker each: on a node that is also training, DeepSpeed's default of 4 extract processes competes
-    # with the job; --inject_missing_state supplies metadata that client-optimizer checkpoints lack.
+    extract, merge = conversion_workers(len(os.sched_getaffinity(0)), len(list(path.glob("*_optim_states.pt"))))
+    # --inject_missing_state supplies metadata that client-optimizer checkpoints lack.
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
            "--output_folder", str(work / UNIVERSAL_TAG), "--inject_missing_state",
-           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,11 @@
-"""The RNG states (Python, NumPy, torch CPU and CUDA) of a rank, saved in its client file and restored on resume.
+"""The RNG states (Python, NumPy, torch CPU and CUDA) of a rank: seeded per rank, saved in its client file and
+restored on resume.
+
+Every data-parallel rank draws its own dropout masks: the streams are seeded from (train.seed, step, rank) by
+`seed_rank_streams`, on a fresh start (step 0) and on a resume at another world size (the resumed step, since the
+old ranks' saved states do not map to the new ranks). A resume at the same world size restores each rank's saved
+states instead, so it continues bit-identically. The model's initial weights come from train.seed alone, the same
+on every rank, before the streams are split.
 """
 
 from __future__ import annotations
@@ -8,6 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The 64-bit seed of `rank`'s streams from optimizer step `step` on, hashed from all three by NumPy's
+    SeedSequence: distinct for every (seed, step, rank) in practice, at any number of ranks."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def seed_rank_streams(seed: int, step: int, rank: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) for this rank (see the module docstring)."""
+    s = rank_seed(seed, step, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)  # NumPy's legacy seed takes 32 bits
+    torch.manual_seed(s)
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,19 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from dist_train.checkpoint import reshard
 from dist_train.checkpoint.layout import CLIENT_STATE, TrainState, tag_for
 from dist_train.checkpoint.resume import ResumePlan
-from dist_train.checkpoint.rng import rng_state, set_rng_state
+from dist_train.checkpoint.rng import rng_state, seed_rank_streams, set_rng_state
 from dist_train.config import Config
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.rank0 import Rank0
@@ -129,10 +127,7 @@ class Checkpointer:
         if plan.world_changed:
             # The loader position is global (every rank saved the same one); old ranks do not map to new ones.
             client = torch.load(plan.path / "client_rank00000.pt", weights_only=False)
-            seed = self.cfg.train.seed * 1_000_003 + state.step * 1_009 + self.place.rank
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            seed_rank_streams(self.cfg.train.seed, state.step, self.place.rank)
         else:
             client = torch.load(plan.path / f"client_rank{self.place.rank:05d}.pt", weights_only=False)
             set_rng_state(client["rng"])

@@ -72,6 +72,14 @@ def init(place: ProcessPlace, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) 
     return device
 
 
+def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """On CUDA, fp32 matmuls use TF32 tensor cores when `tf32` (config train.tf32), else full fp32. The
+    process-wide setting torch.compile and cuBLAS read; the CPU is left alone (there "high" would switch oneDNN's
+    fp32 matmuls to a reduced precision too)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 def shutdown() -> None:
     """A barrier then destroy: without it some gloo runs abort at exit (code 250)."""
     global _rank0_work_group

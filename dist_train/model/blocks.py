@@ -77,12 +77,20 @@ def use_matmul_attention(choice: str, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and is_16_bit and x.shape[1] <= MATMUL_ATTENTION_MAX_LEN
 
 
+SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+"""torch >= 2.5's scaled_dot_product_attention takes `enable_gqa`: each kv head then serves its query heads inside
+the kernel (the flash kernel on CUDA), without copying K and V nh/nkv times in memory."""
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal attention through torch's scaled_dot_product_attention (flash kernels on GPU).
 
     q: (B, nh, T, hd); k, v: (B, nkv, T, hd). Each kv head serves nh/nkv consecutive query heads (HF's
-    repeat_kv layout)."""
+    repeat_kv layout, which is also SDPA's enable_gqa layout)."""
     rep = q.shape[1] // k.shape[1]
+    if rep > 1 and SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                              enable_gqa=True)  # (B, nh, T, hd)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, nh, T, hd)

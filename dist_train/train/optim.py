@@ -1,7 +1,9 @@
 """AdamW with parameter groups and the learning-rate schedules (warmup + cosine, WSD, constant).
 
 Clipping and accumulation are DeepSpeed's (`gradient_clipping`, `gradient_accumulation_steps` in the
-generated ds_config); the optimizer here is a client `torch.optim.AdamW`, which needs no JIT-compiled op.
+generated ds_config); the optimizer here is a client `torch.optim.AdamW`, which needs no JIT-compiled op, or,
+when the optimizer is offloaded to the CPU, DeepSpeed's `DeepSpeedCPUAdam` (vectorised C++ Adam; its op is
+JIT-built once, ~47 s, into TORCH_EXTENSIONS_DIR): torch's AdamW on the host is several times slower there.
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ from dist_train.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: norms, biases, LayerScale gains (ndim < 2) and embeddings are left alone, as in
-    GPT-NeoX and nanoGPT, because shrinking them toward zero does not regularise, it only hurts."""
+    """Decay the weight matrices of the blocks and of an untied output head; leave norms, biases, LayerScale
+    gains (ndim < 2) and embedding tables (input embedding, learned positions, and so a tied head) undecayed.
+
+    Norm gains and biases are scales and offsets, not capacity: pulling them toward zero does not regularise.
+    Embedding rows are updated only when their token occurs, so decay shrinks rare tokens' rows at every step
+    while their gradients arrive seldom (OLMo 2 stopped decaying embeddings, citing training stability).
+    nanoGPT does not follow this: it decays every tensor with ndim >= 2, embeddings included; GPT-NeoX and
+    Megatron exclude only norms and biases. With a tied head the shared table is treated as an embedding."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
@@ -32,26 +40,42 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next step can be skipped (a non-finite loss): DeepSpeed's ZeRO wrappers call the inner
+class Skippable:
+    """An optimizer whose next step can be skipped (a non-finite loss): DeepSpeed's ZeRO wrappers call the inner
     optimizer's `step()`, so skipping here leaves weights and moments untouched at every ZeRO stage."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.skip_next_step = False
+    skip_next_step: bool = False
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         # The flag stays set for the whole optimizer step: ZeRO calls step() once per parameter (sub-)group.
         # The trainer clears it after engine.step().
         if self.skip_next_step:
             return None
-        return super().step(closure)
+        return super().step(closure)  # type: ignore[misc]
 
 
-def build_optimizer(model: nn.Module, t: TrainConfig, fused: bool = False) -> SkippableAdamW:
-    return SkippableAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                          fused=fused or None)
+class SkippableAdamW(Skippable, torch.optim.AdamW):
+    """torch's AdamW (fused on CUDA), skippable."""
+
+
+def _cpu_adam_class() -> type:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds its op on first use: only when offloading
+
+    class SkippableCPUAdam(Skippable, DeepSpeedCPUAdam):
+        """DeepSpeed's CPU Adam (AdamW mode) for an offloaded optimizer, skippable."""
+
+    return SkippableCPUAdam
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, fused: bool = False,
+                    offloaded: bool = False) -> Skippable:
+    """AdamW over `param_groups`; `offloaded`: DeepSpeedCPUAdam, which runs the step on the host where ZeRO
+    keeps the states."""
+    groups = param_groups(model, t.weight_decay)
+    if offloaded:
+        return _cpu_adam_class()(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, adamw_mode=True)
+    return SkippableAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

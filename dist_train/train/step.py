@@ -16,7 +16,7 @@ from dist_train.config import Config
 from dist_train.data.loader import TokenLoader
 from dist_train.data.prefetch import Prefetcher
 from dist_train.distributed.environment import ProcessPlace
-from dist_train.train.optim import SkippableAdamW
+from dist_train.train.optim import Skippable
 from dist_train.train.signals import StopRequest
 
 EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row: requeueing would repeat them
@@ -40,10 +40,11 @@ class StepResult:
     """Learning rate the step used."""
 
 
-def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefetcher, accum: int,
+def train_step(engine: Any, optimizer: Skippable, data: TokenLoader | Prefetcher, accum: int,
                device: torch.device, stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
-    non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag."""
+    non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag; the gradient norm
+    is read to the host only when `measure_grad_norm` (a log step)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
     for micro in range(accum):
         inputs, targets = data.next_batch()
@@ -53,19 +54,22 @@ def train_step(engine: Any, optimizer: SkippableAdamW, data: TokenLoader | Prefe
         if micro == accum - 1:
             # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
             # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
-            stage0_norm = _module_grad_norm(engine.module) if engine.zero_optimization_stage() == 0 else None
-            bad_grads = stage0_norm is not None and not math.isfinite(stage0_norm)
+            stage0_norm = stage0_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
+            # Under fp16 a non-finite gradient is the loss scaler's overflow: its optimizer skips the step and
+            # lowers the scale by itself, which is no sign of divergence.
+            bad_grads = (stage0_norm is not None and not engine.fp16_enabled()) and ~torch.isfinite(stage0_norm)
             flags = reduce_step(loss_sum / accum, stop.requested, bad_grads)
             optimizer.skip_next_step = flags.skipped
         engine.step()
     optimizer.skip_next_step = False  # a ZeRO overflow check may have skipped the inner step itself
     if measure_grad_norm:
-        flags.grad_norm = stage0_norm if stage0_norm is not None else _engine_grad_norm(engine)
+        flags.grad_norm = _finite_or_none(stage0_norm) if stage0_norm is not None else _engine_grad_norm(engine)
     return flags
 
 
-def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool) -> StepResult:
-    """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce."""
+def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool | torch.Tensor) -> StepResult:
+    """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce (the step's one host
+    sync); `bad_grads` may be a tensor on the device."""
     finite = torch.isfinite(local_loss)
     bad = (~finite) | bad_grads
     values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)), bad.double(),
@@ -91,22 +95,42 @@ def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) ->
 
 @torch.no_grad()
 def validation_loss(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device) -> float:
-    """Mean loss over the first train.eval_steps validation batches (the same batches every time)."""
+    """Mean loss over the first train.eval_steps validation batches (the same batches every time). The sum stays
+    on the device until the end: one host sync per evaluation, not one per batch."""
     val_data = TokenLoader(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
                            place.rank, place.world_size, cfg.train.seed)
     engine.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(cfg.train.eval_steps):
         inputs, targets = val_data.next_batch()
-        total += engine(inputs.to(device), targets.to(device)).float().item()
+        total += engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)).double()
     engine.train()
-    return distributed.mean_over_ranks(total / cfg.train.eval_steps)
+    return distributed.mean_over_ranks(total.item() / cfg.train.eval_steps)
 
 
-def _module_grad_norm(module: torch.nn.Module) -> float | None:
-    """Norm of the gradients held by the module (None when DeepSpeed keeps them elsewhere, e.g. bf16)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+def loss_scale(optimizer: Any) -> float | None:
+    """The fp16 loss scale of a DeepSpeed optimizer wrapper, None without one. ZeRO-0's FP16_Optimizer and
+    FP16_UnfusedOptimizer keep it in `loss_scale_config.cur_scale`, ZeRO 1-3 expose `cur_scale` (DeepSpeed
+    0.19's engine._get_optimizer_loss_scale reads the same two places)."""
+    config = getattr(optimizer, "loss_scale_config", None)
+    scale = config.cur_scale if config is not None else getattr(optimizer, "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
+def stage0_grad_norm(engine: Any) -> torch.Tensor | None:
+    """Norm of the gradients the ZeRO-0 module holds, on the device, divided by the fp16 loss scale (the module's
+    gradients are those of the scaled loss); None when DeepSpeed keeps the gradients elsewhere (e.g. bf16)."""
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    if not norms:
+        return None
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    scale = loss_scale(engine.optimizer) if engine.fp16_enabled() else None
+    return norm / scale if scale else norm
+
+
+def _finite_or_none(norm: torch.Tensor) -> float | None:
+    value = norm.item()
+    return value if math.isfinite(value) else None
 
 
 def _engine_grad_norm(engine: Any) -> float | None:

@@ -19,11 +19,13 @@ import torch
 from dist_train import distributed
 from dist_train.checkpoint.layout import TrainState
 from dist_train.checkpoint.resume import check_before_launch, plan_resume
+from dist_train.checkpoint.rng import seed_rank_streams
 from dist_train.checkpoint.save import Checkpointer
 from dist_train.config import Config
 from dist_train.data.loader import TokenLoader
 from dist_train.data.prefetch import Prefetcher
 from dist_train.distributed.environment import ProcessPlace
+from dist_train.distributed.process_group import configure_matmul_precision
 from dist_train.distributed.rank0 import Rank0
 from dist_train.engine.build import build_partitioned_model
 from dist_train.engine.ds_config import deepspeed_config
@@ -31,7 +33,7 @@ from dist_train.model.count import flops_per_token
 from dist_train.monitor.memory import memory_gb
 from dist_train.monitor.metrics import MetricsLogger, build_logger
 from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput, peak_flops
-from dist_train.train.optim import SkippableAdamW, build_optimizer, build_scheduler, retarget_scheduler
+from dist_train.train.optim import Skippable, build_optimizer, build_scheduler, retarget_scheduler
 from dist_train.train.preflight import preflight
 from dist_train.train.signals import EXIT_PREEMPTED, StopRequest
 from dist_train.train.step import (
@@ -39,6 +41,7 @@ from dist_train.train.step import (
     StepResult,
     TooManyBadSteps,
     count_bad_step,
+    loss_scale,
     train_step,
     validation_loss,
 )
@@ -103,7 +106,7 @@ class Run:
     dir: Path
     device: torch.device
     engine: Any
-    optimizer: SkippableAdamW
+    optimizer: Skippable
     train_data: TokenLoader | Prefetcher
     checkpointer: Checkpointer
     logger: MetricsLogger
@@ -121,6 +124,7 @@ class Run:
     @classmethod
     def set_up(cls, cfg: Config, place: ProcessPlace, resume: str) -> Run:
         device = distributed.init(place)
+        configure_matmul_precision(device, cfg.train.tf32)
         deepspeed = distributed.import_deepspeed()
         rank0 = Rank0(place)
         run_dir = Path(cfg.run.out_dir)
@@ -128,18 +132,21 @@ class Run:
         ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
         rank0.run(write_run_files, run_dir, cfg, ds_config)
 
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_partitioned_model(cfg, ds_config, deepspeed)
-        if cfg.train.compile:
-            # In place: parameter names stay the same (checkpoints, export). The whole model rather than each
-            # block (torchtitan's choice, a shorter compile) because fusing the head with the loss is a large
-            # part of the gain: 1.19x vs 1.04x tokens/s on the tiny config on the CPU.
-            model.compile()
-        optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+        optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
+                                    offloaded=cfg.deepspeed.offload_optimizer)
         scheduler = build_scheduler(optimizer, cfg.train)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        if cfg.train.compile:
+            # DeepSpeed's path: the engine compiles its module in place after installing its ZeRO hooks, so
+            # the hooks are not traced into the graph (parameter names stay the same: checkpoints, export). The
+            # whole model rather than each block (torchtitan's choice, a shorter compile) because fusing the
+            # head with the loss is a large part of the gain: 1.19x vs 1.04x tokens/s on the tiny config on the CPU.
+            engine.compile()
         t = cfg.train
+        seed_rank_streams(t.seed, 0, place.rank)  # each rank its own dropout masks; a resume restores or reseeds
         train_data = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size,
                                  place.rank, place.world_size, t.seed)
         checkpointer = Checkpointer(run_dir, cfg, engine, place)
@@ -196,7 +203,7 @@ class Run:
         }
         record.update(gather_rank_throughput(self.forward_timer, cfg.train.micro_batch_size * cfg.model.seq_len))
         if cfg.precision == "fp16":
-            record["loss_scale"] = float(self.engine.optimizer.cur_scale)
+            record["loss_scale"] = loss_scale(self.engine.optimizer)
         self.logger.log(record)
         self.rank0.print(format_log_line(record, cfg.train.max_steps))
 
