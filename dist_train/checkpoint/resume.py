@@ -24,11 +24,16 @@ from dist_train.formats.atomic_file import write_text_atomic
 
 
 def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Config changes that make a checkpoint unloadable: tensor shapes, ZeRO stage, precision."""
+    """Config changes that make a checkpoint unloadable: tensor shapes, ZeRO stage, precision (and, for bf16
+    ZeRO-1, the gradient-accumulation dtype)."""
     keys = [("model", k) for k in SHAPE_KEYS]
     if "learned" in (old["model"].get("pos"), new["model"].get("pos")):
         keys.append(("model", "seq_len"))  # the learned position table has seq_len rows
     keys += [("deepspeed", "zero_stage"), ("precision", None)]
+    if new.get("precision") == "bf16" and new.get("deepspeed", {}).get("zero_stage") == 1:
+        # bf16 ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, whose checkpoint the ZeRO-1
+        # optimizer of bf16 accumulation cannot load, nor the other way round.
+        keys.append(("deepspeed", "grad_accum_dtype"))
     changed = []
     for section, key in keys:
         before = old.get(section) if key is None else old.get(section, {}).get(key)

@@ -52,7 +52,9 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "gradient_accumulation_steps": accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # immediate_grad_update: BF16_Optimizer (bf16 ZeRO-1, fp32 accumulation) folds each bf16 gradient into
+        # its fp32 one as the backward pass produces it and frees it, rather than holding both until the step.
+        "bf16": {"enabled": cfg.precision == "bf16", "immediate_grad_update": True},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         # We pass a client optimizer (dist_train.train.optim): torch's AdamW, or DeepSpeedCPUAdam when the
@@ -61,7 +63,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.precision == "bf16" and ds.zero_stage > 0:
+    if cfg.precision == "bf16" and ds.zero_stage > 0 and ds.grad_accum_dtype == "fp32":
         # Sum the micro-batches' gradients in fp32, as Megatron and torchtitan do: in bf16 (DeepSpeed's default)
         # each addition keeps 8 bits of mantissa, so the llama-7b preset's 128 micro-batches would lose the
         # small ones. DeepSpeed 0.19 cannot do it at ZeRO-0 (engine._do_optimizer_sanity_check: "unsupported

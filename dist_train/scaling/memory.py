@@ -12,10 +12,12 @@ optimizer state per parameter (fp32 master weights, momentum, variance), checked
                                                   stay whole on every rank)
 
 with p the bytes of the working precision (2 for bf16/fp16, 4 for fp32), Ψ parameters and N GPUs.
-ZeRO >= 1 keeps an fp32 master partition even in fp32 runs. DeepSpeed also allocates reduce buckets of
-`reduce_bucket_size` elements (DeepSpeed's default 5e8, 1 GB in bf16; our generated config caps it at Ψ)
-during backward (stages 1, 2) or for the whole run (stage 3), and the optimizer step briefly holds the fp32
-gradient partition (4·Ψ/N).
+ZeRO >= 1 keeps an fp32 master partition even in fp32 runs. Under bf16 at ZeRO 1-3 the generated config sums
+gradients in fp32: their partition takes 4·Ψ/N at ZeRO 2/3, and ZeRO-1 runs DeepSpeed's BF16_Optimizer, which
+holds a whole fp32 gradient (4·Ψ) and no reduce bucket. DeepSpeed also allocates reduce buckets of
+`reduce_bucket_size` elements (the generated config: 5e7 at ZeRO 1/2, where overlap_comm holds two, 5e8 at
+ZeRO-3; at most Ψ) during backward (stages 1, 2) or for the whole run (stage 3), and the optimizer step
+briefly holds the fp32 gradient partition (4·Ψ/N).
 
 Activations are counted tensor by tensor from what `dist_train.model` saves for the backward pass with a
 fused (flash) attention kernel and no dropout; tests check them against `saved_tensors_hooks`.
@@ -31,6 +33,7 @@ import torch
 
 from dist_train.config import Config, ModelConfig, config_from_dict
 from dist_train.engine.ds_config import deepspeed_config
+from dist_train.model.blocks import SDPA_HAS_GQA
 
 ADAM_BYTES = 8
 """AdamW momentum + variance, fp32."""
@@ -96,9 +99,10 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> tuple[int, int
     if m.hf_config:
         raise ValueError("activation memory is counted for dist_train's own model, not for model.hf_config")
     p, d, f = precision_bytes(precision), m.d_model, m.d_ff
-    # Attention: the normed input, q and k after RoPE, v (k and v repeated to n_heads for grouped-query
-    # attention), the output, and the fp32 log-sum-exp per head.
-    attn = 5 * p * d + 4 * m.n_heads
+    # Attention: the normed input, q and k after RoPE, v, the output, and the fp32 log-sum-exp per head. With
+    # grouped-query attention SDPA takes k and v at n_kv_heads (enable_gqa); before torch 2.5 they are repeated.
+    kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
+    attn = p * (3 * d + 2 * kv) + 4 * m.n_heads
     # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
     mlp = p * (d + 4 * f) if m.mlp == "swiglu" else p * (d + 2 * f)
     layerscale = 2 * p * d if m.layerscale_init is not None else 0
@@ -143,9 +147,9 @@ def _largest_layer(m: ModelConfig) -> int:
     return max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
 
 
-def _zero_settings(cfg: Config, gpus: int) -> dict[str, Any]:
+def _zero_settings(ds_config: dict[str, Any]) -> dict[str, Any]:
     zero = dict(DS_DEFAULTS)
-    zero.update(deepspeed_config(cfg, gpus)["zero_optimization"])
+    zero.update(ds_config["zero_optimization"])
     zero.setdefault("overlap_comm", False)  # DeepSpeed's default below ZeRO-3 (where it does not size buffers)
     return zero
 
@@ -156,7 +160,8 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     m, ds = cfg.model, cfg.deepspeed
     stage, p, n = ds.zero_stage, precision_bytes(cfg.precision), gpus
-    zero = _zero_settings(cfg, gpus)
+    ds_config = deepspeed_config(cfg, gpus)
+    zero = _zero_settings(ds_config)
     numels = parameter_numels(m)
     psi = sum(numels)
     master = 0 if (stage == 0 and cfg.precision == "fp32") else MASTER_BYTES
@@ -166,18 +171,23 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     else:
         persistent = sum(k for k in numels if k < zero["stage3_param_persistence_threshold"])
         weights = p * psi // n + p * persistent
-    gradients = p * psi if stage == 0 else p * psi // n
+    # Gradients are summed in fp32 under bf16 at ZeRO 1-3 (ds_config data_types.grad_accum_dtype).
+    fp32_sums = stage >= 1 and "data_types" in ds_config
+    g = 4 if fp32_sums else p
+    bf16_optimizer = fp32_sums and stage == 1 and not ds.offload_optimizer  # DeepSpeed's BF16_Optimizer
+    gradients = p * psi if stage == 0 else g * psi if bf16_optimizer else g * psi // n
     sharded_states = stage >= 1
     optimizer = (ADAM_BYTES + master) * psi // (n if sharded_states else 1)
     if stage == 0:  # DeepSpeed flattens the gradients into buckets of 5e8 elements for the all-reduce
         backward_transient = p * min(psi, ALLREDUCE_BUCKET) if n > 1 else 0
     else:  # ZeRO-1 holds full gradients until the reduce at the accumulation boundary
-        backward_transient = p * psi - p * psi // n if stage == 1 else 0
+        backward_transient = p * psi - p * psi // n if stage == 1 and not bf16_optimizer else 0
     step_transient = 4 * psi // (n if sharded_states else 1) if master else 0
 
-    # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one bucket at init.
+    # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one bucket at init. The
+    # BF16_Optimizer all-reduces its fp32 gradients in place: no buckets.
     bucket_bytes = zero["reduce_bucket_size"] * p * (2 if zero["overlap_comm"] and stage < 3 else 1)
-    buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] else 0
+    buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] and not bf16_optimizer else 0
     if stage == 3:
         buffers += 2 * p * _largest_layer(m)  # the gathered layer and its gradient
 

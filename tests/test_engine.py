@@ -1,0 +1,148 @@
+"""The generated DeepSpeed engine on a cluster's terms: fp32 gradient accumulation under bf16, overlapped reduction
+at ZeRO 1/2, DeepSpeed's CPU Adam when offloading, torch.compile through the engine, a distinct RNG stream per rank,
+TF32, and the universal conversion's worker processes. Multi-process parts run real engines on 2 gloo processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_helpers import REPO, run_distributed
+
+from dist_train.checkpoint.reshard import MAX_EXTRACT_WORKERS, MAX_MERGE_WORKERS, conversion_workers
+from dist_train.config import load_config
+from dist_train.distributed.process_group import configure_matmul_precision
+from dist_train.engine.ds_config import OVERLAP_BUCKET, deepspeed_config
+
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 3
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_generated_ds_config_sums_bf16_gradients_in_fp32_and_overlaps_at_zero_1_and_2(stage: int) -> None:
+    ds = deepspeed_config(load_config(TINY, [f"deepspeed.zero_stage={stage}", "precision=bf16"]), world_size=2)
+    zero = ds["zero_optimization"]
+    # DeepSpeed 0.19 refuses bf16 with fp32 accumulation without ZeRO ("unsupported mix"): stage 0 sums in bf16.
+    assert ds.get("data_types") == (None if stage == 0 else {"grad_accum_dtype": "fp32"})
+    assert zero.get("overlap_comm", False) is (stage in (1, 2))
+    if stage in (1, 2):
+        assert zero["allgather_bucket_size"] == zero["reduce_bucket_size"] <= OVERLAP_BUCKET
+    fp32 = deepspeed_config(load_config(TINY, [f"deepspeed.zero_stage={stage}", "precision=fp32"]), world_size=2)
+    before = deepspeed_config(load_config(TINY, [f"deepspeed.zero_stage={stage}", "precision=bf16",
+                                                 "deepspeed.grad_accum_dtype=bf16"]), world_size=2)
+    assert "data_types" not in fp32 and "data_types" not in before
+
+
+def test_offloaded_optimizer_keeps_deepspeeds_cpu_optimizer_check_on() -> None:
+    ds = deepspeed_config(load_config(TINY, ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]), 2)
+    # DeepSpeed's default (True) refuses an offload with any optimizer but its CPU Adam: ours passes it.
+    assert ds.get("zero_force_ds_cpu_optimizer", True) is True
+
+
+def test_tf32_switch_sets_cudas_fp32_matmul_precision_and_leaves_the_cpu_alone() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        configure_matmul_precision(torch.device("cuda", 0), tf32=True)
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 tensor cores for fp32 matmuls
+        configure_matmul_precision(torch.device("cuda", 0), tf32=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        configure_matmul_precision(torch.device("cpu"), tf32=True)
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_universal_conversion_uses_a_worker_per_rank_file_up_to_the_cpus() -> None:
+    assert conversion_workers(cpus=64, rank_files=8) == (8, MAX_MERGE_WORKERS)
+    assert conversion_workers(cpus=64, rank_files=512) == (MAX_EXTRACT_WORKERS, MAX_MERGE_WORKERS)
+    assert conversion_workers(cpus=2, rank_files=8) == (2, 2)
+    assert conversion_workers(cpus=1, rank_files=0) == (1, 1)
+
+
+def _overrides(shard_dir: str, out_dir: Path, *extra: str) -> list[str]:
+    return [f"data.path={shard_dir}", f"run.out_dir={out_dir}", "model.n_layers=2", f"train.max_steps={STEPS}",
+            "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.eval_every=0", "checkpoint.every=0",
+            "train.warmup_steps=1", "train.log_every=100", "wandb.enabled=false", *extra]
+
+
+def _train_a_few_steps(cfg, place) -> dict:  # noqa: ANN001
+    from dist_train.train.signals import StopRequest
+    from dist_train.train.trainer import Run
+
+    run = Run.set_up(cfg, place, "none")
+    draw = torch.rand(4).tolist()  # the first draw of this rank's stream (dropout would take it)
+    engine = run.engine
+    out = {"rng_draw": draw, "compiled": engine.is_compiled, "optimizer": type(engine.optimizer).__name__,
+           "data_types": [str(t) for t in engine.get_data_types()],
+           "optimizer_classes": [c.__name__ for c in type(engine.basic_optimizer).__mro__],
+           "overlap_comm": bool(getattr(engine.optimizer, "overlap_comm", False))}
+    out["losses"] = [run.step(StopRequest(), measure_grad_norm=False).loss for _ in range(STEPS)]
+    run.logger.close()
+    engine.destroy()
+    return out
+
+
+def _engine_cases(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
+    from dist_train import distributed
+    from dist_train.checkpoint.rng import seed_rank_streams
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/dist_train/torch_extensions"))
+    place = distributed.discover()
+    results = {}
+    cases = {f"zero{s}": [f"deepspeed.zero_stage={s}"] for s in (1, 2, 3)}
+    cases.update({f"zero{s}+compile": [f"deepspeed.zero_stage={s}", "train.compile=true"] for s in (1, 2, 3)})
+    cases["zero2+offload"] = ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]
+    cases["zero1-bf16"] = ["deepspeed.zero_stage=1", "precision=bf16"]
+    cases["zero2-bf16"] = ["deepspeed.zero_stage=2", "precision=bf16"]
+    for name, extra in cases.items():
+        cfg = load_config(TINY, _overrides(shard_dir, Path(root) / name, "precision=fp32", *extra))
+        results[name] = _train_a_few_steps(cfg, place)
+    seed_rank_streams(cfg.train.seed, 0, rank)
+    results["rule_draw"] = torch.rand(4).tolist()
+    return results
+
+
+@pytest.fixture(scope="module")
+def engine_cases(shard_dir, tmp_path_factory) -> list[dict]:
+    return run_distributed(_engine_cases, 2, str(shard_dir), str(tmp_path_factory.mktemp("engine_cases")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_compile_through_the_engine_gives_the_eager_losses_at_zero_1_2_3(engine_cases, stage: int) -> None:
+    eager, compiled = engine_cases[0][f"zero{stage}"], engine_cases[0][f"zero{stage}+compile"]
+    print(f"ZeRO-{stage} eager {eager['losses']}\n        compiled {compiled['losses']}")
+    assert compiled["compiled"] and not eager["compiled"]  # engine.compile(), after deepspeed.initialize
+    assert len(compiled["losses"]) == len(eager["losses"]) == STEPS
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_every_rank_draws_its_own_random_stream_by_the_resume_rule(engine_cases) -> None:
+    draws = [r["zero1"]["rng_draw"] for r in engine_cases]
+    assert draws[0] != draws[1], "ranks share a dropout stream"
+    # The same rule (seed_rank_streams at step 0) as a resume on another world size uses at its step.
+    assert [r["rule_draw"] for r in engine_cases] == draws
+
+
+@pytest.mark.slow
+def test_bf16_engines_sum_gradients_in_fp32_and_overlap_the_zero2_reduction(engine_cases) -> None:
+    zero1, zero2 = engine_cases[0]["zero1-bf16"], engine_cases[0]["zero2-bf16"]
+    assert zero1["data_types"] == zero2["data_types"] == ["torch.bfloat16", "torch.float32"]
+    assert zero1["optimizer"] == "BF16_Optimizer"  # DeepSpeed's ZeRO-1 path for fp32 accumulation
+    assert zero2["optimizer"] == "DeepSpeedZeroOptimizer" and zero2["overlap_comm"]
+    assert engine_cases[0]["zero1"]["overlap_comm"]  # fp32 ZeRO-1
+    for case in (zero1, zero2):
+        assert len(case["losses"]) == STEPS and all(abs(a - b) < 0.05 for a, b in
+                                                    zip(case["losses"], engine_cases[0]["zero2"]["losses"]))
+
+
+@pytest.mark.slow
+def test_offloaded_optimizer_steps_with_deepspeeds_cpu_adam(engine_cases) -> None:
+    offload, on_device = engine_cases[0]["zero2+offload"], engine_cases[0]["zero2"]
+    assert "DeepSpeedCPUAdam" in offload["optimizer_classes"]
+    assert "DeepSpeedCPUAdam" not in on_device["optimizer_classes"]
+    print(f"offload {offload['losses']}\non device {on_device['losses']}")
+    assert offload["losses"] == pytest.approx(on_device["losses"], rel=1e-4)
