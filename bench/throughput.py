@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
     p.add_argument("--repeats", type=int, default=3, help="rounds of all runs; the median is reported")
     p.add_argument("--skip-hf-model", action="store_true", help="skip ours/hf-model (saves a run)")
+    p.add_argument("--runs", help="comma-separated names of the runs to make (default: all), e.g. "
+                                  "ours/own-model,hf-trainer")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides for all runs, e.g. deepspeed.zero_stage=2")
     args = p.parse_args()
@@ -166,6 +168,11 @@ def main() -> None:
     }
     if args.skip_hf_model:
         del runs["ours/hf-model"]
+    if args.runs:
+        unknown = set(args.runs.split(",")) - runs.keys()
+        if unknown or "hf-trainer" not in args.runs.split(","):
+            p.error(f"--runs: unknown {sorted(unknown)} or no hf-trainer (the reference); names: {', '.join(runs)}")
+        runs = {name: fn for name, fn in runs.items() if name in args.runs.split(",")}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(args.repeats):
         for name, fn in runs.items():
