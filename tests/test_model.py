@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dist_train.config import ModelConfig
-from dist_train.model.blocks import use_matmul_attention
+from dist_train.model.blocks import SDPA_HAS_GQA, sdpa_attention, use_matmul_attention
 from dist_train.model.build import build_model
 from dist_train.model.decoder import Transformer
 
@@ -258,3 +259,28 @@ def test_auto_attention_is_matmul_only_for_16_bit_cpu_tensors_up_to_128_tokens()
     assert not use_matmul_attention("auto", x(torch.float32))  # the CPU flash kernel is faster in fp32
     assert not use_matmul_attention("auto", x(torch.bfloat16, seq=256))  # longer: flash is as fast, less memory
     assert use_matmul_attention("matmul", x(torch.float32)) and not use_matmul_attention("sdpa", x(torch.bfloat16))
+
+
+@pytest.mark.skipif(not SDPA_HAS_GQA, reason="enable_gqa needs torch >= 2.5")
+def test_grouped_query_sdpa_hands_the_kernel_unrepeated_keys_and_values() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelCalls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, list]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.calls.append((str(func), [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    with KernelCalls() as seen:
+        out = sdpa_attention(q, k, v, 0.0)
+    print(seen.calls)
+    assert [name for name, _ in seen.calls if "repeat" in name or "index" in name] == []
+    (name, shapes), = seen.calls  # one kernel, given k and v at 2 heads
+    assert "scaled_dot_product" in name and shapes[1:3] == [(2, 2, 16, 8), (2, 2, 16, 8)]
+    reference = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                               is_causal=True)
+    torch.testing.assert_close(out, reference)
