@@ -146,3 +146,50 @@ def test_offloaded_optimizer_steps_with_deepspeeds_cpu_adam(engine_cases) -> Non
     assert "DeepSpeedCPUAdam" not in on_device["optimizer_classes"]
     print(f"offload {offload['losses']}\non device {on_device['losses']}")
     assert offload["losses"] == pytest.approx(on_device["losses"], rel=1e-4)
+
+
+def _host_reads(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dist_train import distributed
+    from dist_train.train.signals import StopRequest
+    from dist_train.train.step import train_step, validation_loss
+    from dist_train.train.trainer import Run
+
+    class HostReads(TorchDispatchMode):
+        """Counts tensor-to-Python reads (`.item()`): on a GPU each one waits for the queued kernels."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config(TINY, _overrides(shard_dir, Path(root) / "zero0", "deepspeed.zero_stage=0",
+                                       "precision=fp32"))
+    run = Run.set_up(cfg, distributed.discover(), "none")
+    reads = {}
+    for measure in (False, True, False):
+        with HostReads() as seen:
+            train_step(run.engine, run.optimizer, run.train_data, run.accum, run.device, StopRequest(), measure)
+        reads[f"step{'+norm' if measure else ''}"] = seen.count
+    for eval_steps in (2, 4):
+        cfg.train.eval_steps = eval_steps
+        with HostReads() as seen:
+            validation_loss(run.engine, cfg, run.place, run.device)
+        reads[f"eval{eval_steps}"] = seen.count
+    run.logger.close()
+    run.engine.destroy()
+    return reads
+
+
+@pytest.mark.slow
+def test_gradient_norm_and_validation_are_read_to_the_host_only_when_needed(shard_dir, tmp_path) -> None:
+    reads = run_distributed(_host_reads, 1, str(shard_dir), str(tmp_path))[0]
+    print(reads)
+    # A ZeRO-0 step reads its gradient norm to the host only on a log step (measure_grad_norm).
+    assert reads["step+norm"] == reads["step"] + 1
+    # An evaluation reads its summed loss once, whatever the number of batches.
+    assert reads["eval4"] == reads["eval2"]
