@@ -5,6 +5,7 @@ TF32, and the universal conversion's worker processes. Multi-process parts run r
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,9 +163,16 @@ def _host_reads(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
         def __init__(self) -> None:
             super().__init__()
             self.count = 0
+            self.ours: list[str] = []  # the dist_train function that asked for each read
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.count += func is torch.ops.aten._local_scalar_dense.default
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.count += 1
+                frame = sys._getframe(1)
+                while frame is not None and "/dist_train/" not in frame.f_code.co_filename:
+                    frame = frame.f_back
+                if frame is not None:
+                    self.ours.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
             return func(*args, **(kwargs or {}))
 
     cfg = load_config(TINY, _overrides(shard_dir, Path(root) / "zero0", "deepspeed.zero_stage=0",
@@ -175,6 +183,7 @@ def _host_reads(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
         with HostReads() as seen:
             train_step(run.engine, run.optimizer, run.train_data, run.accum, run.device, StopRequest(), measure)
         reads[f"step{'+norm' if measure else ''}"] = seen.count
+        reads[f"step{'+norm' if measure else ''} in dist_train"] = seen.ours
     for eval_steps in (2, 4):
         cfg.train.eval_steps = eval_steps
         with HostReads() as seen:
@@ -189,7 +198,10 @@ def _host_reads(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
 def test_gradient_norm_and_validation_are_read_to_the_host_only_when_needed(shard_dir, tmp_path) -> None:
     reads = run_distributed(_host_reads, 1, str(shard_dir), str(tmp_path))[0]
     print(reads)
-    # A ZeRO-0 step reads its gradient norm to the host only on a log step (measure_grad_norm).
+    # A ZeRO-0 step reads its gradient norm to the host only on a log step (measure_grad_norm); otherwise our
+    # code's only reads are torch AdamW's own (its step count, under our skippable step()) and the step's one
+    # all-reduce of (loss, bad flag, stop flag).
     assert reads["step+norm"] == reads["step"] + 1
+    assert set(reads["step in dist_train"]) <= {"optim.py:step", "step.py:reduce_step", "collectives.py:sum_over_ranks"}
     # An evaluation reads its summed loss once, whatever the number of batches.
     assert reads["eval4"] == reads["eval2"]
