@@ -58,7 +58,8 @@ class JobSpec:
     cpus_per_task: int | None = None
     """CPUs per training process."""
     grace_s: int = 300
-    """USR1 arrives this many seconds (up to 60 s more) before the time limit: time to save a checkpoint."""
+    """Time to save a checkpoint: USR1 arrives this many seconds (up to 60 s more) before the time limit, and
+    after `launch.slurm cancel` the batch script waits this long for the save before killing the step."""
     job_name: str = "dist_train"
     workdir: Path = field(default_factory=Path.cwd)
     """The job runs here, so relative paths in the config and overrides mean what they meant at submission."""
@@ -158,6 +159,7 @@ def settings(spec: JobSpec) -> list[str]:
         f"DT_LAUNCHER={spec.launcher}",
         f"DT_PROCS_PER_NODE={spec.gpus_per_node}",
         f"DT_EXIT_PREEMPTED={EXIT_PREEMPTED}",
+        f"DT_GRACE_S={spec.grace_s}",
         _shell_array("DT_TRAIN", [str(TRAIN_SCRIPT), "--config", str(spec.config), *spec.overrides]),
         _shell_array("DT_SRUN_ARGS", step_options(spec)),
         _shell_array("DT_ALLOC_ARGS", allocation_options(spec)),

@@ -36,9 +36,14 @@ dt_task() {
             # One task per node: the deepspeed launcher starts this node's processes and sets RANK etc.
             local hostfile=${TMPDIR:-/tmp}/dist_train_hostfile.$SLURM_JOB_ID.$SLURM_NODEID
             scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$DT_PROCS_PER_NODE/" >"$hostfile"
-            # SLURM signals every process of the step. The launchers must not die of USR1 (their default
-            # action) nor quit on TERM before the trainers below them have saved: they inherit the ignore,
-            # the trainers install their own handlers.
+            # A save request reaches every process of the step as USR1 (srun forwards the driver's). The
+            # launchers inherit this ignore and never replace it, so they neither die of it (USR1's default
+            # action) nor act on it; the trainers install their own handler and save. TERM cannot be shielded
+            # like this: deepspeed's per-node launcher (launch.py) installs its own TERM handler, which
+            # terminates the trainers and SIGKILLs them 30 s later (torchrun's agent does the same). So a save
+            # gets the full DT_GRACE_S only when the TERM goes to the batch shell alone (`python -m
+            # launch.slurm cancel`, or `scancel --batch --signal=TERM`), which turns it into USR1 below; a
+            # plain `scancel` TERMs every process and KILLs after KillWait, whatever anyone here does.
             trap '' USR1 TERM
             exec "$DT_PYTHON" -u -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh \
                 --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
@@ -53,18 +58,42 @@ dt_task() {
 
 srun_pid=""
 preempted=0
+cancelled=0
+watchdog=""
 
-# `--signal=B:USR1@grace`: the job's time is nearly up, or an admin asked it to make room. srun forwards
-# USR1 to every task; the trainers finish their step, save a checkpoint and exit with DT_EXIT_PREEMPTED.
+# Ask the trainers to save and stop: USR1 to srun, which forwards it to every task. A trainer still starting up
+# has no handler yet (in deepspeed mode it ignores USR1 until then, in srun mode it dies of it), so the
+# request is repeated every few seconds; after DT_GRACE_S the step is killed.
+dt_request_stop() {
+    [[ -n $srun_pid ]] || return 0
+    kill -USR1 "$srun_pid" 2>/dev/null
+    [[ -z $watchdog ]] || return 0
+    (
+        for ((waited = 0; waited < DT_GRACE_S; waited += 5)); do
+            sleep 5
+            kill -USR1 "$srun_pid" 2>/dev/null || exit 0
+        done
+        dt_log "training did not stop within ${DT_GRACE_S}s of the request: killing it"
+        kill -KILL "$srun_pid" 2>/dev/null
+    ) &
+    watchdog=$!
+}
+
+# `--signal=B:USR1@grace`: the job's time is nearly up, or an admin preempts it. The trainers finish their
+# step, save a checkpoint and exit with DT_EXIT_PREEMPTED; the job is then requeued.
 dt_on_usr1() {
     preempted=1
     dt_log "got USR1: asking training to save a checkpoint and stop"
-    [[ -n $srun_pid ]] && kill -USR1 "$srun_pid" 2>/dev/null
+    dt_request_stop
 }
 
-# `scancel` or `scontrol requeue`: SLURM sends TERM to the trainers itself; keep waiting while they save.
+# TERM to this shell alone (`python -m launch.slurm cancel` sends `scancel --batch --signal=TERM`): the same
+# save request, up to DT_GRACE_S, but no requeue; the job is cancelled once training has stopped. (A plain
+# `scancel` also lands here, but it TERMs every process and KILLs after KillWait: see dt_task.)
 dt_on_term() {
-    dt_log "got TERM: waiting for training to save a checkpoint"
+    cancelled=1
+    dt_log "got TERM: asking training to save a checkpoint and stop (up to ${DT_GRACE_S}s), then cancelling"
+    dt_request_stop
 }
 
 dt_driver() {
@@ -78,7 +107,7 @@ dt_driver() {
     dt_log "job ${SLURM_JOB_ID:-(srun allocates)} nodes ${SLURM_JOB_NODELIST:-?}" \
         "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} master ${MASTER_ADDR:-?}:${MASTER_PORT:-?}"
     trap dt_on_usr1 USR1
-    trap dt_on_term TERM
+    trap dt_on_term TERM INT
     srun "${alloc[@]}" "${DT_SRUN_ARGS[@]}" bash "$DT_SCRIPT" --task &
     srun_pid=$!
     local rc
@@ -88,7 +117,13 @@ dt_driver() {
         rc=$?
         kill -0 "$srun_pid" 2>/dev/null || break
     done
+    [[ -z $watchdog ]] || kill "$watchdog" 2>/dev/null
     dt_log "training exited with code $rc"
+    if ((cancelled)); then
+        # Not requeued; `scancel` marks the job CANCELLED, as the user asked (a TERM it sends here is harmless).
+        [[ -n ${SLURM_JOB_ID:-} ]] && scancel "$SLURM_JOB_ID"
+        exit "$rc"
+    fi
     # 128+USR1: the signal came while the trainer was still starting, before it could catch it; nothing new
     # to save then, so requeue all the same.
     local killed_by_usr1=$((128 + $(kill -l USR1)))

@@ -206,7 +206,15 @@ def job_status(job_id: str) -> dict[str, Any]:
 
 
 def cancel(job_id: str) -> dict[str, Any]:
-    _call("scancel", job_id)
+    """TERM to the batch script alone: it asks the trainers to save (USR1, which the launchers ignore), waits
+    up to the job's --grace and then cancels the job. A plain `scancel` would TERM every process, so the
+    deepspeed launcher would SIGKILL its trainers 30 s later and SLURM everything after KillWait, whatever the
+    save still had to write. A job without a running batch script (pending, or `run` without sbatch) is
+    cancelled plainly."""
+    try:
+        _call("scancel", "--batch", "--signal=TERM", job_id)
+    except SlurmError:
+        _call("scancel", job_id)
     return {"job_id": job_id, "cancel_requested": True}
 
 
@@ -229,7 +237,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", type=float, metavar="GIB",
                    help="GiB per GPU of the cluster: refuse a run whose estimated peak needs more")
     p.add_argument("--grace", type=int, default=300, metavar="SECONDS",
-                   help="seconds before the time limit at which training is told to checkpoint (default 300)")
+                   help="seconds training gets to save a checkpoint: told this long before the time limit, and "
+                        "waited for this long after `cancel` (default 300)")
     add_override_arguments(p)
 
 

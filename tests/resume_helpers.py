@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -48,10 +49,34 @@ def command(overrides_: list[str], nproc: int, launcher: str = "torchrun", args:
     return [sys.executable, *script]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
     """Start a training command in the background, output appended to `log`."""
     with open(log, "a") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(env), stdout=f, stderr=subprocess.STDOUT, **popen)
+
+
+SLOW_SAVE_HOOK = """
+import sys
+if sys.argv and sys.argv[0].endswith("launch/train.py"):  # the trainers only, not the launchers
+    import time
+    from dist_train.checkpoint import save
+
+    _publish = save.Checkpointer._publish
+
+    def _slow_publish(self, *args, **kwargs):
+        time.sleep({seconds})  # as an fsync of a large model to a busy filesystem would
+        return _publish(self, *args, **kwargs)
+
+    save.Checkpointer._publish = _slow_publish
+"""
+
+
+def slow_save_env(hook_dir: Path, seconds: float) -> dict[str, str]:
+    """An environment whose trainers take `seconds` longer to publish each checkpoint (rank 0 sleeps before
+    it renames the folder and writes `latest`): a `sitecustomize` module on PYTHONPATH wraps the real save."""
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(SLOW_SAVE_HOOK.format(seconds=seconds))
+    return {"PYTHONPATH": f"{hook_dir}{os.pathsep}{cpu_env()['PYTHONPATH']}"}
 
 
 def run(cmd: list[str], log: Path, timeout: float = 600) -> int:

@@ -4,15 +4,19 @@ same command ends with the weights, optimizer state and logged losses of an unin
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
+import time
 
 import psutil
 import pytest
 import torch
+from distributed_helpers import REPO
 from resume_helpers import (
     EVERY,
     STEPS,
+    TINY,
     checkpoint,
     command,
     kill_tree,
@@ -22,12 +26,14 @@ from resume_helpers import (
     overrides,
     run,
     shared_run,
+    slow_save_env,
     start,
     tail,
     wait_until,
     workers,
 )
 
+from dist_train.checkpoint.layout import CLIENT_STATE
 from dist_train.checkpoint.weights import checkpoint_weights
 from dist_train.train.signals import EXIT_PREEMPTED
 
@@ -133,3 +139,30 @@ def test_sigterm_saves_at_the_step_boundary_exits_75_and_resumes(reference, shar
     assert run(cmd, log) == 0, tail(log)
     assert f"resumed from {checkpoint(tmp_path, stopped)} at step {stopped}" in log.read_text()
     assert_same_end(tmp_path, reference)
+
+
+SLOW_SAVE_S = 35
+"""Longer than the 30 s after which deepspeed's per-node launcher SIGKILLs the trainers it has TERMed."""
+
+
+def test_term_during_a_save_slower_than_the_launchers_kill_delay_still_publishes_it(shard_dir, tmp_path):
+    """TERM to the process group of `launch/run_local.sh` (a Ctrl-C, a hang-up, `kill -- -PGID`): the
+    launchers never see it, the trainers get a save request and take the 35 s the save needs."""
+    cmd = ["bash", str(REPO / "launch" / "run_local.sh"), "2", "--config", str(TINY),
+           *overrides(shard_dir, tmp_path, "train.max_steps=100000", "checkpoint.every=0")]
+    log = tmp_path / "train.log"
+    proc = start(cmd, log, env=slow_save_env(tmp_path / "hook", SLOW_SAVE_S), start_new_session=True)
+    try:
+        wait_until(lambda: logged_step(tmp_path) >= 2, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        assert proc.wait(timeout=240) == EXIT_PREEMPTED, tail(log)
+        waited = time.monotonic() - signalled
+    finally:
+        kill_tree(proc)
+    stopped = logged_step(tmp_path)
+    print(f"TERM, then the save took {waited:.0f} s; stopped at step {stopped}")
+    assert waited > SLOW_SAVE_S, "the save was not slowed down: the test proves nothing"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert (checkpoint(tmp_path, stopped) / CLIENT_STATE).exists()
+    assert f"saved step {stopped}, exiting with {EXIT_PREEMPTED}" in log.read_text()

@@ -32,6 +32,14 @@ class StopRequest:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 
+    def ignore_further(self) -> None:
+        """From the moment the stop is acted on: further requests are ignored outright. The launchers and batch
+        scripts repeat theirs (a process still starting up would miss a single one), and at interpreter
+        shutdown Python puts back the default action of the handlers it installed - death by the signal,
+        which would replace exit code 75."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     @property
     def requested(self) -> bool:
         return self.signal_name is not None

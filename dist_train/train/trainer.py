@@ -75,6 +75,7 @@ def train(cfg: Config, resume: str = "latest") -> int:
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
             run.log_eval()
         if result.stop_requested and state.step < t.max_steps:
+            stop.ignore_further()
             run.save()
             run.rank0.print(f"stop signal ({stop.signal_name or 'on another rank'}): saved step {state.step}, "
                             f"exiting with {EXIT_PREEMPTED} so the job can be requeued")
