@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist_train.distributed.environment import ProcessPlace, export_torch_env
+from dist_train.distributed.environment import ProcessPlace, cuda_device_index, export_torch_env
 
 
 def use_cuda() -> bool:
@@ -62,10 +62,10 @@ _rank0_work_group: Any = None
 def init(place: ProcessPlace, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> torch.device:
     """Start the process group (NCCL on CUDA, gloo on CPU) and return this process's device."""
     deepspeed = import_deepspeed()
-    export_torch_env(place)
+    export_torch_env(place, cuda_devices=torch.cuda.device_count() if use_cuda() else None)
     if use_cuda():
-        torch.cuda.set_device(place.local_rank)
-        device = torch.device("cuda", place.local_rank)
+        device = torch.device("cuda", cuda_device_index(place.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)

@@ -21,6 +21,7 @@ from dist_train.checkpoint.layout import TrainState
 from dist_train.checkpoint.resume import check_before_launch, plan_resume
 from dist_train.checkpoint.rng import seed_rank_streams
 from dist_train.checkpoint.save import Checkpointer
+from dist_train.checkpoint.shared_folder import check_shared_run_dir
 from dist_train.config import Config
 from dist_train.data.loader import TokenLoader
 from dist_train.data.prefetch import Prefetcher
@@ -129,6 +130,7 @@ class Run:
         deepspeed = distributed.import_deepspeed()
         rank0 = Rank0(place)
         run_dir = Path(cfg.run.out_dir)
+        check_shared_run_dir(run_dir, place)  # before any rank reads checkpoints or writes its part of one
         plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before files change
         ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
         rank0.run(write_run_files, run_dir, cfg, ds_config)
