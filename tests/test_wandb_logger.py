@@ -14,13 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import wandb  # noqa: F401 - a dependency: its absence must fail these tests, not skip them
 from distributed_helpers import REPO, cpu_env
 
 from dist_train.monitor import wandb_reader
 from dist_train.monitor.jsonl import read_metrics
 from dist_train.monitor.wandb_run import WANDB_ID_FILE
 
-pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow  # each test runs real wandb in fresh processes
 
 JOB = """
@@ -28,7 +28,7 @@ import json, os, signal, sys
 from pathlib import Path
 from dist_train.checkpoint.layout import TrainState
 from dist_train.config import load_config
-from dist_train.distributed import ProcessPlace
+from dist_train.distributed.environment import ProcessPlace
 from dist_train.monitor.metrics import build_logger
 
 spec = json.loads(sys.argv[1])
@@ -72,15 +72,18 @@ def rows_by_step(records: list[dict]) -> dict[int, dict]:
 
 def test_killed_then_resumed_job_continues_the_same_wandb_run_with_each_step_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first_id, _ = job(run_dir, resume_step=0, last_step=10, kill=True)  # killed at step 10, checkpoint at 6
+    first_id, _ = job(run_dir, resume_step=0, last_step=4)  # finishes: W&B holds steps 1-4 for sure
+    # Resumed from a checkpoint at step 4, killed at step 10 (its last checkpoint at 8).
+    job(run_dir, resume_step=4, last_step=10, state_id=first_id, kill=True)
     held_before_resume = wandb_reader.last_step(run_dir, first_id)
-    assert held_before_resume is None or held_before_resume < 10  # the kill lost W&B's unflushed rows
+    assert held_before_resume is not None and 4 <= held_before_resume < 8, \
+        f"W&B holds up to step {held_before_resume}: the kill lost none of the rows to catch up"
 
-    resumed_id, _ = job(run_dir, resume_step=6, last_step=14, state_id=first_id)
+    resumed_id, _ = job(run_dir, resume_step=8, last_step=14, state_id=first_id)
 
     assert resumed_id == first_id == (run_dir / WANDB_ID_FILE).read_text().strip()
     files = wandb_reader.run_files(run_dir)
-    assert [f.name for f in files] == [f"run-{first_id}.wandb"] * 2
+    assert [f.name for f in files] == [f"run-{first_id}.wandb"] * 3
     history = wandb_reader.read_history(run_dir, first_id)
     steps = [row["_step"] for row in history]
     assert steps == sorted(set(steps)), f"steps repeat or go back across the resume: {steps}"
@@ -89,6 +92,26 @@ def test_killed_then_resumed_job_continues_the_same_wandb_run_with_each_step_onc
     for row in history:
         logged = {k: v for k, v in row.items() if not k.startswith("_")}
         assert logged == jsonl[row["_step"]], f"step {row['_step']}"
+
+
+def test_an_unreadable_wandb_file_never_stops_training_on_resume(tmp_path: Path) -> None:
+    """The catch-up reads the earlier `.wandb` files; a corrupt one is reported, and training goes on logging
+    its new steps (not re-sending rows it cannot know W&B holds)."""
+    run_dir = tmp_path / "run"
+    first_id, _ = job(run_dir, resume_step=0, last_step=4)
+    (corrupt,) = run_dir.glob("wandb/*run-*/run-*.wandb")
+    data = bytearray(corrupt.read_bytes())
+    data[20:40] = b"\xff" * 20  # inside the first record: its crc32 no longer matches
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(wandb_reader.WandbFileError):
+        wandb_reader.last_step(run_dir, first_id)
+
+    resumed_id, proc = job(run_dir, resume_step=4, last_step=6, state_id=first_id)  # exit code 0: job() checks
+
+    assert resumed_id == first_id
+    assert f"W&B: could not read the files of run {first_id}" in proc.stdout
+    (new,) = [f for f in run_dir.glob("wandb/*run-*/run-*.wandb") if f != corrupt]
+    assert [row["_step"] for row in wandb_reader.read_run_file(new).history] == [5, 6]
 
 
 def test_fresh_start_after_a_run_without_checkpoint_starts_a_new_wandb_run(tmp_path: Path) -> None:

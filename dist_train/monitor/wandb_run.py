@@ -96,9 +96,17 @@ def start_wandb(cfg: Config, run_dir: Path, state: TrainState, resumed: bool) ->
     run_id = resumed_wandb_id(run_dir, state, resumed) or new_wandb_id()
     state.wandb_run_id = run_id
     write_text_atomic(run_dir / WANDB_ID_FILE, run_id + "\n")
-    held = wandb_reader.last_step(run_dir, run_id)
+    try:
+        held = wandb_reader.last_step(run_dir, run_id)
+        first_new_step = 0 if held is None else held + 1
+    except Exception as e:  # noqa: BLE001 - a dashboard must never stop a training job
+        # Without knowing what W&B holds, re-sending could repeat rows: send only what this start trains.
+        first_new_step = state.step + 1
+        print(f"W&B: could not read the files of run {run_id} in {run_dir / 'wandb'} ({type(e).__name__}: {e}); "
+              f"not re-sending earlier rows, so W&B may lack some before step {first_new_step} "
+              f"(metrics.jsonl has every one)", flush=True)
     run = _init_wandb_run(wandb, cfg, run_dir, run_id)
-    backend = WandbBackend(run, first_new_step=0 if held is None else held + 1)
+    backend = WandbBackend(run, first_new_step=first_new_step)
     for record in read_metrics(run_dir):
         backend.log(record)
     if run.offline:
