@@ -51,13 +51,13 @@ def main() -> None:
     result = {"config": args.config, "overrides": args.overrides, "nproc": args.nproc, "steps": args.steps,
               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
               "mfu": statistics.median(mfus) if mfus else None,
-              "peak_mem_gb": max(r["mem_gb"] for r in timed), "run_dir": str(out)}
+              "peak_mem_gib": max(r["mem_gib"] for r in timed), "run_dir": str(out)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no published peak for this device)"
     print(f"{args.config} {' '.join(args.overrides)} on {args.nproc} process(es): "
-          f"{result['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {result['peak_mem_gb']:.1f} GB "
+          f"{result['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {result['peak_mem_gib']:.1f} GiB "
           f"(median of log windows after {TIMING_WARMUP_STEPS} warm-up steps; run folder {out})")
 
 

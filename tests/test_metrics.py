@@ -127,3 +127,48 @@ def test_rank_throughput_shows_the_straggler_that_step_times_hide() -> None:
     assert per_rank[0] > 10 * per_rank[1]
     # Why forward time: the all-reduce makes the fast rank wait, so its step time is the straggler's too.
     assert sum(steps0[1:]) == pytest.approx(sum(steps1[1:]), rel=0.3)
+
+
+@pytest.mark.parametrize(("name", "half", "tf32", "fp32"), [
+    ("NVIDIA L4", 121.0, 60.0, 30.3),
+    ("NVIDIA L40", 181.05, 90.5, 90.5),  # not the L4's figures: whole words only
+    ("NVIDIA L40S", 362.05, 183.0, 91.6),
+    ("NVIDIA H100 80GB HBM3", 989.4, 494.7, 66.9),
+    ("NVIDIA H100 PCIe", 756.0, 378.0, 51.2),
+    ("NVIDIA H100 NVL", 835.0, 417.5, 60.0),
+    ("NVIDIA H200", 989.4, 494.7, 66.9),
+    ("NVIDIA H200 NVL", 835.0, 417.5, 60.0),  # the NVL card, not the SXM module
+    ("NVIDIA GH200 480GB", 989.4, 494.7, 66.9),
+    ("NVIDIA A100-SXM4-80GB", 312.0, 156.0, 19.5),
+    ("NVIDIA A100 80GB PCIe", 312.0, 156.0, 19.5),
+    ("AMD Instinct MI250X/MI250", 191.5, None, 47.9),  # one GCD: torch shows each half of the card
+    ("AMD Instinct MI300X", 1307.4, 653.7, 163.4),
+    ("Tesla V100-SXM2-32GB", 125.0, None, 15.7),
+])
+def test_peak_flops_table_matches_the_device_name_by_whole_words(name, half, tf32, fp32):
+    from dist_train.monitor.throughput import device_peak
+
+    peak = device_peak(name)
+    assert (peak.half, peak.tf32, peak.fp32) == (half, tf32, fp32)
+
+
+def test_a_device_missing_from_the_peak_table_has_no_peak():
+    from dist_train.monitor.throughput import device_peak
+
+    assert device_peak("NVIDIA A10G") is None  # no data sheet; and not the A10's entry
+    assert device_peak("NVIDIA L") is None
+
+
+def test_mfu_uses_the_peak_of_the_math_the_run_uses():
+    """bf16/fp16 runs divide by the 16-bit tensor-core peak; fp32 runs by the TF32 peak when torch may use TF32
+    for fp32 matmuls, else by the plain fp32 peak."""
+    from dist_train.monitor.throughput import math_mode
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert [math_mode(p) for p in ("bf16", "fp16", "fp32")] == ["half", "half", "fp32"]
+        torch.set_float32_matmul_precision("high")
+        assert [math_mode(p) for p in ("bf16", "fp16", "fp32")] == ["half", "half", "tf32"]
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -24,7 +24,7 @@ def write_run(run_dir: Path, steps: int, lr: float, loss0: float) -> None:
     for step in range(1, steps + 1):
         lines.append({"step": step, "loss": loss0 / step ** 0.3, "lr": lr * min(1.0, step / 5),
                       "grad_norm": 1.0, "tokens": 2048 * step, "tokens_per_s": 5000.0 + step, "mfu": None,
-                      "mem_gb": 0.5, "skipped_steps": 0})
+                      "mem_gib": 0.5, "mem_reserved_gib": 0.6, "skipped_steps": 0})
         if step % 5 == 0:
             lines.append({"step": step, "tokens": 2048 * step, "val_loss": loss0 / step ** 0.25,
                           "val_ppl": 3.0})

@@ -74,7 +74,7 @@ def test_plain_python_run_writes_the_run_folder(shard_dir, tmp_path):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
     for r in (r for r in records if "loss" in r):
-        assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gb"} <= r.keys()
+        assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib", "mem_reserved_gib"} <= r.keys()
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
     assert [r["step"] for r in records if "val_loss" in r] == [2, STEPS]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -41,7 +41,7 @@ def jsonl_rows(run_dir: Path) -> dict[int, dict]:
     return dict(rows)
 
 
-MEASURED = ("tokens_per_s", "mfu", "mem_gb", "fwd_tokens_per_s", "slowest_rank")
+MEASURED = ("tokens_per_s", "mfu", "mem_", "fwd_tokens_per_s", "slowest_rank")
 """Keys that measure the machine, not the model: they differ between a killed run and its re-run."""
 
 
@@ -80,7 +80,7 @@ def test_two_process_offline_run_logs_to_one_wandb_run_what_metrics_jsonl_holds(
     assert run.name == "tiny-wandb" and run.exit_code == 0
     assert run.config["run"]["out_dir"] == str(run_dir) and run.config["model"]["n_layers"] == 2
     assert_history_equals_jsonl(run.history, run_dir)
-    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gb", "skipped_steps",
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib", "skipped_steps",
             "fwd_tokens_per_s/rank_0", "fwd_tokens_per_s/rank_1", "slowest_rank"} <= set(run.history[0])
     assert {"val_loss", "val_ppl"} <= set(run.history[1])  # step 4: a log line and an eval
     summary = json.loads((run_dir / "summary.json").read_text())

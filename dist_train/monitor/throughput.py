@@ -6,15 +6,14 @@ calls it at the same log step.
 from __future__ import annotations
 
 import math
+import re
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dist_train.distributed.collectives import all_gather_objects
-
-if TYPE_CHECKING:
-    pass
 
 
 PER_RANK_KEYS_MAX_WORLD = 64
@@ -79,36 +78,79 @@ def gather_rank_throughput(timer: ForwardTimer, tokens_per_forward: int) -> dict
     return record
 
 
-# Dense (no 2:4 sparsity) tensor-core peak in TFLOP/s for bf16 from the vendors' data sheets. Matched by
-# substring of `torch.cuda.get_device_name()`, first match wins: more specific names come first.
-PEAK_TFLOPS: dict[str, float] = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,  # SXM
-    "H200": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 125.0,
-    "A10": 125.0,
-    "V100": 125.0,  # fp16 (V100 has no bf16)
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "MI300X": 1307.0,
-    "MI250X": 383.0,
+@dataclass(frozen=True)
+class Peak:
+    """Dense (no 2:4 sparsity) peak TFLOP/s of one device as torch sees it, per math mode, from the vendors'
+    data sheets (sparse figures halved). None: the device has no such mode."""
+
+    half: float | None
+    """bf16 and fp16 tensor cores (fp32 accumulation; GeForce cards run that at half their fp16-accumulate rate)."""
+    tf32: float | None
+    """fp32 matmuls on TF32 tensor cores (torch.set_float32_matmul_precision("high"))."""
+    fp32: float | None
+    """Plain fp32 (vector units, or AMD's fp32 matrix cores)."""
+
+
+# Keyed by the words of `torch.cuda.get_device_name()` that identify the model; a key matches whole words
+# only ("L4" is not "L40", "H200" not "GH200") and the key with the most words wins ("H100 NVL" over "H100").
+PEAKS: dict[str, Peak] = {
+    "H100": Peak(half=989.4, tf32=494.7, fp32=66.9),  # SXM ("NVIDIA H100 80GB HBM3")
+    "H100 PCIe": Peak(half=756.0, tf32=378.0, fp32=51.2),
+    "H100 NVL": Peak(half=835.0, tf32=417.5, fp32=60.0),
+    "H200": Peak(half=989.4, tf32=494.7, fp32=66.9),  # SXM
+    "H200 NVL": Peak(half=835.0, tf32=417.5, fp32=60.0),
+    "GH200": Peak(half=989.4, tf32=494.7, fp32=66.9),
+    "B200": Peak(half=2250.0, tf32=1100.0, fp32=None),
+    "A100": Peak(half=312.0, tf32=156.0, fp32=19.5),
+    "A800": Peak(half=312.0, tf32=156.0, fp32=19.5),
+    "L40S": Peak(half=362.05, tf32=183.0, fp32=91.6),
+    "L40": Peak(half=181.05, tf32=90.5, fp32=90.5),
+    "L4": Peak(half=121.0, tf32=60.0, fp32=30.3),
+    "A10": Peak(half=125.0, tf32=62.5, fp32=31.2),  # not AWS's A10G, which has no published data sheet
+    "V100": Peak(half=125.0, tf32=None, fp32=15.7),  # fp16 only: V100 has no bf16
+    "RTX 4090": Peak(half=165.2, tf32=82.6, fp32=82.6),
+    "RTX 3090": Peak(half=71.0, tf32=35.6, fp32=35.6),
+    "MI300X": Peak(half=1307.4, tf32=653.7, fp32=163.4),
+    # An MI250X or MI250 is two GCDs, and torch shows each GCD as one device: half the card's 383 (362).
+    "MI250X": Peak(half=191.5, tf32=None, fp32=47.9),
+    "MI250": Peak(half=181.0, tf32=None, fp32=45.3),
 }
 
+MATH_MODES = ("half", "tf32", "fp32")
 
-def peak_flops(device: torch.device | str) -> float | None:
-    """Peak bf16 FLOP/s of one accelerator, for MFU; None on the CPU or on a GPU missing from PEAK_TFLOPS."""
+
+def _words(name: str) -> list[str]:
+    return re.split(r"[\s\-/_]+", name.strip())
+
+
+def device_peak(name: str) -> Peak | None:
+    """The PEAKS entry of a device name, matching whole words; None for a device not in the table."""
+    words = _words(name)
+    best: tuple[int, Peak] | None = None
+    for key, peak in PEAKS.items():
+        k = _words(key)
+        if any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1)):
+            if best is None or len(k) > best[0]:
+                best = (len(k), peak)
+    return best[1] if best else None
+
+
+def math_mode(precision: str) -> str:
+    """The math the matmuls of a run use: 16-bit tensor cores, TF32 (fp32 with torch allowed to use it) or
+    fp32. Read from torch's setting at the time of the call, so call it after the run's TF32 choice is made."""
+    if precision in ("bf16", "fp16"):
+        return "half"
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
+
+
+def peak_flops(device: torch.device | str, mode: str = "half") -> float | None:
+    """Peak FLOP/s of one accelerator in math `mode` (see `math_mode`), for MFU; None on the CPU, on a GPU
+    missing from PEAKS, or in a mode the device lacks."""
     device = torch.device(device)
+    if mode not in MATH_MODES:
+        raise ValueError(f"mode must be one of {MATH_MODES}, got {mode!r}")
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    peak = device_peak(torch.cuda.get_device_name(device))
+    tflops = getattr(peak, mode) if peak else None
+    return tflops * 1e12 if tflops else None

@@ -24,7 +24,7 @@ from dist_train.config import (
 )
 from dist_train.config.loading import default_out_dir
 from dist_train.model.count import count_params, flops_per_token
-from dist_train.monitor.throughput import PEAK_TFLOPS
+from dist_train.monitor.throughput import PEAKS
 
 NO_DATA = "<not needed for sizing>"
 
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, help="wall-clock hours on --gpus GPUs (derives C with --peak-tflops, "
                                                "--mfu)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"],
+    p.add_argument("--peak-tflops", type=float, default=PEAKS["H100"].half,
                    help="peak TFLOP/s per GPU (default H100 SXM dense bf16, 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
     p.add_argument("--method", default="besiroglu",

@@ -31,9 +31,9 @@ from dist_train.distributed.rank0 import Rank0
 from dist_train.engine.build import build_partitioned_model
 from dist_train.engine.ds_config import deepspeed_config
 from dist_train.model.count import flops_per_token
-from dist_train.monitor.memory import memory_gb
+from dist_train.monitor.memory import window_memory_gib
 from dist_train.monitor.metrics import MetricsLogger, build_logger
-from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput, peak_flops
+from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput, math_mode, peak_flops
 from dist_train.train.optim import Skippable, build_optimizer, build_scheduler, retarget_scheduler
 from dist_train.train.preflight import preflight
 from dist_train.train.signals import EXIT_PREEMPTED, StopRequest
@@ -121,7 +121,8 @@ class Run:
     flops_per_step: int
     """Training FLOPs of one optimizer step over all ranks (for MFU; an hf_config count builds a meta model)."""
     peak_flops: float | None
-    """This device's dense peak FLOP/s, None where none is published (the CPU)."""
+    """This device's dense peak FLOP/s in the run's math (bf16/fp16, TF32 or fp32), None where none is
+    published (the CPU)."""
 
     @classmethod
     def set_up(cls, cfg: Config, place: ProcessPlace, resume: str) -> Run:
@@ -169,7 +170,7 @@ class Run:
                    state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
                    clock=WallClock(state.wall_s), window=StepWindow(),
                    flops_per_step=flops_per_token(cfg.model) * ds_config["train_batch_size"] * cfg.model.seq_len,
-                   peak_flops=peak_flops(device))
+                   peak_flops=peak_flops(device, math_mode(cfg.precision)))
 
     @property
     def tokens_per_step(self) -> int:
@@ -202,7 +203,7 @@ class Run:
             "tokens": state.tokens, "tokens_per_s": self.tokens_per_step / step_seconds,
             "mfu": (self.flops_per_step / step_seconds / (self.peak_flops * self.place.world_size)
                     if self.peak_flops else None),
-            "mem_gb": memory_gb(self.device), "skipped_steps": state.skipped_steps,
+            **window_memory_gib(self.device), "skipped_steps": state.skipped_steps,
         }
         record.update(gather_rank_throughput(self.forward_timer, cfg.train.micro_batch_size * cfg.model.seq_len))
         if cfg.precision == "fp16":
@@ -258,8 +259,9 @@ class WallClock:
 def format_log_line(r: dict[str, Any], max_steps: int) -> str:
     grad = f"{r['grad_norm']:.3f}" if r["grad_norm"] is not None else "n/a"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    reserved = f" ({r['mem_reserved_gib']:.2f} reserved)" if r["mem_reserved_gib"] is not None else ""
     return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {grad} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {r['mem_gb']:.2f} GB")
+            f"{r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {r['mem_gib']:.2f} GiB{reserved}")
 
 
 def write_run_files(run_dir: Path, cfg: Config, ds_config: dict[str, Any]) -> None:
