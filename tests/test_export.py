@@ -70,6 +70,7 @@ def test_export_of_every_option_computes_our_logits(tokenizer_dir, tmp_path, var
     save_weights_folder(tmp_path / "weights", tensors, cfg, {"steps": [0]})
     out = export(open_weights(weights=tmp_path / "weights"), tmp_path / "hf", tokenizer_dir, max_shard_bytes=300_000)
     assert (out / "model.safetensors.index.json").exists(), "small shards force a sharded export"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     batch = torch.randint(0, cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
     assert_hf_matches(model, out, batch)
 

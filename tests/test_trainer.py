@@ -52,7 +52,7 @@ def test_zero_stages_agree_with_stage0_step_by_step(stage_losses, stage):
     reference, other = stage_losses["zero0x2"], stage_losses[f"zero{stage}x2"]
     print(f"zero0 {reference}\nzero{stage} {other}")
     assert len(reference) == len(other) == STEPS
-    for a, b in zip(reference, other):
+    for a, b in zip(reference, other, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
     assert reference[-1] < reference[0], "the loss should fall over the first steps"
 
@@ -61,7 +61,7 @@ def test_zero_stages_agree_with_stage0_step_by_step(stage_losses, stage):
 def test_two_processes_agree_with_one_at_the_same_global_batch(stage_losses):
     two, one = stage_losses["zero2x2"], stage_losses["zero2x1"]
     print(f"2 procs {two}\n1 proc  {one}")
-    for a, b in zip(two, one):
+    for a, b in zip(two, one, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
 
 
@@ -90,7 +90,7 @@ def test_bf16_run_tracks_the_fp32_losses(shard_dir, tmp_path, stage_losses):
     assert_ok(proc)
     bf16, fp32 = losses(tmp_path), stage_losses["zero2x2"]
     print(f"bf16 {bf16}\nfp32 {fp32}")
-    for a, b in zip(fp32, bf16):
+    for a, b in zip(fp32, bf16, strict=True):
         assert b == pytest.approx(a, rel=2e-2)
     assert bf16 != fp32, "bf16 must actually run in bf16"
 
@@ -197,5 +197,5 @@ def test_compiled_model_trains_like_the_eager_one(shard_dir, tmp_path):
         assert_ok(proc)
         runs[mode] = losses(run)
     print(runs)
-    for a, b in zip(runs["eager"], runs["compiled"]):
+    for a, b in zip(runs["eager"], runs["compiled"], strict=True):
         assert b == pytest.approx(a, rel=1e-4)

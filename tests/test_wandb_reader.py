@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb  # noqa: F401 - a dependency: its absence must fail these tests, not skip them
 from distributed_helpers import REPO, cpu_env
 
 from dist_train.monitor import wandb_reader
 
-pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow  # each test runs real wandb in fresh processes
 
 WRITER = """

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import wandb  # noqa: F401 - a dependency: its absence must fail these tests, not skip them
 from distributed_helpers import REPO, cpu_env, launch_training
 from resume_helpers import command, kill_tree, logged_step, start, tail, wait_until
 
@@ -21,7 +22,6 @@ from dist_train.monitor import wandb_reader
 from dist_train.monitor.jsonl import read_metrics
 from dist_train.monitor.wandb_run import WANDB_ID_FILE
 
-pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow
 
 TINY = REPO / "configs" / "tiny.yaml"

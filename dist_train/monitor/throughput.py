@@ -129,9 +129,9 @@ def device_peak(name: str) -> Peak | None:
     best: tuple[int, Peak] | None = None
     for key, peak in PEAKS.items():
         k = _words(key)
-        if any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1)):
-            if best is None or len(k) > best[0]:
-                best = (len(k), peak)
+        found = any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1))
+        if found and (best is None or len(k) > best[0]):
+            best = (len(k), peak)
     return best[1] if best else None
 
 

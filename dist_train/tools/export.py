@@ -246,7 +246,9 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
     tmp.mkdir(parents=True)
     eos = save_tokenizer(tokenizer_dir, tmp, m.seq_len)
     config = hf_config(m, eos)
-    config.dtype = DTYPES[dtype]  # transformers >= 4.56 name (saved as "dtype"; older versions read torch_dtype)
+    # As a string, which every transformers version serialises ("dtype" is the name from 4.56 on, which
+    # `from_pretrained` reads back as a torch.dtype; pyproject declares the version the tests run with).
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     config.save_pretrained(str(tmp))
     from transformers import GenerationConfig
 
