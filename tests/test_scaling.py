@@ -28,7 +28,6 @@ from dist_train.scaling.memory import (
     activation_bytes_per_token,
     estimate_memory,
     with_overrides,
-    zero_paper_model_states,
 )
 from dist_train.scaling.plan import SHAPE_TOLERANCE, plan, shape_for_params
 
@@ -82,6 +81,29 @@ def test_count_of_llama2_7b_and_gpt2_small_match_their_published_sizes_without_b
     assert count_params(GPT2_SMALL).total == 124_439_808
     # 6N (N without the input embedding; the untied head counts) + 12 * n_layers * d_model * seq_len
     assert flops_per_token(LLAMA2_7B) == 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 4096 * 4096
+
+
+@pytest.mark.parametrize("variant", [(), ("model.n_kv_heads=2", "model.tie_embeddings=false"),
+                                     ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=true")],
+                         ids=["llama", "llama-gqa-untied", "gpt2"])
+def test_flops_per_token_equals_what_torchs_flop_counter_counts_in_forward_and_backward(variant) -> None:
+    """An independent count: torch's FlopCounterMode over a real forward + backward of the built model. The
+    matmul attention path, so that the attention products are counted (torch's counter skips the CPU SDPA
+    kernel); it counts them over the whole T x T square, as PaLM's 12·n_layers·d_model·seq_len does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = load_config(TINY, ["data.path=unused", "model.n_layers=3", "model.seq_len=64", "model.attention=matmul",
+                           *variant]).model
+    model = build_model(m)
+    ids = torch.randint(0, m.vocab_size, (2, m.seq_len), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, ids).backward()
+    counted = counter.get_total_flops() / ids.numel()
+    matmul_weights = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, nn.Linear))
+    print(f"{variant}: counted {counted:,.0f} FLOPs/token, flops_per_token {flops_per_token(m):,}")
+    assert counted == 6 * matmul_weights + 12 * m.n_layers * m.d_model * m.seq_len
+    # flops_per_token also counts norm gains and biases as 6 FLOPs each, as 6N does: under 1 % here.
+    assert counted == pytest.approx(flops_per_token(m), rel=1e-2)
 
 
 def test_count_of_an_hf_config_comes_from_the_model_built_on_the_meta_device(tmp_path: Path) -> None:
@@ -366,6 +388,12 @@ def _llama7b_run(stage: int, offload: bool = False) -> object:
                                     "deepspeed.grad_accum_dtype=bf16",
                                     f"deepspeed.offload_optimizer={str(offload).lower()}"])
     return dataclasses.replace(cfg, model=LLAMA2_7B)
+
+
+def zero_paper_model_states(psi: float, gpus: int, stage: int) -> float:
+    """The ZeRO paper's per-GPU model-state bytes with K = 12 (Rajbhandari et al. 2020, Figure 1; DESIGN.md:
+    16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N), counting full-size gradients at stage 1 as the paper does."""
+    return {0: 16 * psi, 1: 4 * psi + 12 * psi / gpus, 2: 2 * psi + 14 * psi / gpus, 3: 16 * psi / gpus}[stage]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

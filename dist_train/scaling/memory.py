@@ -207,12 +207,6 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
                           activations=acts, activations_checkpointed=acts_ckpt, cpu_offloaded=cpu)
 
 
-def zero_paper_model_states(psi: float, gpus: int, stage: int) -> float:
-    """The ZeRO paper's per-GPU model-state bytes with K = 12 (DESIGN.md: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N,
-    16Ψ/N), counting full-size gradients at stage 1 as the paper does."""
-    return {0: 16 * psi, 1: 4 * psi + 12 * psi / gpus, 2: 2 * psi + 14 * psi / gpus, 3: 16 * psi / gpus}[stage]
-
-
 def with_overrides(cfg: Config, zero_stage: int | None = None, offload_optimizer: bool | None = None,
                    micro_batch: int | None = None, precision: str | None = None) -> Config:
     """cfg with the memory command's flags applied (None keeps the config's value)."""
