@@ -83,8 +83,10 @@ def test_count_of_llama2_7b_and_gpt2_small_match_their_published_sizes_without_b
     assert flops_per_token(LLAMA2_7B) == 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 4096 * 4096
 
 
-@pytest.mark.parametrize("variant", [(), ("model.n_kv_heads=2", "model.tie_embeddings=false"),
-                                     ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=true")],
+GPT2_OPTIONS = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=true")
+
+
+@pytest.mark.parametrize("variant", [(), ("model.n_kv_heads=2", "model.tie_embeddings=false"), GPT2_OPTIONS],
                          ids=["llama", "llama-gqa-untied", "gpt2"])
 def test_flops_per_token_equals_what_torchs_flop_counter_counts_in_forward_and_backward(variant) -> None:
     """An independent count: torch's FlopCounterMode over a real forward + backward of the built model. The
@@ -218,6 +220,38 @@ def test_plan_for_a_gpu_budget_writes_a_config_the_trainer_accepts(tmp_path: Pat
     assert (cfg.train.max_steps - 1) * tokens_per_step < r["tokens"] <= cfg.train.max_steps * tokens_per_step
     # Training time at the given MFU is the shape's exact FLOPs over the cluster's useful FLOP/s.
     assert r["hours"] == pytest.approx(flops_per_token(cfg.model) * r["tokens"] / (8 * 989e12 * 0.4) / 3600)
+
+
+@pytest.mark.parametrize("gpu_memory", ["80GiB", "16GiB"])
+def test_plan_for_a_gpu_memory_writes_a_config_whose_estimated_peak_fits_and_that_preflight_accepts(
+        tmp_path: Path, shard_dir: Path, capsys: pytest.CaptureFixture[str], gpu_memory: str) -> None:
+    from dist_train.scaling.recipe import parse_memory
+    from dist_train.train.preflight import preflight
+
+    out = tmp_path / "planned.yaml"
+    assert main(["plan", "--gpus", "8", "--gpu-memory", gpu_memory, "--hours", "24", "--set",
+                 f"data.path={shard_dir}", "--set", "train.eval_every=0", "--write-config", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["recipe"]
+    cfg = load_config(out)
+    preflight(cfg, world_size=8)
+    assert main(["memory", "--config", str(out), "--gpus", "8", "--json"]) == 0
+    estimate = json.loads(capsys.readouterr().out)["estimate"]
+    peak = estimate["peak_checkpointed" if cfg.model.grad_checkpointing else "peak"]
+    budget = parse_memory(gpu_memory)
+    print(f"{gpu_memory}: micro-batch {cfg.train.micro_batch_size}, ZeRO-{cfg.deepspeed.zero_stage}, recomputation "
+          f"{cfg.model.grad_checkpointing}: peak {peak / 2**30:.1f} GiB; lr {cfg.train.lr:.2e}, warmup "
+          f"{cfg.train.warmup_steps}, global batch {cfg.train.global_batch_size}")
+    assert peak == r["peak_bytes"] < 0.9 * budget
+    assert (cfg.train.micro_batch_size, cfg.deepspeed.zero_stage, cfg.model.grad_checkpointing) == \
+        (r["micro_batch"], r["zero_stage"], r["grad_checkpointing"])
+    # Every choice says where it came from, in the output and in the file.
+    text = out.read_text()
+    for key in ("train.lr", "train.min_lr", "train.global_batch_size", "train.warmup_steps", "memory fit"):
+        assert f"# {key}: " in text and r["notes"][key]
+    assert "DeepSeek LLM" in r["notes"]["train.lr"] and "GPT-3" in r["notes"]["train.warmup_steps"]
+    assert cfg.train.lr == pytest.approx(0.3118 * (flops_per_token(cfg.model) * cfg.train.max_steps
+                                                   * cfg.train.global_batch_size * cfg.model.seq_len) ** -0.125,
+                                         rel=0.01)
 
 
 def test_plan_from_params_or_tokens_gives_each_laws_other_quantity(capsys: pytest.CaptureFixture[str]) -> None:

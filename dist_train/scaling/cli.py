@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -108,6 +109,8 @@ def _plan_text(r: dict[str, Any]) -> str:
         lines.append(f"note            {r['hours'] / r['budget_hours'] - 1:+.1%} against --hours: the laws budget "
                      f"C = 6ND, the run's FLOPs add attention and this shape's exact count")
     lines += _data_text(r)
+    for key, text in (r.get("recipe") or {}).get("notes", {}).items():
+        lines.append(f"{key:<23} {text}")
     if r.get("config"):
         lines.append(f"config          {r['config']} (train.max_steps {r['max_steps']:,}, run folder {r['out_dir']})")
     return "\n".join(lines)
@@ -161,12 +164,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if sources:
         r["data"] = epochs_report(sources, r["tokens"])
         r["vocab_source"] = None if vocab_set else ", ".join(f"{s['path']}/manifest.json" for s in sources)
+    if args.write_config and cfg.data.path == NO_DATA:
+        raise ValueError("--write-config needs a data source for the trainer: pass --config with data.path "
+                         "or --set data.path=<shard folder>")
+    if args.write_config or args.gpu_memory:
+        out_dir = default_out_dir(Path(args.write_config)) if args.write_config else None
+        out, notes = planned_config(cfg, r, world_size=args.gpus, out_dir=out_dir), None
+    if args.gpu_memory:
+        from dist_train.scaling.recipe import parse_memory, recipe
+
+        out, chosen = recipe(out, compute=r["run_flops"], tokens=r["tokens"], gpus=args.gpus,
+                             budget_bytes=parse_memory(args.gpu_memory))
+        r["recipe"] = dataclasses.asdict(chosen)
+        notes = chosen.notes
     if args.write_config:
-        if cfg.data.path == NO_DATA:
-            raise ValueError("--write-config needs a data source for the trainer: pass --config with data.path "
-                             "or --set data.path=<shard folder>")
-        out = planned_config(cfg, r, world_size=args.gpus, out_dir=default_out_dir(Path(args.write_config)))
-        r["config"] = str(write_config(out, args.write_config))
+        r["config"] = str(write_config(out, args.write_config, notes))
         r["max_steps"] = out.train.max_steps
         r["out_dir"] = out.run.out_dir
     _emit(r, args.json, _plan_text(r))
@@ -271,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="law whose N and D the shape and config follow (default besiroglu)")
     _add_config_args(p)
     p.add_argument("--write-config", metavar="F.yaml", help="write the planned config (base: --config)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GiB: choose the micro-batch, ZeRO "
+                                                        "stage and recomputation that fit it, and the batch, lr and "
+                                                        "warmup for the budget, each with its source")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -26,6 +26,7 @@ fused (flash) attention kernel and no dropout; tests check them against `saved_t
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,22 +130,31 @@ def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpoin
 # ---------------------------------------------------------------------------------------------------------
 # Model states
 
+def _meta_model_sizes(m: ModelConfig) -> tuple[list[int], int]:
+    """(element counts of every distinct parameter, parameters of the largest module) of the model built on the
+    meta device (no memory). Cached per shape: `plan --gpu-memory` estimates one model in many settings."""
+    key = json.dumps(dataclasses.asdict(dataclasses.replace(m, grad_checkpointing=False)), sort_keys=True)
+    if key not in _META_SIZES:
+        from dist_train.model.build import build_model
+
+        with torch.device("meta"):
+            model = build_model(m)
+        largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+        _META_SIZES[key] = ([p.numel() for p in model.parameters()], largest)
+    return _META_SIZES[key]
+
+
+_META_SIZES: dict[str, tuple[list[int], int]] = {}
+
+
 def parameter_numels(m: ModelConfig) -> list[int]:
     """Element counts of every distinct parameter, from the model built on the meta device (no memory)."""
-    from dist_train.model.build import build_model
-
-    with torch.device("meta"):
-        model = build_model(m)
-    return [p.numel() for p in model.parameters()]
+    return _meta_model_sizes(m)[0]
 
 
 def _largest_layer(m: ModelConfig) -> int:
     """Parameters of the largest module, which ZeRO-3 gathers whole (DeepSpeed's estimator's notion)."""
-    from dist_train.model.build import build_model
-
-    with torch.device("meta"):
-        model = build_model(m)
-    return max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+    return _meta_model_sizes(m)[1]
 
 
 def _zero_settings(ds_config: dict[str, Any]) -> dict[str, Any]:

@@ -177,9 +177,11 @@ def planned_config(base: Config, result: dict[str, Any], world_size: int, out_di
     return config_from_dict(tree)
 
 
-def write_config(cfg: Config, path: str | Path) -> Path:
+def write_config(cfg: Config, path: str | Path, notes: dict[str, str] | None = None) -> Path:
+    """Write the planned config; `notes` (setting -> where its value came from) become comments at the top."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Written by `python -m dist_train.scaling plan`: a compute-optimal shape and run length.\n"
-                    + cfg.to_yaml())
+    header = ["# Written by `python -m dist_train.scaling plan`: a compute-optimal shape and run length."]
+    header += [f"# {key}: {text}" for key, text in (notes or {}).items()]
+    path.write_text("\n".join(header) + "\n" + cfg.to_yaml())
     return path
