@@ -132,15 +132,18 @@ def test_a_global_batch_that_changes_with_the_world_size_is_reported(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 3])
+@pytest.mark.parametrize(("zero_stage", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"),
+                                                       (2, "bf16")])
 def test_non_finite_losses_are_skipped_counted_and_stop_the_run_with_the_last_good_checkpoint(shard_dir, tmp_path,
-                                                                                             zero_stage):
+                                                                                             zero_stage, precision):
     """A real divergence: lr 1e10 without clipping. Adam's first update moves every weight by exactly +-lr
     (m/sqrt(v) = +-1 at step 1), so step 2's attention logits overflow fp32 and its loss is NaN, on any
     machine; the skipped steps leave the weights as they are, so every later loss is NaN too. At every ZeRO
-    stage (ZeRO calls the inner optimizer once per parameter group: the skip must cover all of them)."""
+    stage (ZeRO calls the inner optimizer once per parameter group: the skip must cover all of them), and in
+    bf16, where DeepSpeed's own optimizer wrapper holds the fp32 master weights."""
     log = tmp_path / "train.log"
-    cmd = command(overrides(shard_dir, tmp_path, f"deepspeed.zero_stage={zero_stage}", "train.lr=1e10",
+    cmd = command(overrides(shard_dir, tmp_path, f"deepspeed.zero_stage={zero_stage}", f"precision={precision}",
+                            "train.lr=1e10",
                             "train.grad_clip=0", "train.warmup_steps=0",
                             "train.schedule=constant", "train.max_bad_steps=3", "checkpoint.every=1",
                             "checkpoint.keep_last=2", "train.max_steps=8"), nproc=1, launcher="python")

@@ -48,6 +48,12 @@ def reference(tmp_path_factory, shard_dir):
     return shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, *ZERO2)
 
 
+VARIANTS = {"fp32": (), "bf16": ("precision=bf16",), "num_workers": ("data.num_workers=2",)}
+"""Runs that must resume bit for bit: the reference's fp32 run, bf16 (DeepSpeed's bf16 optimizer restores the
+fp32 master weights and rebuilds the bf16 ones), and batches prepared ahead by loader workers (those prepared
+but not yet trained on at a save must be neither skipped nor repeated)."""
+
+
 def assert_same_end(run_dir, reference) -> None:
     """Same losses at every step, same final weights and optimizer shards, bit for bit."""
     ours, theirs = losses(run_dir), losses(reference)
@@ -66,13 +72,20 @@ def assert_same_end(run_dir, reference) -> None:
     print(f"{len(a.names)} weight tensors and {len(oa)} optimizer tensors identical")
 
 
-def test_resume_after_two_sigkills_matches_uninterrupted_run(reference, shard_dir, tmp_path):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_after_sigkills_matches_uninterrupted_run(reference, tmp_path_factory, shard_dir, tmp_path, variant):
+    extra = (*ZERO2, *VARIANTS[variant])
+    if variant != "fp32":
+        reference = shared_run(tmp_path_factory, shard_dir, f"zero2_x2_{variant}", 2, *extra)
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     first = rng.randint(1, 3)
+    # Two kills for the fp32 run; one (after the first checkpoint) is enough to resume the other variants.
     kill_after = [first, rng.randint(first + 2, STEPS - 1)]
+    if variant != "fp32":
+        kill_after = [rng.randint(EVERY + 1, STEPS - 1)]
     print(f"seed {seed}: SIGKILL after steps {kill_after} (checkpoints every {EVERY})")
-    cmd, log = command(overrides(shard_dir, tmp_path, *ZERO2), nproc=2), tmp_path / "train.log"
+    cmd, log = command(overrides(shard_dir, tmp_path, *extra), nproc=2), tmp_path / "train.log"
     for step in kill_after:
         proc = start(cmd, log)
         wait_until(lambda step=step: logged_step(tmp_path) >= step, proc)

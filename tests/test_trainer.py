@@ -66,6 +66,23 @@ def test_two_processes_agree_with_one_at_the_same_global_batch(stage_losses):
 
 
 @pytest.mark.slow
+def test_offloaded_optimizer_trains_like_the_one_on_the_device(stage_losses, shard_dir, tmp_path):
+    """deepspeed.offload_optimizer: DeepSpeed keeps the optimizer states and the fp32 step on the host; the losses
+    are those of the same run without offload (one process, ZeRO-2, accumulation 4)."""
+    proc = launch_training(TINY, short_run(shard_dir, tmp_path, "deepspeed.zero_stage=2", "train.grad_accum_steps=4",
+                                           "deepspeed.offload_optimizer=true"), nproc=1, launcher="python")
+    assert_ok(proc)
+    ds_config = json.loads((tmp_path / "ds_config.json").read_text())
+    assert ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    offloaded, reference = losses(tmp_path), stage_losses["zero2x1"]
+    print(f"offloaded {offloaded}\non device {reference}")
+    assert len(offloaded) == len(reference) == STEPS
+    for a, b in zip(reference, offloaded, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert offloaded[-1] < offloaded[0]
+
+
+@pytest.mark.slow
 def test_plain_python_run_writes_the_run_folder(shard_dir, tmp_path):
     proc = launch_training(TINY, short_run(shard_dir, tmp_path, "train.eval_every=2", "train.eval_steps=2"),
                            nproc=1, launcher="python")
@@ -110,6 +127,22 @@ def test_any_transformers_architecture_trains_from_its_config(shard_dir, tmp_pat
     got = losses(run)
     print(f"GPT2LMHeadModel losses {got}")
     assert len(got) == STEPS and got[-1] < got[0]
+
+    # Its export is the same architecture with the trained weights: the HF model computes our logits.
+    import subprocess
+    import sys
+
+    from distributed_helpers import cpu_env
+    from test_export import assert_hf_matches, ours_from_checkpoint, val_batch
+
+    out = tmp_path / "hf"
+    exported = subprocess.run([sys.executable, "-m", "dist_train.export", "--run", str(run), "--out", str(out),
+                               "--json"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads(exported.stdout.strip().splitlines()[-1])["family"] == "hf"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    ours = ours_from_checkpoint(run / "checkpoints" / f"step_{STEPS:08d}")
+    assert_hf_matches(ours, out, val_batch(shard_dir, 128))
 
 
 def _build_and_train_at_zero3(rank: int, world_size: int, hf_dir: str) -> dict:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from resume_helpers import slow_save_env
 from slurm_helpers import (
     ACTIVE_STATES,
     NODES,
@@ -33,10 +34,11 @@ from launch.slurm import job_status
 pytestmark = pytest.mark.slow
 
 
-def submit(run_dir: Path, overrides: list[str], *options: str) -> tuple[str, Path]:
+def submit(run_dir: Path, overrides: list[str], *options: str, env: dict[str, str] | None = None
+           ) -> tuple[str, Path]:
     """Submit a CPU job on both nodes, one training process each; return the job id and its log."""
     proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--json",
-                     *options, *overrides, env=job_env())
+                     *options, *overrides, env=env or job_env())
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert Path(result["script"]) == run_dir / "slurm" / "job.sbatch"
@@ -153,22 +155,35 @@ def test_deepspeed_launcher_mode_checkpoints_on_usr1_and_requeues_the_job(slurm_
     assert {r["world_size"] for r in ranks} == {2}
 
 
-def test_scancel_makes_the_trainer_save_a_checkpoint_before_it_exits(slurm_cluster, shard_dir, tmp_path):
+SLOW_SAVE_S = 35
+"""Longer than the test cluster's KillWait (30 s) and than the 30 s after which deepspeed's launcher SIGKILLs
+the trainers it has TERMed: a save this slow survives only if neither ever starts counting."""
+
+
+@pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
+def test_cancel_during_a_save_slower_than_killwait_still_publishes_the_checkpoint(slurm_cluster, shard_dir,
+                                                                                  tmp_path, launcher):
     run_dir = tmp_path / "cancelled"
     overrides = tiny_run(shard_dir, run_dir, "train.max_steps=100000", "checkpoint.every=0")
-    job_id, log = submit(run_dir, overrides)
+    env = {**job_env(), **slow_save_env(tmp_path / "hook", SLOW_SAVE_S)}
+    job_id, log = submit(run_dir, overrides, "--launcher", launcher, "--grace", "120", env=env)
     seen = wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)
     proc = slurm_cli("cancel", job_id, "--json")
+    cancelled_at = time.monotonic()
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"job_id": job_id, "cancel_requested": True}
 
     status = slurm_cluster.wait_for_end(job_id, log)
-    assert status["state"] == "CANCELLED"
+    took = time.monotonic() - cancelled_at
+    print(f"{launcher}: cancelled after step {seen}; the job ended {took:.0f} s later")
+    assert status["state"] == "CANCELLED" and status["restarts"] == 0, tail(log)
+    assert took > SLOW_SAVE_S, "the save was not slowed down: the test proves nothing"
     assert "training exited with code 75" in log.read_text(), tail(log)
     saved = latest_checkpoint_step(run_dir)
-    assert saved is not None, "no checkpoint was saved on scancel"
+    assert saved is not None, f"no checkpoint was published on cancel; the log:\n{tail(log)}"
     assert saved >= seen
     assert saved == trained_steps(run_dir)[-1], "the checkpoint holds the last step trained"
+    assert (run_dir / "checkpoints" / f"step_{saved:08d}" / "client_state.json").exists()
 
 
 def test_local_srun_without_sbatch_trains_two_processes_on_one_node(slurm_cluster, shard_dir, tmp_path):
