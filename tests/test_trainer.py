@@ -93,6 +93,7 @@ def test_plain_python_run_writes_the_run_folder(shard_dir, tmp_path):
     for r in (r for r in records if "loss" in r):
         assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib", "mem_reserved_gib"} <= r.keys()
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+        assert 0.05 < r["mem_gib"] < 64 and r["mem_reserved_gib"] is None  # the CPU: peak RSS, no allocator cache
     assert [r["step"] for r in records if "val_loss" in r] == [2, STEPS]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_step"] == STEPS and summary["tokens"] == STEPS * 8 * 2 * 128

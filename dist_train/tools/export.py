@@ -55,7 +55,12 @@ def hf_config(m: ModelConfig, eos_token_id: int | None) -> Any:
     from transformers import AutoConfig, GPT2Config, LlamaConfig
 
     if family(m) == "hf":
-        return AutoConfig.from_pretrained(m.hf_config)
+        cfg = AutoConfig.from_pretrained(m.hf_config)
+        if not cfg.architectures:  # the class the trainer built (AutoModelForCausalLM.from_config), for readers
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+        return cfg
     if family(m) == "llama":
         cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                           num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
@@ -151,9 +156,16 @@ def gpt2_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def hf_model_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
-    """A model.hf_config model is `HFCausalLM.model`: its names are the HF names behind a `model.` prefix."""
+    """A model.hf_config model is `HFCausalLM.model`: its names are the HF names behind a `model.` prefix. A
+    tied output head is left out, as `save_pretrained` does (safetensors refuses two names for one tensor, and
+    `from_pretrained` ties it again)."""
+    from transformers import AutoConfig
+
+    tied = getattr(AutoConfig.from_pretrained(w.config.model.hf_config), "tie_word_embeddings", False)
     for name in w.names:
-        yield name.removeprefix("model."), w.get(name)
+        hf_name = name.removeprefix("model.")
+        if not (tied and hf_name == "lm_head.weight"):
+            yield hf_name, w.get(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
