@@ -159,6 +159,17 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (DeepSpeed AutoTP): each layer's weights are split over this many consecutive ranks,
+    which see the same micro-batches. ZeRO stage 0-2; n_heads and n_kv_heads must divide by it."""
+    sequence: int = 1
+    """Sequence-parallel size (DeepSpeed-Ulysses): each sequence is cut into this many contiguous slices, one per
+    consecutive rank, and attention trades the slices for heads by all-to-all. seq_len, n_heads and n_kv_heads
+    must divide by it. The data-parallel size is world size / (tensor x sequence)."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100
     """Save a checkpoint every this many steps (0: only at the end and on a signal); range >= 0."""
@@ -197,6 +208,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     """Mixed-precision mode: bf16, fp16 (CUDA only, dynamic loss scaling) or fp32."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
