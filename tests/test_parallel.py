@@ -3,9 +3,26 @@ that cannot work, and real multi-process runs on the CPU whose losses equal one 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 import pytest
+import torch
 from distributed_helpers import REPO
+from resume_helpers import (
+    checkpoint,
+    command,
+    kill_tree,
+    logged_step,
+    losses,
+    optimizer_tensors,
+    overrides,
+    run,
+    shared_run,
+    start,
+    tail,
+    wait_until,
+)
 
 from dist_train.config import ConfigError, load_config
 from dist_train.engine.ds_config import deepspeed_config
@@ -91,3 +108,91 @@ def test_generated_deepspeed_config_counts_data_parallel_ranks_and_shards_our_la
     sp = deepspeed_config(load_config(TINY, ["parallel.sequence=2", "train.micro_batch_size=4",
                                              "train.global_batch_size=16"]), world_size=4)
     assert sp["train_batch_size"] == 16 and sp["gradient_accumulation_steps"] == 2 and "tensor_parallel" not in sp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real runs: fp32, the 2-layer tiny model, global batch 8 sequences at every layout, 10 steps, checkpoints at 5, 10.
+
+STEPS = 10
+TEN_STEPS = ("train.max_steps=10", "checkpoint.every=5")
+TP2 = (*TEN_STEPS, "parallel.tensor=2")
+SP2 = (*TEN_STEPS, "parallel.sequence=2")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, shard_dir) -> Path:
+    return shared_run(tmp_path_factory, shard_dir, "parallel_x1", 1, *TEN_STEPS)
+
+
+@pytest.fixture(scope="module")
+def tensor2(tmp_path_factory, shard_dir) -> Path:
+    return shared_run(tmp_path_factory, shard_dir, "parallel_tp2", 2, *TP2)
+
+
+@pytest.fixture(scope="module")
+def sequence2(tmp_path_factory, shard_dir) -> Path:
+    return shared_run(tmp_path_factory, shard_dir, "parallel_sp2", 2, *SP2)
+
+
+def assert_losses_equal(run_dir: Path, reference: Path) -> None:
+    ours, theirs = losses(run_dir), losses(reference)
+    print(f"losses {run_dir.name}: {ours}\nlosses {reference.name}: {theirs}")
+    assert sorted(ours) == list(range(1, STEPS + 1)) and sorted(theirs) == sorted(ours)
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-4), step
+
+
+def module_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every model-parallel rank's module state (a TP rank holds its shards)."""
+    out = {}
+    for path in sorted(ckpt.glob("mp_rank_*_model_states.pt")):
+        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        out.update({f"{path.name}:{name}": tensor for name, tensor in module.items()})
+    return out
+
+
+@pytest.mark.slow
+def test_tensor_parallel_losses_equal_one_process(single, tensor2):
+    assert_losses_equal(tensor2, single)
+    ckpt = checkpoint(tensor2, STEPS)
+    shards = [torch.load(ckpt / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"] for r in (0, 1)]
+    q = "blocks.0.attn.q_proj.weight"
+    assert shards[0][q].shape == (64, 128) and not torch.equal(shards[0][q], shards[1][q]), "q_proj is split"
+    assert shards[0]["blocks.0.attn.o_proj.weight"].shape == (128, 64), "o_proj is split by input columns"
+    assert torch.equal(shards[0]["norm_f.weight"], shards[1]["norm_f.weight"]), "norms stay whole"
+
+
+@pytest.mark.slow
+def test_sequence_parallel_losses_equal_one_process(single, sequence2):
+    assert_losses_equal(sequence2, single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.sequence=2"])
+def test_four_processes_with_two_data_parallel_groups_equal_one_process(single, shard_dir, tmp_path, layout):
+    assert run(command(overrides(shard_dir, tmp_path, *TEN_STEPS, layout), nproc=4), tmp_path / "train.log") == 0, \
+        tail(tmp_path / "train.log")
+    assert_losses_equal(tmp_path, single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tensor", "sequence"])
+def test_kill_and_resume_matches_uninterrupted_run_bit_for_bit(request, shard_dir, tmp_path, layout):
+    reference = request.getfixturevalue(f"{layout}2")
+    cmd, log = command(overrides(shard_dir, tmp_path, *(TP2 if layout == "tensor" else SP2)), nproc=2), \
+        tmp_path / "train.log"
+    proc = start(cmd, log)
+    wait_until(lambda: logged_step(tmp_path) >= 7, proc)  # past the checkpoint at step 5
+    kill_tree(proc)
+    assert run(cmd, log) == 0, tail(log)
+    assert "resumed from" in log.read_text()
+    assert losses(tmp_path) == losses(reference)
+    ours, theirs = module_tensors(checkpoint(tmp_path, STEPS)), module_tensors(checkpoint(reference, STEPS))
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    oa, ob = optimizer_tensors(checkpoint(tmp_path, STEPS)), optimizer_tensors(checkpoint(reference, STEPS))
+    assert oa.keys() == ob.keys()
+    for key in oa:
+        assert torch.equal(oa[key], ob[key]), key
+    print(f"{layout}: {len(ours)} weight tensors and {len(oa)} optimizer tensors identical after the kill")
