@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import REPO
+from distributed_helpers import REPO, run_distributed
 from resume_helpers import (
     checkpoint,
     command,
@@ -196,3 +196,234 @@ def test_kill_and_resume_matches_uninterrupted_run_bit_for_bit(request, shard_di
     for key in oa:
         assert torch.equal(oa[key], ob[key]), key
     print(f"{layout}: {len(ours)} weight tensors and {len(oa)} optimizer tensors identical after the kill")
+
+
+def tensor_parallel_logits(rank: int, world_size: int, ckpt: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the run's own engine: AutoTP-sharded over 2 processes, the checkpoint loaded by DeepSpeed."""
+    from dist_train.checkpoint.layout import read_client_state
+    from dist_train.config import config_from_dict
+    from dist_train.distributed import import_deepspeed
+    from dist_train.engine.parallel import set_up_parallel
+    from dist_train.model.build import build_model
+
+    path = Path(ckpt)
+    cfg = config_from_dict(read_client_state(path)["config"])
+    model = build_model(cfg.model)
+    mpu = set_up_parallel(cfg, model)
+    engine, *_ = import_deepspeed().initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                               config=deepspeed_config(cfg, world_size), mpu=mpu)
+    assert engine.module.blocks[0].attn.q_proj.weight.shape[0] == cfg.model.d_model // 2, "the engine is sharded"
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    engine.eval()
+    with torch.no_grad():
+        return engine(ids).float().clone()
+
+
+@pytest.mark.slow
+def test_export_of_a_tensor_parallel_run_loads_in_transformers_with_the_runs_logits(tensor2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dist_train.checkpoint.weights import checkpoint_weights
+    from dist_train.tools.export import export
+
+    ckpt = checkpoint(tensor2, STEPS)
+    out = export(checkpoint_weights(ckpt), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.model.layers[0].self_attn.q_proj.weight.shape == (128, 128), "the shards were joined"
+    ids = torch.randint(0, 2048, (2, 128), generator=torch.Generator().manual_seed(0))
+    run_logits = run_distributed(tensor_parallel_logits, 2, str(ckpt), ids)[0]
+    with torch.no_grad():
+        hf_logits = hf(ids).logits
+    print(f"max |HF - TP engine| logit difference: {(hf_logits - run_logits).abs().max().item():.2e}")
+    torch.testing.assert_close(hf_logits, run_logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizing: the memory estimate against real engines, and long sequences.
+
+def saved_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass of `model(ids, labels)`."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, ids.roll(-1, dims=1))
+    return sum(storages.values())
+
+
+SIZING_CASES = [("parallel.tensor=2", 1), ("parallel.sequence=2", 2)]
+
+
+def _measure_parallel_engines(rank: int, world_size: int, shard_dir: str) -> list[dict[str, int]]:
+    from test_scaling import _held_bytes
+
+    from dist_train.distributed import import_deepspeed
+    from dist_train.engine.parallel import ParallelLayout, set_up_parallel
+    from dist_train.model.build import build_model
+
+    results = []
+    for layout, stage in SIZING_CASES:
+        cfg = load_config(TINY, [f"data.path={shard_dir}", layout, f"deepspeed.zero_stage={stage}",
+                                 "precision=fp32", "train.micro_batch_size=2", "train.grad_accum_steps=1"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        mpu = set_up_parallel(cfg, model)
+        engine, *_ = import_deepspeed().initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                                   config=deepspeed_config(cfg, world_size), mpu=mpu)
+        place = ParallelLayout.of(cfg, rank, world_size)
+        ids = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len), generator=torch.Generator().manual_seed(1))
+        width = cfg.model.seq_len // place.sequence
+        ids = ids[:, place.sequence_rank * width:(place.sequence_rank + 1) * width]
+        for _ in range(2):  # the second step runs with optimizer states allocated
+            engine.backward(engine(ids, ids.roll(-1, dims=1)))
+            engine.step()
+        held = _held_bytes(engine)
+        held["activations"] = saved_bytes(engine, ids)
+        results.append(held)
+        engine.destroy()
+    return results
+
+
+@pytest.mark.slow
+def test_memory_estimate_matches_tensor_and_sequence_parallel_engines_in_two_processes(shard_dir):
+    from dist_train.scaling.memory import activation_bytes_per_token, estimate_memory
+
+    per_rank = run_distributed(_measure_parallel_engines, 2, str(shard_dir))
+    for i, (layout, stage) in enumerate(SIZING_CASES):
+        cfg = load_config(TINY, [f"data.path={shard_dir}", layout, f"deepspeed.zero_stage={stage}",
+                                 "precision=fp32", "train.micro_batch_size=2"])
+        est = estimate_memory(cfg, gpus=2)
+        m, tp, sp = cfg.model, cfg.parallel.tensor, cfg.parallel.sequence
+        per_layer, head = activation_bytes_per_token(m, "fp32", tp)
+        tokens = 2 * m.seq_len // sp
+        saved = tokens * (m.n_layers * per_layer + head) + 2 * (m.seq_len // sp) * m.head_dim * 4  # + RoPE tables
+        for rank, measured in enumerate(r[i] for r in per_rank):
+            print(f"{layout} ZeRO-{stage} rank {rank}: model states held {measured['model_states']:,} B, estimated "
+                  f"{est.model_states:,} B; activations saved {measured['activations']:,} B, estimated {saved:,} B")
+            assert measured["model_states"] == pytest.approx(est.model_states, rel=0.02)
+            assert measured["activations"] == pytest.approx(saved, rel=0.02)
+
+
+LONG = ["model.seq_len=8192", "model.n_layers=2", "model.d_model=64", "model.d_ff=176", "precision=fp32",
+        "model.attention=sdpa", "train.micro_batch_size=1", "train.grad_accum_steps=1", "train.lr=3e-3",
+        "train.warmup_steps=0", "train.schedule=constant", "deepspeed.zero_stage=1"]
+
+
+def _long_sequence_worker(rank: int, world_size: int, shard_dir: str) -> dict[str, object]:
+    """Saved activation bytes of one 8192-token sequence whole (one rank's view without SP) and as this rank's
+    half under SP=2, then a few real training steps at SP=2."""
+    from dist_train.data.parallel import rank_batches
+    from dist_train.distributed import import_deepspeed
+    from dist_train.engine.parallel import set_up_parallel
+    from dist_train.model.build import build_model
+    from dist_train.train.optim import build_optimizer
+
+    whole = load_config(TINY, [f"data.path={shard_dir}", *LONG])
+    cfg = load_config(TINY, [f"data.path={shard_dir}", *LONG, "parallel.sequence=2"])
+    data = rank_batches(cfg.data.weighted_paths(), "train", cfg.model.seq_len, 1, cfg.train.seed, 0, 1, rank, 2)
+    inputs, _ = data.loader.next_batch()  # (1, 8192): the whole first sequence
+    data.reset()
+    torch.manual_seed(0)
+    unsharded = saved_bytes(build_model(whole.model).train(), inputs)
+    model = build_model(cfg.model)
+    mpu = set_up_parallel(cfg, model)
+    engine, *_ = import_deepspeed().initialize(model=model, optimizer=build_optimizer(model, cfg.train),
+                                               config=deepspeed_config(cfg, world_size), mpu=mpu)
+    sharded = saved_bytes(engine, inputs[:, rank * 4096:(rank + 1) * 4096])
+    losses_ = []
+    for _ in range(4):
+        x, y = data.next_batch()  # (1, 4096): this rank's half
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        whole_loss = loss.detach().clone()
+        torch.distributed.all_reduce(whole_loss, group=mpu.get_sequence_parallel_group())  # shares -> the mean
+        losses_.append(whole_loss.item())
+    return {"unsharded": unsharded, "sharded": sharded, "losses": losses_}
+
+
+@pytest.mark.slow
+def test_sequence_parallel_halves_the_saved_activations_of_an_8192_token_sequence_and_trains(shard_dir):
+    from dist_train.scaling.memory import activation_bytes
+
+    results = run_distributed(_long_sequence_worker, 2, str(shard_dir))
+    cfg = load_config(TINY, [f"data.path={shard_dir}", *LONG])
+    for rank, r in enumerate(results):
+        print(f"rank {rank}: saved activations of one 8192-token sequence: SP=1 {r['unsharded']:,} B, "
+              f"SP=2 {r['sharded']:,} B per rank ({r['sharded'] / r['unsharded']:.3f}); losses {r['losses']}")
+        assert 0.45 < r["sharded"] / r["unsharded"] < 0.55
+    estimates = [activation_bytes(cfg.model, "fp32", 1, False, sequence=sp) for sp in (1, 2)]
+    print(f"estimated peak activations: SP=1 {estimates[0]:,} B, SP=2 {estimates[1]:,} B")
+    assert estimates[1] / estimates[0] == pytest.approx(0.5, rel=0.01)
+    losses_ = results[0]["losses"]
+    assert results[1]["losses"] == losses_, "both ranks report the mean over the whole sequence"
+    assert all(torch.isfinite(torch.tensor(losses_))) and losses_[-1] < losses_[0] - 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model.hf_config models: AutoTP through transformers' tensor-parallel plan, Ulysses through DeepSpeed's ALST.
+
+def _hf_parallel_worker(rank: int, world_size: int, hf_dir: str, shard_dir: str) -> dict[str, list[float]]:
+    """3 steps of a transformers Llama: plain torch on the whole batch (the reference), then DeepSpeed engines at
+    TP=2 and at SP=2 on the same batches, from the same initial weights."""
+    from dist_train.distributed import import_deepspeed
+    from dist_train.engine.parallel import ParallelLayout, set_up_parallel
+    from dist_train.model.build import build_model
+
+    base = [f"data.path={shard_dir}", f"model.hf_config={hf_dir}", "precision=fp32", "train.micro_batch_size=2",
+            "train.grad_accum_steps=1", "deepspeed.zero_stage=1", "train.grad_clip=0"]
+    ids = torch.randint(0, 2048, (3, 2, 128), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY, base).model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out: dict[str, list[float]] = {"reference": []}
+    for x in ids:  # attention built before any sequence-parallel registration: plain sdpa
+        loss = model(x, x.roll(-1, dims=1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out["reference"].append(loss.item())
+    for layout in ("parallel.tensor=2", "parallel.sequence=2"):
+        cfg = load_config(TINY, [*base, layout])
+        model = build_model(cfg.model)
+        model.load_state_dict(initial)
+        mpu = set_up_parallel(cfg, model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        engine, *_ = import_deepspeed().initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world_size), mpu=mpu)
+        place = ParallelLayout.of(cfg, rank, world_size)
+        width = 128 // place.sequence
+        out[layout] = []
+        for x in ids:
+            part = slice(place.sequence_rank * width, (place.sequence_rank + 1) * width)
+            loss = engine(x[:, part], x.roll(-1, dims=1)[:, part])
+            engine.backward(loss)
+            engine.step()
+            whole = loss.detach().clone()
+            if place.sequence > 1:
+                torch.distributed.all_reduce(whole, group=mpu.get_sequence_parallel_group())
+            out[layout].append(whole.item())
+        if place.tensor > 1:
+            q = engine.module.model.model.layers[0].self_attn.q_proj.weight
+            assert q.shape[0] == 32, f"q_proj is not split: {tuple(q.shape)}"
+        engine.destroy()
+    return out
+
+
+@pytest.mark.slow
+def test_hf_config_model_trains_with_tensor_and_sequence_parallelism_like_one_process(shard_dir, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=2048, max_position_embeddings=128).save_pretrained(tmp_path)
+    results = run_distributed(_hf_parallel_worker, 2, str(tmp_path), str(shard_dir))
+    for rank, r in enumerate(results):
+        print(f"rank {rank}: {r}")
+        for layout in ("parallel.tensor=2", "parallel.sequence=2"):
+            assert r[layout] == pytest.approx(r["reference"], rel=1e-4), layout
