@@ -92,15 +92,18 @@ def _norm_saved(m: ModelConfig, p: int) -> int:
     return 4 * m.d_model + 4 + p * m.d_model
 
 
-def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int = 1) -> tuple[int, int]:
+def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int = 1,
+                               sequence: int = 1) -> tuple[int, int]:
     """(per layer, outside the layers) bytes saved per token by `dist_train.model`, on one of `tensor`
-    tensor-parallel ranks (which hold nh/tensor heads and d_ff/tensor MLP features; norms stay whole)."""
+    tensor-parallel ranks (which hold nh/tensor heads and d_ff/tensor MLP features; norms stay whole). Under
+    sequence parallelism the attention kernel's output is kept apart from o_proj's input: the all-to-all
+    between them makes a new tensor (without it o_proj's input is a view of it)."""
     if m.hf_config:
         raise ValueError("activation memory is counted for dist_train's own model, not for model.hf_config")
     p, d, f, t = precision_bytes(precision), m.d_model, m.d_ff, tensor
     # Attention: the normed input, q and k after RoPE, v (k and v repeated to n_heads for grouped-query
     # attention), the output, and the fp32 log-sum-exp per head.
-    attn = p * d + 4 * p * d // t + 4 * m.n_heads // t
+    attn = p * d + 4 * p * d // t + 4 * m.n_heads // t + (p * d // t if sequence > 1 else 0)
     # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
     mlp = p * (d + 4 * f // t) if m.mlp == "swiglu" else p * (d + 2 * f // t)
     layerscale = 2 * p * d if m.layerscale_init is not None else 0
@@ -117,7 +120,7 @@ def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpoin
     A sequence-parallel rank holds seq_len/`sequence` tokens (Ulysses' attention over the whole sequence with
     heads/`sequence` saves as much as over the slice with all heads); a tensor-parallel rank holds all tokens
     with a share of the heads and MLP features."""
-    per_layer, head = activation_bytes_per_token(m, precision, tensor)
+    per_layer, head = activation_bytes_per_token(m, precision, tensor, sequence)
     tokens = m.seq_len // sequence
     p = precision_bytes(precision)
     loss_transient = (p + 4) * m.vocab_size
