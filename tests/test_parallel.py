@@ -135,7 +135,9 @@ def sequence2(tmp_path_factory, shard_dir) -> Path:
     return shared_run(tmp_path_factory, shard_dir, "parallel_sp2", 2, *SP2)
 
 
-def assert_losses_equal(run_dir: Path, reference: Path) -> None:
+def assert_losses_equal(run_dir: Path, reference: Path, same_val_batches: bool = True) -> None:
+    """Per-step training losses (rel 1e-4) and tokens; validation losses too where both runs evaluate the same
+    batches (one data-parallel rank each: each data-parallel rank evaluates train.eval_steps batches of its own)."""
     ours, theirs = losses(run_dir), losses(reference)
     print(f"losses {run_dir.name}: {ours}\nlosses {reference.name}: {theirs}")
     assert sorted(ours) == list(range(1, STEPS + 1)) and sorted(theirs) == sorted(ours)
@@ -145,7 +147,9 @@ def assert_losses_equal(run_dir: Path, reference: Path) -> None:
     assert step_values(run_dir, "tokens") == step_values(reference, "tokens")
     assert step_values(run_dir, "tokens")[STEPS] == STEPS * 8 * 128
     ours, theirs = step_values(run_dir, "val_loss"), step_values(reference, "val_loss")
-    assert sorted(ours) == [5, 10] and ours == pytest.approx(theirs, rel=1e-4)
+    assert sorted(ours) == [5, 10]
+    if same_val_batches:
+        assert ours == pytest.approx(theirs, rel=1e-4)
 
 
 def step_values(run_dir: Path, key: str) -> dict[int, float]:
@@ -183,7 +187,7 @@ def test_sequence_parallel_losses_equal_one_process(single, sequence2):
 def test_four_processes_with_two_data_parallel_groups_equal_one_process(single, shard_dir, tmp_path, layout):
     assert run(command(overrides(shard_dir, tmp_path, *TEN_STEPS, layout), nproc=4), tmp_path / "train.log") == 0, \
         tail(tmp_path / "train.log")
-    assert_losses_equal(tmp_path, single)
+    assert_losses_equal(tmp_path, single, same_val_batches=False)
 
 
 @pytest.mark.slow
