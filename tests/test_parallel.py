@@ -456,3 +456,35 @@ def test_preflight_refuses_a_run_whose_estimated_peak_exceeds_the_gpu_and_names_
         check_memory(load_config(TINY, long), world_size=8, device_bytes=h100)
     assert "exceeds the GPU's 80.0 GiB" in str(e.value) and "raise parallel.sequence (activations)" in str(e.value)
     check_memory(load_config(TINY, [*long, "parallel.sequence=8"]), world_size=8, device_bytes=h100)  # 48.6 GiB
+
+
+def _sliced_logits_worker(rank: int, world_size: int) -> list[float]:
+    """Max |logits of the whole sequence - logits of the SP=2 slices| for RoPE and learned positions, with
+    weights large enough (init_std 0.3) that attention depends strongly on position."""
+    import torch.distributed as dist
+
+    from dist_train.model import sequence_parallel
+    from dist_train.model.build import build_model
+
+    differences = []
+    for pos, norm, mlp in (("rope", "rmsnorm", "swiglu"), ("learned", "layernorm", "gelu")):
+        cfg = load_config(TINY, [f"model.pos={pos}", f"model.norm={norm}", f"model.mlp={mlp}", "model.init_std=0.3",
+                                 "model.n_layers=2", "model.attention=sdpa"]).model
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            whole = model(ids)
+            sequence_parallel.enable(model, dist.new_group([0, 1]))
+            half = model(ids[:, rank * 64:(rank + 1) * 64]).contiguous()
+        slices = [torch.empty_like(half) for _ in range(2)]
+        dist.all_gather(slices, half)
+        differences.append((torch.cat(slices, dim=1) - whole).abs().max().item())
+    return differences
+
+
+@pytest.mark.slow
+def test_sequence_parallel_slices_give_the_whole_sequences_logits_with_global_positions():
+    for rank, (rope, learned) in enumerate(run_distributed(_sliced_logits_worker, 2)):
+        print(f"rank {rank}: max |SP=2 - whole| logits: rope {rope:.2e}, learned {learned:.2e}")
+        assert rope < 1e-4 and learned < 1e-4
