@@ -112,7 +112,8 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step; range > 0."""
     global_batch_size: int | None = None
     """Sequences per optimizer step over all processes; when set, grad_accum_steps is derived from it and
-    must come out whole (global = micro_batch_size * grad_accum_steps * world_size); range > 0."""
+    must come out whole (global = micro_batch_size * grad_accum_steps * data-parallel size, where the
+    data-parallel size is world size / (parallel.tensor x parallel.sequence)); range > 0."""
     lr: float = 1e-3
     """Peak learning rate; range > 0."""
     min_lr: float = 1e-4
@@ -162,11 +163,11 @@ class DeepSpeedConfig:
 class ParallelConfig:
     tensor: int = 1
     """Tensor-parallel size (DeepSpeed AutoTP): each layer's weights are split over this many consecutive ranks,
-    which see the same micro-batches. ZeRO stage 0-2; n_heads and n_kv_heads must divide by it."""
+    which see the same micro-batches. ZeRO stage 0-2; n_heads and n_kv_heads must divide by it; range > 0."""
     sequence: int = 1
     """Sequence-parallel size (DeepSpeed-Ulysses): each sequence is cut into this many contiguous slices, one per
     consecutive rank, and attention trades the slices for heads by all-to-all. seq_len, n_heads and n_kv_heads
-    must divide by it. The data-parallel size is world size / (tensor x sequence)."""
+    must divide by it. The data-parallel size is world size / (tensor x sequence); range > 0."""
 
 
 @dataclass
