@@ -98,7 +98,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_global_batch_that_does_not_divide_is_refused():
     cfg = load_config(CONFIGS / "tiny.yaml", ["train.micro_batch_size=4", "train.global_batch_size=12"])
-    with pytest.raises(ConfigError, match=r"not divisible by train.micro_batch_size \(4\) x world size \(2\)"):
+    with pytest.raises(ConfigError, match=r"not divisible by train.micro_batch_size \(4\) x data-parallel size \(2\)"):
         deepspeed_config(cfg, world_size=2)
     assert deepspeed_config(cfg, world_size=3)["gradient_accumulation_steps"] == 1
 
@@ -199,7 +199,8 @@ def field_docstrings() -> dict[str, str]:
 
 
 SECTION_CLASSES = {"model": "ModelConfig", "data.sources": "SourceConfig", "data": "DataConfig",
-                   "train": "TrainConfig", "deepspeed": "DeepSpeedConfig", "checkpoint": "CheckpointConfig"}
+                   "train": "TrainConfig", "deepspeed": "DeepSpeedConfig", "checkpoint": "CheckpointConfig",
+                   "parallel": "ParallelConfig"}
 
 
 def test_every_numeric_field_has_a_range_that_its_docstring_states():

@@ -29,7 +29,11 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = [("model", k) for k in SHAPE_KEYS]
     if "learned" in (old["model"].get("pos"), new["model"].get("pos")):
         keys.append(("model", "seq_len"))  # the learned position table has seq_len rows
-    keys += [("deepspeed", "zero_stage"), ("precision", None)]
+    # A tensor-parallel checkpoint holds each rank's shard of the sharded layers; a sequence-parallel one
+    # partitions ZeRO states over all ranks of the group. DeepSpeed's universal checkpoints are not yet used here
+    # to re-cut either, so a layout change is refused (a data-parallel change is re-sharded, see `reshard`).
+    keys += [("deepspeed", "zero_stage"), ("precision", None), ("parallel", "tensor"), ("parallel", "sequence")]
+    old = {"parallel": {"tensor": 1, "sequence": 1}, **old}  # saved before parallel.* existed: plain data parallel
     if new.get("precision") == "bf16" and new.get("deepspeed", {}).get("zero_stage") == 1:
         # bf16 ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, whose checkpoint the ZeRO-1
         # optimizer of bf16 accumulation cannot load, nor the other way round.
@@ -228,6 +232,13 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     meta = read_client_state(path)
     refuse_breaking_changes(run_dir, path, meta, cfg)
     world_changed = meta["world_size"] != place.world_size
+    parallel = cfg.parallel.tensor * cfg.parallel.sequence
+    if world_changed and parallel > 1:
+        raise ConfigError(f"{path} was saved by {meta['world_size']} processes and this run has {place.world_size}: "
+                          f"with parallel.tensor={cfg.parallel.tensor} and parallel.sequence="
+                          f"{cfg.parallel.sequence} a resume must keep the world size (re-sharding tensor- or "
+                          f"sequence-parallel checkpoints is not supported here); launch {meta['world_size']} "
+                          f"processes, or start a new run (another run.out_dir, or --resume none)")
     universal = world_changed and reshard.is_zero_checkpoint(path)
     if universal:
         Rank0(place).run_while_others_wait(reshard.convert_to_universal, path)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.layout import read_client_state, resolve_checkpoint
+from dist_train.checkpoint.tensor_shards import tensor_parallel_ranks, tensor_parallel_state
 from dist_train.config import Config, config_from_dict, load_config
 from dist_train.formats.atomic_file import apply_umask_modes
 
@@ -87,9 +88,12 @@ def _zero_state(path: Path) -> dict[str, Any]:
 def checkpoint_weights(path: Path) -> Weights:
     meta = read_client_state(path)
     cfg = config_from_dict(meta["config"])
-    lazy = _zero_state(path)
-    return Weights(config=cfg, names=list(lazy), getter=lambda name: lazy[name].contiguous(), source=str(path),
-                   meta={"step": meta["train_state"]["step"]})
+    if tensor_parallel_ranks(path) > 1:  # each tensor-parallel rank saved its shards: join them
+        names, getter = tensor_parallel_state(path, cfg)
+    else:
+        lazy = _zero_state(path)
+        names, getter = list(lazy), lambda name: lazy[name].contiguous()
+    return Weights(config=cfg, names=names, getter=getter, source=str(path), meta={"step": meta["train_state"]["step"]})
 
 
 def folder_weights(path: Path) -> Weights:

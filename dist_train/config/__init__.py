@@ -22,14 +22,15 @@ from dist_train.config.schema import (
     DataConfig,
     DeepSpeedConfig,
     ModelConfig,
+    ParallelConfig,
     RunConfig,
     SourceConfig,
     TrainConfig,
     WandbConfig,
 )
-from dist_train.config.validation import resolve_grad_accum, validate
+from dist_train.config.validation import data_parallel_size, resolve_grad_accum, validate
 
 __all__ = ["SHAPE_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "ModelConfig",
-           "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig", "add_override_arguments", "apply_override",
-           "config_from_dict", "load_config", "overrides_from", "parse_args_with_overrides", "parse_yaml",
-           "resolve_grad_accum", "validate"]
+           "ParallelConfig", "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig", "add_override_arguments",
+           "apply_override", "config_from_dict", "data_parallel_size", "load_config", "overrides_from",
+           "parse_args_with_overrides", "parse_yaml", "resolve_grad_accum", "validate"]

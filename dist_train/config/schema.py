@@ -112,7 +112,8 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step; range > 0."""
     global_batch_size: int | None = None
     """Sequences per optimizer step over all processes; when set, grad_accum_steps is derived from it and
-    must come out whole (global = micro_batch_size * grad_accum_steps * world_size); range > 0."""
+    must come out whole (global = micro_batch_size * grad_accum_steps * data-parallel size, where the
+    data-parallel size is world size / (parallel.tensor x parallel.sequence)); range > 0."""
     lr: float = 1e-3
     """Peak learning rate; range > 0."""
     min_lr: float = 1e-4
@@ -169,6 +170,17 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (DeepSpeed AutoTP): each layer's weights are split over this many consecutive ranks,
+    which see the same micro-batches. ZeRO stage 0-2; n_heads and n_kv_heads must divide by it; range > 0."""
+    sequence: int = 1
+    """Sequence-parallel size (DeepSpeed-Ulysses): each sequence is cut into this many contiguous slices, one per
+    consecutive rank, and attention trades the slices for heads by all-to-all. seq_len, n_heads and n_kv_heads
+    must divide by it. The data-parallel size is world size / (tensor x sequence); range > 0."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100
     """Save a checkpoint every this many steps (0: only at the end and on a signal); range >= 0."""
@@ -207,6 +219,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     """Mixed-precision mode: bf16, fp16 (CUDA only, dynamic loss scaling) or fp32."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

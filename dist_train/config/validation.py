@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_train.config.schema import Config, ConfigError, ModelConfig, TrainConfig
+from dist_train.config.schema import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": NON_NEGATIVE, "train.seed": Range(0, 2**32 - 1), "train.eval_every": NON_NEGATIVE,
     "train.eval_steps": POSITIVE, "train.log_every": POSITIVE, "train.max_bad_steps": POSITIVE,
     "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
+    "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE,
     "checkpoint.every": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
 }
 """Every numeric config field (dotted key; `data.sources.weight` is each source's weight) and its range. A
@@ -125,11 +126,43 @@ def _validate_train(t: TrainConfig) -> None:
                  "train.micro_batch_size")
 
 
+def check_parallel_heads(p: ParallelConfig, n_heads: int, n_kv_heads: int, where: str) -> None:
+    """Tensor parallelism splits the heads over its ranks, and Ulysses trades a sequence slice for a share of
+    the heads: both need whole (query and key/value) heads per rank. `where` names the keys."""
+    for key, size in (("parallel.tensor", p.tensor), ("parallel.sequence", p.sequence)):
+        for what, heads in (("attention heads", n_heads), ("key/value heads", n_kv_heads)):
+            _require(heads % size == 0,
+                     f"{key}={size} does not divide the model's {heads} {what} ({where}); every rank needs whole "
+                     f"heads: set {key} to a divisor of {math.gcd(n_heads, n_kv_heads)}", key)
+
+
+def _validate_parallel(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    _require(p.tensor == 1 or p.sequence == 1,
+             f"parallel.tensor={p.tensor} with parallel.sequence={p.sequence}: DeepSpeed 0.19's AutoTP engine "
+             f"replaces the sequence-parallel groups with its own, so the two cannot be combined; use one of "
+             f"them (parallel.tensor=1 or parallel.sequence=1)", "parallel.tensor", "parallel.sequence")
+    if m.hf_config is None:  # an hf_config model's heads are checked with its config (train.preflight)
+        check_parallel_heads(p, m.n_heads, m.kv_heads, "model.n_heads, model.n_kv_heads")
+    _require(m.seq_len % p.sequence == 0,
+             f"model.seq_len ({m.seq_len}) is not divisible by parallel.sequence ({p.sequence}): each rank holds "
+             f"an equal slice of the sequence; set model.seq_len to a multiple of {p.sequence}", "model.seq_len",
+             "parallel.sequence")
+    # DeepSpeed 0.19.8 itself starts AutoTP with ZeRO-3 (its docs still say stages 0-2), but a ZeRO-3 checkpoint
+    # then holds ZeRO partitions of TP shards, which neither resume on another layout nor export here can read.
+    _require(p.tensor == 1 or cfg.deepspeed.zero_stage <= 2,
+             f"parallel.tensor={p.tensor} needs deepspeed.zero_stage 0, 1 or 2 (AutoTP training's supported "
+             f"stages; its ZeRO-3 checkpoints cannot be exported or re-sharded); set deepspeed.zero_stage=2, "
+             f"which shards gradients and optimizer states over the data-parallel ranks", "parallel.tensor",
+             "deepspeed.zero_stage")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need only the config; raise ConfigError naming the key and the fix."""
     check_ranges(cfg)
     _validate_model(cfg.model)
     _validate_train(cfg.train)
+    _validate_parallel(cfg)
     ds = cfg.deepspeed
     _require(not ds.offload_optimizer or ds.zero_stage >= 1,
              "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1", "deepspeed.offload_optimizer",
@@ -144,14 +177,27 @@ def validate(cfg: Config) -> None:
              "data.sources")
 
 
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """Data-parallel ranks: world size / (parallel.tensor x parallel.sequence), which must come out whole."""
+    p = cfg.parallel
+    model_ranks = p.tensor * p.sequence
+    _require(world_size % model_ranks == 0,
+             f"the world size ({world_size} processes) is not divisible by parallel.tensor ({p.tensor}) x "
+             f"parallel.sequence ({p.sequence}) = {model_ranks}; launch a multiple of {model_ranks} processes or "
+             f"change parallel.tensor / parallel.sequence", "parallel.tensor", "parallel.sequence")
+    return world_size // model_ranks
+
+
 def resolve_grad_accum(cfg: Config, world_size: int) -> int:
-    """Micro-batches per step on this world size; checks that global_batch_size divides."""
+    """Micro-batches per step on this world size; checks that global_batch_size divides. A micro-batch is shared
+    by a tensor- or sequence-parallel group, so the global batch counts data-parallel ranks only."""
     t = cfg.train
+    dp = data_parallel_size(cfg, world_size)
     if t.global_batch_size is None:
         return t.grad_accum_steps
-    per_pass = t.micro_batch_size * world_size
+    per_pass = t.micro_batch_size * dp
     _require(t.global_batch_size % per_pass == 0,
              f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
-             f"({t.micro_batch_size}) x world size ({world_size}) = {per_pass}; pick a multiple of {per_pass}",
+             f"({t.micro_batch_size}) x data-parallel size ({dp}) = {per_pass}; pick a multiple of {per_pass}",
              "train.global_batch_size")
     return t.global_batch_size // per_pass

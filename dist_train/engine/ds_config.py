@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from dist_train.config.schema import Config, ModelConfig
-from dist_train.config.validation import resolve_grad_accum
+from dist_train.config.validation import data_parallel_size, resolve_grad_accum
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default zero_optimization.reduce_bucket_size (elements): ZeRO-3 keeps it (one bucket, allocated
@@ -47,7 +47,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         # Gather the full weights into the checkpoint's fp32 master copy only on demand (export does it).
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds_config = {
-        "train_batch_size": t.micro_batch_size * accum * world_size,
+        # Counts data-parallel ranks only: the ranks of a tensor- or sequence-parallel group share micro-batches.
+        "train_batch_size": t.micro_batch_size * accum * data_parallel_size(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": t.grad_clip,
@@ -69,6 +70,30 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         # small ones. DeepSpeed 0.19 cannot do it at ZeRO-0 (engine._do_optimizer_sanity_check: "unsupported
         # mix"); at ZeRO-1 it switches to its BF16_Optimizer, which keeps an fp32 gradient per parameter.
         ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if cfg.parallel.tensor > 1:
+        ds_config["tensor_parallel"] = tensor_parallel_section(cfg)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     return ds_config
+
+
+def tensor_parallel_section(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed AutoTP training. Our Transformer's layers are named for its partition rules: q/k/v and the MLP's
+    gate/up projections split by output rows (whole heads per rank), o_proj and down_proj by input columns
+    (followed by an all-reduce); embeddings, norms and the head stay whole on every rank. An hf_config model
+    brings its own plan (transformers' base_model_tp_plan, else DeepSpeed's AutoTP parser)."""
+    section: dict[str, Any] = {"autotp_size": cfg.parallel.tensor}
+    if not cfg.model.hf_config:
+        section["partition_config"] = {"use_default_specs": False, "layer_specs": [
+            {"patterns": list(TP_COLUMN_PATTERNS), "partition_type": "column"},
+            {"patterns": list(TP_ROW_PATTERNS), "partition_type": "row"},
+        ]}
+    return section
+
+
+# AutoTP matches a Linear module by its weight's name and replaces the whole module (bias included).
+TP_COLUMN_PATTERNS = (r".*\.attn\.[qkv]_proj\.weight$", r".*\.mlp\.(gate|up)_proj\.weight$")
+"""Linear layers split along their output features (weight dim 0, and the bias) by AutoTP."""
+TP_ROW_PATTERNS = (r".*\.attn\.o_proj\.weight$", r".*\.mlp\.down_proj\.weight$")
+"""Linear layers split along their input features (weight dim 1); the bias stays whole, added after the
+all-reduce."""

@@ -44,10 +44,11 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, seq_len: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions [start, start + seq_len) (a sequence-parallel rank's slice starts later)."""
         exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
         inv_freq = 1.0 / (self.theta ** exponents)  # (hd/2,)
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        t = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos(), emb.sin()
@@ -126,17 +127,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.o_proj.is_residual_out = True  # scaled init, see Transformer._init_weights
+        self.ulysses: nn.Module | None = None
+        """Set by `model.sequence_parallel.enable`: the all-to-all around the attention kernel."""
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism q/k/v hold only this rank's heads (nh/tp, nkv/tp).
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attention = matmul_attention if use_matmul_attention(self.kernel, x) else sdpa_attention
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        dropout = self.dropout if self.training else 0.0
+        if self.ulysses is not None:  # T is this rank's slice; attention runs on the whole sequence
+            y = self.ulysses(q, k, v, attention, dropout)  # (B, nh, T, hd)
+        else:
+            y = attention(q, k, v, dropout)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         return self.o_proj(y)
 
 

@@ -22,23 +22,21 @@ i.e. the loader already shifted them (nanoGPT's x, y); -100 is ignored.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_train.config import ModelConfig
 from dist_train.distributed.process_group import gathered_for_init
 from dist_train.model.blocks import Block, RotaryEmbedding, make_norm
+from dist_train.model.loss import IGNORE_INDEX, lm_loss
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from dist_train.model.sequence_parallel import SequenceParallel
 
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored positions, in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-
+__all__ = ["IGNORE_INDEX", "Transformer", "lm_loss"]
 
 class Transformer(nn.Module):
     """forward(input_ids (B, T), labels (B, T) | None) -> fp32 mean loss if labels else logits (B, T, V)."""
@@ -53,6 +51,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.sequence_parallel: SequenceParallel | None = None
+        """Set by `model.sequence_parallel.enable`: this rank holds one slice of each sequence."""
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -73,21 +73,24 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        T = input_ids.shape[1]
+        T = input_ids.shape[1]  # under sequence parallelism: this rank's slice, which starts at `start`
+        start = self.sequence_parallel.start(T) if self.sequence_parallel else 0
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
-            if self.pos_emb.num_embeddings < T:
-                raise ValueError(f"sequence of {T} tokens is longer than the {self.cfg.seq_len} learned "
+            if self.pos_emb.num_embeddings < start + T:
+                raise ValueError(f"sequence of {start + T} tokens is longer than the {self.cfg.seq_len} learned "
                                  f"positions (model.seq_len)")
-            x = x + self.pos_emb(torch.arange(T, device=input_ids.device))  # (B, T, C)
+            x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))  # (B, T, C)
         x = self.emb_dropout(x)
         rope = None
         if self.rotary is not None:
             # Cast once here rather than in every layer: each cast is a (T, hd) copy kept for the backward.
-            rope = tuple(t.to(x.dtype) for t in self.rotary(T, input_ids.device))  # 2 x (T, hd)
+            rope = tuple(t.to(x.dtype) for t in self.rotary(T, input_ids.device, start))  # 2 x (T, hd)
         recompute = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             # Recompute keeps only each block's input for the backward pass instead of all its activations.
             x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-        return logits if labels is None else lm_loss(logits, labels)
+        if labels is None:
+            return logits
+        return self.sequence_parallel.loss(logits, labels) if self.sequence_parallel else lm_loss(logits, labels)

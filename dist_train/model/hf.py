@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dist_train.config import ModelConfig
-from dist_train.model.decoder import lm_loss
+from dist_train.model.loss import lm_loss
 
 
 class HFCausalLM(nn.Module):
@@ -36,6 +36,8 @@ class HFCausalLM(nn.Module):
 
             zero3_marker = HfDeepSpeedConfig(zero3_config)
         self.model = AutoModelForCausalLM.from_config(hf_cfg)
+        self.sequence_parallel: Any = None
+        """Set by `model.sequence_parallel.enable_hf`: this rank holds one slice of each sequence."""
         del zero3_marker
         if cfg.grad_checkpointing:
             # transformers 5 renamed gradient_checkpointing_enable (a deprecated alias until v6).
@@ -46,5 +48,12 @@ class HFCausalLM(nn.Module):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
-        return logits if labels is None else lm_loss(logits, labels)
+        if self.sequence_parallel is None:
+            logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+            return logits if labels is None else lm_loss(logits, labels)
+        # This rank's slice of each sequence: positions are global (ALST all-gathers them for the mask).
+        T = input_ids.shape[1]
+        start = self.sequence_parallel.start(T)
+        positions = torch.arange(start, start + T, device=input_ids.device).expand(input_ids.shape[0], T)
+        logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits  # (B, T, V)
+        return logits if labels is None else self.sequence_parallel.loss(logits, labels)

@@ -191,7 +191,9 @@ def _gib(n: int) -> str:
 def _memory_text(r: dict[str, Any]) -> str:
     e = r["estimate"]
     offload = ", optimizer offloaded to CPU" if r["offload_optimizer"] else ""
-    rows = [f"per GPU: ZeRO-{r['zero_stage']} on {r['gpus']} GPU(s), {r['precision']}, micro-batch "
+    tp, sp = r["tensor_parallel"], r["sequence_parallel"]
+    layout = f" (tensor parallel {tp}, sequence parallel {sp})" if tp * sp > 1 else ""
+    rows = [f"per GPU: ZeRO-{r['zero_stage']} on {r['gpus']} GPU(s){layout}, {r['precision']}, micro-batch "
             f"{r['micro_batch']} x {r['seq_len']} tokens{offload} ({_fmt_count(r['params'])} parameters)",
             f"  weights                    {_gib(e['weights'])}",
             f"  gradients                  {_gib(e['gradients'])}",
@@ -213,9 +215,10 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
     cfg = with_overrides(load_sizing_config(args.config, overrides_from(args)), zero_stage=args.zero_stage,
                          offload_optimizer=args.offload_optimizer or None, micro_batch=args.micro_batch,
-                         precision=args.precision)
+                         precision=args.precision, tensor=args.tensor, sequence=args.sequence)
     est = estimate_memory(cfg, args.gpus)
     r = {"gpus": args.gpus, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.precision,
+         "tensor_parallel": cfg.parallel.tensor, "sequence_parallel": cfg.parallel.sequence,
          "offload_optimizer": cfg.deepspeed.offload_optimizer, "micro_batch": cfg.train.micro_batch_size,
          "seq_len": cfg.model.seq_len, "params": count_params(cfg.model).total, "estimate": est.to_dict()}
     _emit(r, args.json, _memory_text(r))
@@ -291,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("memory", help="bytes per GPU: weights, gradients, optimizer states, activations")
     _add_config_args(p, required=True)
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run: data x tensor x sequence parallel "
+                                                       "(default 1)")
+    p.add_argument("--tensor", type=int, help="tensor-parallel size (default: the config's parallel.tensor)")
+    p.add_argument("--sequence", type=int, help="sequence-parallel size (default: the config's parallel.sequence)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="default: the config's")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the CPU (ZeRO >= 1)")
     p.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (default: the config's)")

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dist_train.config import Config, ModelConfig, config_from_dict
-from dist_train.engine.ds_config import deepspeed_config
+from dist_train.config import Config, ModelConfig, config_from_dict, data_parallel_size
+from dist_train.engine.ds_config import TP_COLUMN_PATTERNS, TP_ROW_PATTERNS, deepspeed_config
 from dist_train.model.blocks import SDPA_HAS_GQA
 
 ADAM_BYTES = 8
@@ -95,17 +96,22 @@ def _norm_saved(m: ModelConfig, p: int) -> int:
     return 4 * m.d_model + 4 + p * m.d_model
 
 
-def activation_bytes_per_token(m: ModelConfig, precision: str) -> tuple[int, int]:
-    """(per layer, outside the layers) bytes saved per token by `dist_train.model`."""
+def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int = 1,
+                               sequence: int = 1) -> tuple[int, int]:
+    """(per layer, outside the layers) bytes saved per token by `dist_train.model`, on one of `tensor`
+    tensor-parallel ranks (which hold nh/tensor heads and d_ff/tensor MLP features; norms stay whole). Under
+    sequence parallelism the attention kernel's output is kept apart from o_proj's input: the all-to-all
+    between them makes a new tensor (without it o_proj's input is a view of it)."""
     if m.hf_config:
         raise ValueError("activation memory is counted for dist_train's own model, not for model.hf_config")
-    p, d, f = precision_bytes(precision), m.d_model, m.d_ff
-    # Attention: the normed input, q and k after RoPE, v, the output, and the fp32 log-sum-exp per head. With
-    # grouped-query attention SDPA takes k and v at n_kv_heads (enable_gqa); before torch 2.5 they are repeated.
+    p, d, f, t = precision_bytes(precision), m.d_model, m.d_ff, tensor
+    # Attention: the normed input, q and k after RoPE, v, the output (a 1/t share of the heads on a
+    # tensor-parallel rank), and the fp32 log-sum-exp per head. With grouped-query attention SDPA takes k and v at
+    # n_kv_heads (enable_gqa); before torch 2.5 they are repeated to n_heads.
     kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
-    attn = p * (3 * d + 2 * kv) + 4 * m.n_heads
+    attn = p * d + p * (2 * d + 2 * kv) // t + 4 * m.n_heads // t + (p * d // t if sequence > 1 else 0)
     # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
-    mlp = p * (d + 4 * f) if m.mlp == "swiglu" else p * (d + 2 * f)
+    mlp = p * (d + 4 * f // t) if m.mlp == "swiglu" else p * (d + 2 * f // t)
     layerscale = 2 * p * d if m.layerscale_init is not None else 0
     per_layer = 2 * _norm_saved(m, p) + attn + mlp + layerscale
     # Head: final norm, lm_head input, fp32 log-softmax output, the int64 input ids and labels.
@@ -113,26 +119,31 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> tuple[int, int
     return per_layer, head
 
 
-def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpointing: bool) -> int:
-    """Peak activation bytes of one micro-batch: what is saved, plus the loss's transient logits (the
-    logits in p bytes and their fp32 copy) and, with recomputation, one block's activations at a time."""
-    per_layer, head = activation_bytes_per_token(m, precision)
+def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpointing: bool, tensor: int = 1,
+                     sequence: int = 1) -> int:
+    """Peak activation bytes of one micro-batch on one rank: what is saved, plus the loss's transient logits
+    (the logits in p bytes and their fp32 copy) and, with recomputation, one block's activations at a time.
+    A sequence-parallel rank holds seq_len/`sequence` tokens (Ulysses' attention over the whole sequence with
+    heads/`sequence` saves as much as over the slice with all heads); a tensor-parallel rank holds all tokens
+    with a share of the heads and MLP features."""
+    per_layer, head = activation_bytes_per_token(m, precision, tensor, sequence)
+    tokens = m.seq_len // sequence
     p = precision_bytes(precision)
     loss_transient = (p + 4) * m.vocab_size
     if checkpointing:
         per_token = m.n_layers * p * m.d_model + per_layer + head + loss_transient
     else:
         per_token = m.n_layers * per_layer + head + loss_transient
-    rope_tables = 2 * m.seq_len * m.head_dim * p if m.pos == "rope" else 0
-    return micro_batch * m.seq_len * per_token + rope_tables
+    rope_tables = 2 * tokens * m.head_dim * p if m.pos == "rope" else 0
+    return micro_batch * tokens * per_token + rope_tables
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model states
 
-def _meta_model_sizes(m: ModelConfig) -> tuple[list[int], int]:
-    """(element counts of every distinct parameter, parameters of the largest module) of the model built on the
-    meta device (no memory). Cached per shape: `plan --gpu-memory` estimates one model in many settings."""
+def _meta_model_sizes(m: ModelConfig) -> tuple[list[tuple[str, int]], int]:
+    """((name, element count) of every distinct parameter, parameters of the largest module) of the model built on
+    the meta device (no memory). Cached per shape: `plan --gpu-memory` estimates one model in many settings."""
     key = json.dumps(dataclasses.asdict(dataclasses.replace(m, grad_checkpointing=False)), sort_keys=True)
     if key not in _META_SIZES:
         from dist_train.model.build import build_model
@@ -140,16 +151,31 @@ def _meta_model_sizes(m: ModelConfig) -> tuple[list[int], int]:
         with torch.device("meta"):
             model = build_model(m)
         largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
-        _META_SIZES[key] = ([p.numel() for p in model.parameters()], largest)
+        _META_SIZES[key] = ([(name, p.numel()) for name, p in model.named_parameters()], largest)
     return _META_SIZES[key]
 
 
-_META_SIZES: dict[str, tuple[list[int], int]] = {}
+_META_SIZES: dict[str, tuple[list[tuple[str, int]], int]] = {}
 
 
-def parameter_numels(m: ModelConfig) -> list[int]:
-    """Element counts of every distinct parameter, from the model built on the meta device (no memory)."""
-    return _meta_model_sizes(m)[0]
+def parameter_numels(m: ModelConfig, tensor: int = 1) -> list[int]:
+    """Element counts of every distinct parameter on one of `tensor` tensor-parallel ranks, from the model built
+    on the meta device (no memory). AutoTP splits the layers `tensor_parallel_split` names; the others stay
+    whole on every rank."""
+    return [numel // tensor if tensor_parallel_split(name, m) else numel for name, numel in _meta_model_sizes(m)[0]]
+
+
+def tensor_parallel_split(name: str, m: ModelConfig) -> bool:
+    """Whether AutoTP splits parameter `name`: our column-parallel layers' weights and biases, row-parallel
+    weights (their biases are added whole after the all-reduce). For an hf_config model: the Linear weights
+    inside its decoder layers (transformers' tensor-parallel plans for Llama-like models)."""
+    if m.hf_config:
+        return ".layers." in name and name.endswith("proj.weight")
+    module, _, kind = name.rpartition(".")
+    weight = module + ".weight"
+    if any(re.match(pattern, weight) for pattern in TP_COLUMN_PATTERNS):
+        return True
+    return kind == "weight" and any(re.match(pattern, weight) for pattern in TP_ROW_PATTERNS)
 
 
 def _largest_layer(m: ModelConfig) -> int:
@@ -165,14 +191,20 @@ def _zero_settings(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
-    """Per-GPU bytes of `cfg` on `gpus` data-parallel GPUs (stage, offload, precision, micro-batch: cfg)."""
+    """Per-GPU bytes of `cfg` on `gpus` GPUs (stage, offload, precision, micro-batch, parallel.*: cfg).
+
+    Tensor parallelism (AutoTP) leaves each rank its share of the split layers, and ZeRO partitions that over
+    the data-parallel ranks (gpus / tensor). Sequence parallelism leaves the parameters whole and ZeRO
+    partitions over all ranks (DeepSpeed's sequence-data-parallel group), while each rank's activations are
+    those of seq_len / sequence tokens."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
-    m, ds = cfg.model, cfg.deepspeed
-    stage, p, n = ds.zero_stage, precision_bytes(cfg.precision), gpus
+    m, ds, par = cfg.model, cfg.deepspeed, cfg.parallel
+    data_parallel_size(cfg, gpus)  # refuses a GPU count the tensor/sequence groups do not divide
+    stage, p, n = ds.zero_stage, precision_bytes(cfg.precision), gpus // par.tensor
     ds_config = deepspeed_config(cfg, gpus)
     zero = _zero_settings(ds_config)
-    numels = parameter_numels(m)
+    numels = parameter_numels(m, par.tensor)
     psi = sum(numels)
     master = 0 if (stage == 0 and cfg.precision == "fp32") else MASTER_BYTES
 
@@ -210,17 +242,22 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
         cpu += weights
         weights = 0
 
-    acts = activation_bytes(m, cfg.precision, cfg.train.micro_batch_size, checkpointing=False)
-    acts_ckpt = activation_bytes(m, cfg.precision, cfg.train.micro_batch_size, checkpointing=True)
+    micro = cfg.train.micro_batch_size
+    acts = activation_bytes(m, cfg.precision, micro, False, par.tensor, par.sequence)
+    acts_ckpt = activation_bytes(m, cfg.precision, micro, True, par.tensor, par.sequence)
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer_states=optimizer, buffers=buffers,
                           backward_transient=backward_transient, step_transient=step_transient,
                           activations=acts, activations_checkpointed=acts_ckpt, cpu_offloaded=cpu)
 
 
 def with_overrides(cfg: Config, zero_stage: int | None = None, offload_optimizer: bool | None = None,
-                   micro_batch: int | None = None, precision: str | None = None) -> Config:
+                   micro_batch: int | None = None, precision: str | None = None, tensor: int | None = None,
+                   sequence: int | None = None) -> Config:
     """cfg with the memory command's flags applied (None keeps the config's value)."""
     tree = cfg.to_dict()
+    for key, value in (("tensor", tensor), ("sequence", sequence)):
+        if value is not None:
+            tree["parallel"][key] = value
     if zero_stage is not None:
         tree["deepspeed"]["zero_stage"] = zero_stage
     if offload_optimizer is not None:

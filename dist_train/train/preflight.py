@@ -1,7 +1,7 @@
 """Checks of a config against the data and the machine, run before any process group starts.
 
 `dist_train.config.validate` checks the config on its own; these need the shard manifests, the tokenizer's
-vocabulary and the presence of CUDA.
+vocabulary, the world size and the GPU (presence, memory against the estimate of `dist_train.scaling.memory`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from dist_train.config import Config, ConfigError, resolve_grad_accum
+from dist_train.config import Config, ConfigError, data_parallel_size, resolve_grad_accum
+from dist_train.config.validation import check_parallel_heads
 from dist_train.formats.manifest import read_manifest
 
 
@@ -99,11 +100,56 @@ def check_positions(cfg: Config) -> None:
                           f"({limit}, max_position_embeddings in {cfg.model.hf_config}); lower model.seq_len")
 
 
+def check_parallel(cfg: Config, world_size: int) -> None:
+    """The world divides into tensor/sequence-parallel groups; an hf_config model's heads divide by their sizes,
+    and under sequence parallelism its attention goes through a function DeepSpeed's ALST can wrap (sdpa)."""
+    data_parallel_size(cfg, world_size)
+    p = cfg.parallel
+    if cfg.model.hf_config is None or (p.tensor == 1 and p.sequence == 1):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.from_pretrained(cfg.model.hf_config).get_text_config()
+    heads = hf.num_attention_heads
+    check_parallel_heads(p, heads, getattr(hf, "num_key_value_heads", None) or heads,
+                         f"num_attention_heads, num_key_value_heads in {cfg.model.hf_config}")
+    if p.sequence > 1:
+        model_class = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(cfg.model.hf_config))]
+        if not getattr(model_class, "_supports_sdpa", False):
+            raise ConfigError(
+                f"parallel.sequence={p.sequence}: {model_class.__name__} (model.hf_config {cfg.model.hf_config}) has "
+                f"no sdpa attention, the path DeepSpeed's Ulysses wraps (UlyssesSPAttentionHF replaces the sdpa "
+                f"function; eager attention builds a T x T mask per rank); set parallel.sequence=1 or train an "
+                f"architecture with sdpa attention (Llama, Qwen2, GPT-2, ...)")
+
+
+def check_memory(cfg: Config, world_size: int, device_bytes: int) -> None:
+    """The estimated peak per GPU (`dist_train.scaling.memory`: ZeRO stage, tensor-parallel shards,
+    sequence-parallel slices, recomputation) fits a device of `device_bytes`."""
+    if cfg.model.hf_config:  # activations are estimated for our Transformer only
+        return
+    from dist_train.scaling.memory import estimate_memory
+
+    peak = estimate_memory(cfg, world_size).peak(cfg.model.grad_checkpointing)
+    if peak > device_bytes:
+        p = cfg.parallel
+        raise ConfigError(
+            f"the estimated peak memory per GPU, {peak / 2**30:.1f} GiB (ZeRO-{cfg.deepspeed.zero_stage}, "
+            f"parallel.tensor={p.tensor}, parallel.sequence={p.sequence}, model.grad_checkpointing="
+            f"{str(cfg.model.grad_checkpointing).lower()}, train.micro_batch_size={cfg.train.micro_batch_size} x "
+            f"model.seq_len={cfg.model.seq_len}), exceeds the GPU's {device_bytes / 2**30:.1f} GiB; raise "
+            f"parallel.sequence (activations) or parallel.tensor / deepspeed.zero_stage (model states), or set "
+            f"model.grad_checkpointing=true; `python -m dist_train.scaling memory` shows each term")
+
+
 def preflight(cfg: Config, world_size: int, this_machine: bool = True) -> None:
     """Everything that can be refused before launch, refused with the key and the fix. `this_machine=False`
     (a job submitted to a cluster) skips the checks of the machine it runs on: training runs elsewhere."""
     if this_machine:
         check_machine(cfg)
     check_positions(cfg)
+    check_parallel(cfg, world_size)
     resolve_grad_accum(cfg, world_size)
     check_data(cfg)
+    if this_machine and torch.cuda.is_available():  # the GPU of this machine
+        check_memory(cfg, world_size, torch.cuda.get_device_properties(0).total_memory)

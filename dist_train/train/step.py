@@ -14,10 +14,14 @@ from dist_train import distributed
 from dist_train.checkpoint.layout import TrainState
 from dist_train.config import Config
 from dist_train.data.loader import TokenLoader
+from dist_train.data.parallel import SequenceSlices, rank_batches
 from dist_train.data.prefetch import Prefetcher
-from dist_train.distributed.environment import ProcessPlace
+from dist_train.engine.parallel import ParallelLayout
 from dist_train.train.optim import Skippable
 from dist_train.train.signals import StopRequest
+
+Batches = TokenLoader | SequenceSlices | Prefetcher
+"""What the training loop reads micro-batches from."""
 
 EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row: requeueing would repeat them
 
@@ -40,11 +44,12 @@ class StepResult:
     """Learning rate the step used."""
 
 
-def train_step(engine: Any, optimizer: Skippable, data: TokenLoader | Prefetcher, accum: int,
-               device: torch.device, stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
+def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, device: torch.device,
+               stop: StopRequest, measure_grad_norm: bool = False, slices: int = 1) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
     non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag; the gradient norm
-    is read to the host only when `measure_grad_norm` (a log step)."""
+    is read to the host only when `measure_grad_norm` (a log step). `slices`: each rank's loss is one of that
+    many shares of its sequences' loss (sequence parallelism)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
     for micro in range(accum):
         inputs, targets = data.next_batch()
@@ -58,7 +63,7 @@ def train_step(engine: Any, optimizer: Skippable, data: TokenLoader | Prefetcher
             # Under fp16 a non-finite gradient is the loss scaler's overflow: its optimizer skips the step and
             # lowers the scale by itself, which is no sign of divergence.
             bad_grads = (stage0_norm is not None and not engine.fp16_enabled()) and ~torch.isfinite(stage0_norm)
-            flags = reduce_step(loss_sum / accum, stop.requested, bad_grads)
+            flags = reduce_step(loss_sum / accum, stop.requested, bad_grads, slices)
             optimizer.skip_next_step = flags.skipped
         engine.step()
     optimizer.skip_next_step = False  # a ZeRO overflow check may have skipped the inner step itself
@@ -67,16 +72,18 @@ def train_step(engine: Any, optimizer: Skippable, data: TokenLoader | Prefetcher
     return flags
 
 
-def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool | torch.Tensor) -> StepResult:
+def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool | torch.Tensor, slices: int = 1) -> StepResult:
     """Sum (loss if finite, non-finite flag, stop flag) over ranks in one all-reduce (the step's one host
-    sync); `bad_grads` may be a tensor on the device."""
+    sync); `bad_grads` may be a tensor on the device. The mean loss divides by the number of ranks that hold
+    whole sequences' losses: world size / `slices` (the shares of one sequence group add up to its loss;
+    tensor-parallel ranks each hold the same whole loss)."""
     finite = torch.isfinite(local_loss)
     bad = (~finite) | bad_grads
     values = torch.stack([torch.where(finite, local_loss, torch.zeros_like(local_loss)), bad.double(),
                           torch.full_like(local_loss, float(stop))])
     totals = distributed.sum_over_ranks(values).tolist()
     skipped = totals[1] > 0
-    return StepResult(loss=math.nan if skipped else totals[0] / distributed.world_size(), skipped=skipped,
+    return StepResult(loss=math.nan if skipped else totals[0] * slices / distributed.world_size(), skipped=skipped,
                       stop_requested=totals[2] > 0)
 
 
@@ -94,18 +101,18 @@ def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) ->
 
 
 @torch.no_grad()
-def validation_loss(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device) -> float:
+def validation_loss(engine: Any, cfg: Config, layout: ParallelLayout, device: torch.device) -> float:
     """Mean loss over the first train.eval_steps validation batches (the same batches every time). The sum stays
     on the device until the end: one host sync per evaluation, not one per batch."""
-    val_data = TokenLoader(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
-                           place.rank, place.world_size, cfg.train.seed)
+    val_data = rank_batches(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
+                            cfg.train.seed, layout.data_rank, layout.data, layout.sequence_rank, layout.sequence)
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(cfg.train.eval_steps):
         inputs, targets = val_data.next_batch()
         total += engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)).double()
     engine.train()
-    return distributed.mean_over_ranks(total.item() / cfg.train.eval_steps)
+    return distributed.mean_over_ranks(total.item() / cfg.train.eval_steps) * layout.sequence
 
 
 def loss_scale(optimizer: Any) -> float | None:

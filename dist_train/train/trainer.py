@@ -23,13 +23,14 @@ from dist_train.checkpoint.rng import seed_rank_streams
 from dist_train.checkpoint.save import Checkpointer
 from dist_train.checkpoint.shared_folder import check_shared_run_dir
 from dist_train.config import Config
-from dist_train.data.loader import TokenLoader
+from dist_train.data.parallel import rank_batches
 from dist_train.data.prefetch import Prefetcher
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.process_group import configure_matmul_precision
 from dist_train.distributed.rank0 import Rank0
 from dist_train.engine.build import build_partitioned_model
 from dist_train.engine.ds_config import deepspeed_config
+from dist_train.engine.parallel import ParallelLayout, set_up_parallel
 from dist_train.model.count import flops_per_token
 from dist_train.monitor.memory import window_memory_gib
 from dist_train.monitor.metrics import MetricsLogger, build_logger
@@ -39,6 +40,7 @@ from dist_train.train.preflight import preflight
 from dist_train.train.signals import EXIT_PREEMPTED, StopRequest
 from dist_train.train.step import (
     EXIT_DIVERGED,
+    Batches,
     StepResult,
     TooManyBadSteps,
     count_bad_step,
@@ -104,12 +106,13 @@ class Run:
 
     cfg: Config
     place: ProcessPlace
+    layout: ParallelLayout
     rank0: Rank0
     dir: Path
     device: torch.device
     engine: Any
     optimizer: Skippable
-    train_data: TokenLoader | Prefetcher
+    train_data: Batches
     checkpointer: Checkpointer
     logger: MetricsLogger
     forward_timer: ForwardTimer
@@ -138,11 +141,13 @@ class Run:
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_partitioned_model(cfg, ds_config, deepspeed)
+        layout = ParallelLayout.of(cfg, place.rank, place.world_size)
+        mpu = set_up_parallel(cfg, model)
         optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
                                     offloaded=cfg.deepspeed.offload_optimizer)
         scheduler = build_scheduler(optimizer, cfg.train)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+                                               config=ds_config, mpu=mpu)
         if cfg.train.compile:
             # DeepSpeed's path: the engine compiles its module in place after installing its ZeRO hooks, so
             # the hooks are not traced into the graph (parameter names stay the same: checkpoints, export). The
@@ -151,8 +156,8 @@ class Run:
             engine.compile()
         t = cfg.train
         seed_rank_streams(t.seed, 0, place.rank)  # each rank its own dropout masks; a resume restores or reseeds
-        train_data = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size,
-                                 place.rank, place.world_size, t.seed)
+        train_data = rank_batches(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size, t.seed,
+                                  layout.data_rank, layout.data, layout.sequence_rank, layout.sequence)
         checkpointer = Checkpointer(run_dir, cfg, engine, place)
         state = TrainState()
         if plan is not None:
@@ -164,7 +169,7 @@ class Run:
             train_data = Prefetcher(train_data, depth=2 * cfg.data.num_workers, pin_memory=device.type == "cuda")
         log_process_places(run_dir, place, rank0, state.step)
         logger = build_logger(cfg, run_dir, place, state, resumed=plan is not None)
-        return cls(cfg=cfg, place=place, rank0=rank0, dir=run_dir, device=device, engine=engine,
+        return cls(cfg=cfg, place=place, layout=layout, rank0=rank0, dir=run_dir, device=device, engine=engine,
                    optimizer=optimizer, train_data=train_data, checkpointer=checkpointer, logger=logger,
                    forward_timer=ForwardTimer(engine.module, device),  # each rank's own speed: stragglers show
                    state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
@@ -174,7 +179,7 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.train.micro_batch_size * self.accum * self.place.world_size * self.cfg.model.seq_len
+        return self.cfg.train.micro_batch_size * self.accum * self.layout.data * self.cfg.model.seq_len
 
     def step(self, stop: StopRequest, measure_grad_norm: bool) -> StepResult:
         """One optimizer step, timed, with the counters advanced."""
@@ -182,7 +187,7 @@ class Run:
         skipped_before = self.engine.skipped_steps
         start = time.perf_counter()
         result = train_step(self.engine, self.optimizer, self.train_data, self.accum, self.device, stop,
-                            measure_grad_norm)
+                            measure_grad_norm, slices=self.layout.sequence)
         self.window.add(time.perf_counter() - start)
         result.lr = lr
         if self.cfg.precision != "fp16":
@@ -205,14 +210,15 @@ class Run:
                     if self.peak_flops else None),
             **window_memory_gib(self.device), "skipped_steps": state.skipped_steps,
         }
-        record.update(gather_rank_throughput(self.forward_timer, cfg.train.micro_batch_size * cfg.model.seq_len))
+        tokens_per_forward = cfg.train.micro_batch_size * cfg.model.seq_len // self.layout.sequence  # a slice
+        record.update(gather_rank_throughput(self.forward_timer, tokens_per_forward))
         if cfg.precision == "fp16":
             record["loss_scale"] = loss_scale(self.engine.optimizer)
         self.logger.log(record)
         self.rank0.print(format_log_line(record, cfg.train.max_steps))
 
     def log_eval(self) -> float:
-        val_loss = validation_loss(self.engine, self.cfg, self.place, self.device)
+        val_loss = validation_loss(self.engine, self.cfg, self.layout, self.device)
         self.logger.log({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss,
                          "val_ppl": math.exp(min(val_loss, 50))})
         self.rank0.print(f"step {self.state.step} | val_loss {val_loss:.4f}")
