@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from dist_train.formats.errors import FormatError
+from dist_train.formats.tokenizer_folder import load_tokenizer, tokenizer_folder
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,6 @@ def _eos_content(folder: Path) -> str | None:
 
 
 def _from_transformers(folder: Path) -> tuple[Tokenizer, TokenizerFacts]:
-    from dist_train.formats.tokenizer_folder import load_tokenizer
 
     tok = load_tokenizer(folder)
     if not tok.is_fast:
@@ -54,10 +54,7 @@ def _from_transformers(folder: Path) -> tuple[Tokenizer, TokenizerFacts]:
 
 def load_rust_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, TokenizerFacts]:
     """The folder's Rust tokenizer, set up as `data_prep.shard` encodes, and its vocabulary size and EOS id."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FormatError(f"tokenizer folder {path} does not exist (make one with "
-                          f"`python -m data_prep.tokenizer --input ... --vocab-size N --out DIR`)")
+    folder = tokenizer_folder(path)
     file = folder / "tokenizer.json"
     try:
         eos = _eos_content(folder)

@@ -18,17 +18,23 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a local HF tokenizer folder; refuse one that does not load or has no EOS token."""
-    from transformers import AutoTokenizer  # imported here: hashing a folder needs no transformers (1-2 s)
-
+def tokenizer_folder(path: str | os.PathLike) -> Path:
+    """`path` as a tokenizer folder; refuse a file (name the folder that holds it) or a missing folder."""
     folder = Path(path).expanduser()
     if folder.is_file():
         raise FormatError(f"{path} is a file: a tokenizer is the folder that holds it (and its "
                           f"tokenizer_config.json); pass the folder {folder.parent}")
     if not folder.is_dir():
         raise FormatError(f"tokenizer folder {path} does not exist (make one with "
-                            f"`python -m data_prep.tokenizer --input ... --vocab-size N --out DIR`)")
+                          f"`python -m data_prep.tokenizer --input ... --vocab-size N --out DIR`)")
+    return folder
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a local HF tokenizer folder; refuse one that does not load or has no EOS token."""
+    from transformers import AutoTokenizer  # imported here: hashing a folder needs no transformers (1-2 s)
+
+    folder = tokenizer_folder(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
