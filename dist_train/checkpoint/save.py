@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,16 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+@dataclasses.dataclass
+class _PendingSave:
+    tag: str
+    tmp_root: Path
+    final: Path
+    state: TrainState
+    start: float
+    writer: RankWriter
+
+
 class SaveFailed(RuntimeError):
     """A save that wrote nothing usable: the partial folder is gone and `latest` names the previous checkpoint."""
 
@@ -76,34 +87,63 @@ class Checkpointer:
         self.rank0 = Rank0(place)
         self._engine_writer = WriterEngine(engine.checkpoint_engine, RankWriter(place.rank))
         engine.checkpoint_engine = self._engine_writer
+        self._pending: _PendingSave | None = None
+        self.timings: dict[str, float] = {}
+        """Seconds of the last save: `checkpoint_s` training stopped that long; when not async also this rank's
+        writes (serialise, fsync, sha256) and waiting for the others + publishing (files.json, rename, latest)."""
 
     # -- save ------------------------------------------------------------------------------------------
-    def save(self, state: TrainState, loader_state: dict[str, Any]) -> Path:
-        """Write, check every rank's writes, publish; raises SaveFailed on every rank if any rank's write failed."""
+    def save(self, state: TrainState, loader_state: dict[str, Any], wait: bool = True) -> Path:
+        """Write and publish a checkpoint; raises SaveFailed on every rank if any rank's write failed. With
+        checkpoint.async_save and not `wait`, returns once the state is snapshotted: the files are written in the
+        background and published by a later `poll` or `finish` (which then raise SaveFailed instead)."""
+        self.finish()  # one save at a time: an earlier one still being written is published first
         tag = tag_for(state.step)
-        tmp_root, final = self.dir / f".tmp_{tag}", self.dir / tag
-        self.rank0.run_while_others_wait(_fresh_folder, tmp_root)
-        writer = self._engine_writer.writer = RankWriter(self.place.rank)
+        pending = _PendingSave(tag, self.dir / f".tmp_{tag}", self.dir / tag, dataclasses.replace(state),
+                               time.perf_counter(), RankWriter(self.place.rank, self.cfg.checkpoint.async_save))
+        self.rank0.run_while_others_wait(_fresh_folder, pending.tmp_root)
+        writer = self._engine_writer.writer = pending.writer
         try:
-            self.engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
+            self.engine.save_checkpoint(str(pending.tmp_root), tag=tag, save_latest=False)
         except OSError as e:  # a write of DeepSpeed's own (its recovery script): reported like the others
             writer.error = writer.error or FailedWrite(f"rank {self.place.rank}: {e}", e.errno in DISK_FULL_ERRNOS)
         client = {"loader": loader_state, "rng": rng_state(), "world_size": self.place.world_size}
-        writer.save(client, tmp_root / tag / f"client_rank{self.place.rank:05d}.pt")
-        failed = writer.error and (str(writer.error), writer.error.disk_full)
-        failures = [f for f in all_gather_objects(failed) if f]
+        writer.save(client, pending.tmp_root / tag / f"client_rank{self.place.rank:05d}.pt")
+        self._pending = pending
+        if wait or not self.cfg.checkpoint.async_save:
+            self.finish()
+        self.timings["checkpoint_s"] = time.perf_counter() - pending.start  # how long training stopped
+        return pending.final
+
+    def poll(self) -> None:
+        """At a step boundary (every rank): publish the background save once every rank has written its files."""
+        if self._pending is not None and all(all_gather_objects(self._pending.writer.done())):
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for this rank's writes of the pending save, then check every rank's and publish (rank 0)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        writer, tag = pending.writer, pending.tag
+        writer.wait()
+        written = time.perf_counter()
+        failures = [f for f in all_gather_objects(writer.error and (str(writer.error), writer.error.disk_full)) if f]
         if not failures:
             measured: dict[str, Any] = {}
-            for entries in all_gather_objects(writer.entries_under(tmp_root / tag)):
+            for entries in all_gather_objects(writer.entries_under(pending.tmp_root / tag)):
                 measured.update(entries)
-            failures = [f for f in [self.rank0.share(self._publish, tmp_root, tag, final, state, measured)] if f]
+            published = self.rank0.share(self._publish, pending.tmp_root, tag, pending.final, pending.state, measured)
+            failures = [published] if published else []
         if failures:
-            self.rank0.run_while_others_wait(shutil.rmtree, tmp_root, True)
-            latest = read_latest_name(self.dir)
+            self.rank0.run_while_others_wait(shutil.rmtree, pending.tmp_root, True)
             raise SaveFailed(f"checkpoint {tag} could not be written ({failures[0][0]}); the partial checkpoint "
                              f"was removed and {self.dir / 'latest'} still names "
-                             f"{latest or 'no checkpoint'}", disk_full=any(full for _, full in failures))
-        return final
+                             f"{read_latest_name(self.dir) or 'no checkpoint'}",
+                             disk_full=any(full for _, full in failures))
+        # Where a blocking save's time goes (a background one's writes overlap training: only its stop counts).
+        self.timings = {} if self.cfg.checkpoint.async_save else {
+            "checkpoint_write_s": written - pending.start, "checkpoint_publish_s": time.perf_counter() - written}
 
     def _publish(self, tmp_root: Path, tag: str, final: Path, state: TrainState,
                  measured: dict[str, Any]) -> tuple[str, bool] | None:
@@ -151,6 +191,7 @@ class Checkpointer:
         """For a rollback: load the newest checkpoint of a step below `step` that verifies and was saved by this
         world size (corrupt ones are moved to corrupt/, later ones to abandoned/). Returns what `load` does (None
         without such a checkpoint) and one event per corrupt checkpoint set aside."""
+        self.finish()
         found, corrupt, _ = self.rank0.share(newest_verified, self.dir, self.cfg.checkpoint.verify, step)
         meta = read_client_state(found) if found is not None else None
         if meta is None or meta["world_size"] != self.place.world_size:  # another world size: universal only

@@ -5,12 +5,17 @@ Quietly, because DeepSpeed's `save_checkpoint` runs collectives after its writes
 persistent parameters): a rank that raised out of it would leave the others waiting in that collective. So a
 failed write is recorded, the rank writes nothing more, DeepSpeed's save finishes on every rank, and then all
 ranks look at every rank's failure together (`Checkpointer.save`).
+
+In the background (`checkpoint.async_save`), `save` only snapshots the state (a copy of every tensor: training
+changes them in place at the next step) and one thread per rank serialises, fsyncs and measures the files
+while training goes on; `wait` blocks until it is done. Publishing still waits for every rank's writes.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +53,50 @@ class FailedWrite(RuntimeError):
         self.disk_full = disk_full
 
 
-class RankWriter:
-    """This rank's file writes for one checkpoint; `error` is the first failure (nothing is written after it)."""
+def snapshot(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """A copy of a (nested dict / list / tuple) state whose tensors are cloned, once each (a tensor that appears
+    twice, like a tied embedding, stays one tensor); other values are kept as they are."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.detach().clone()
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        copy = type(obj)() if type(obj) is not dict else {}
+        copy.update((k, snapshot(v, memo)) for k, v in obj.items())
+        return copy
+    if type(obj) in (list, tuple):
+        return type(obj)(snapshot(v, memo) for v in obj)
+    return obj
 
-    def __init__(self, rank: int) -> None:
+
+class RankWriter:
+    """This rank's file writes for one checkpoint; `error` is the first failure (nothing is written after it).
+    With `background`, `save` returns after a snapshot and the writes run in one thread, in order."""
+
+    def __init__(self, rank: int, background: bool = False) -> None:
         self.rank = rank
         self.written: dict[str, dict[str, Any]] = {}
         self.error: FailedWrite | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background else None
+        self._writes: list[Future] = []
 
     def save(self, obj: Any, path: str | Path) -> None:
+        if self._pool is None:
+            self._write(obj, path)
+        else:
+            self._writes.append(self._pool.submit(self._write, snapshot(obj), path))
+
+    def done(self) -> bool:
+        return all(w.done() for w in self._writes)
+
+    def wait(self) -> None:
+        for w in self._writes:
+            w.result()  # _write records its failures itself: this only waits
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def _write(self, obj: Any, path: str | Path) -> None:
         if self.error is not None:
             return
         sink = None

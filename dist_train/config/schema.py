@@ -183,6 +183,10 @@ class CheckpointConfig:
     """Save a checkpoint every this many steps (0: only at the end and on a signal); range >= 0."""
     keep_last: int = 3
     """Keep this many most recent checkpoints (0 keeps all); range >= 0."""
+    async_save: bool = False
+    """Write checkpoints in the background: training stops only to snapshot the state (a copy in host memory,
+    once the size of the checkpoint), the files are written while it goes on and published (files.json,
+    rename, `latest`) once every rank has written them. A kill before that leaves the previous `latest`."""
     verify: Literal["full", "sizes"] = "full"
     """Before loading a checkpoint, check every file against the size and sha256 written at save (full), or the
     sizes only (sizes: skips reading every byte once, misses bit rot)."""

@@ -65,7 +65,9 @@ def train(cfg: Config, resume: str = "latest") -> int:
     fail_writes_over_the_file_size_limit()
     run = Run.set_up(cfg, place, resume)
     try:
-        return run.close(train_loop(run, stop))
+        exit_code = train_loop(run, stop)
+        run.checkpointer.finish()  # a background save still being written
+        return run.close(exit_code)
     except SaveFailed as e:
         if not e.disk_full:
             raise
@@ -81,6 +83,7 @@ def train_loop(run: Run, stop: StopRequest) -> int:
     while state.step < t.max_steps:
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
         result = run.step(stop, measure_grad_norm=log_now)
+        run.checkpointer.poll()  # publishes a background save (checkpoint.async_save) once it is written
         try:
             count_bad_step(state, result, t.max_bad_steps)
         except TooManyBadSteps as e:
@@ -105,7 +108,7 @@ def train_loop(run: Run, stop: StopRequest) -> int:
         spike_suspected = run.spikes is not None and run.spikes.suspect
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not state.consecutive_bad_steps
                 and not spike_suspected):
-            run.save()
+            run.save(wait=False)
 
     val_loss = run.log_eval() if t.eval_every else None
     if run.saved_step != state.step:
@@ -245,10 +248,12 @@ class Run:
         self.rank0.print(f"step {self.state.step} | val_loss {val_loss:.4f}")
         return val_loss
 
-    def save(self) -> None:
+    def save(self, wait: bool = True) -> None:
+        """Save a checkpoint; without `wait` (and with checkpoint.async_save) it is published a few steps later."""
         self.state.wall_s = self.clock.total()
-        self.checkpointer.save(self.state, self.train_data.state_dict())
+        self.checkpointer.save(self.state, self.train_data.state_dict(), wait=wait)
         self.saved_step = self.state.step
+        self.logger.log({"step": self.state.step, **self.checkpointer.timings})  # how long training stopped
 
     def roll_back(self, spike: Spike) -> bool:
         """Back to the newest checkpoint before the spike, the data loader left where it is (so the samples read
