@@ -6,8 +6,10 @@ uninterrupted (blocking-save) run."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
+import torch
 from resume_helpers import (
     EVERY,
     assert_same_end,
@@ -23,8 +25,7 @@ from resume_helpers import (
 )
 
 from dist_train.checkpoint.verify import check
-
-pytestmark = pytest.mark.slow
+from dist_train.checkpoint.writer import RankWriter
 
 ZERO2 = ("deepspeed.zero_stage=2",)
 
@@ -35,6 +36,7 @@ def reference(tmp_path_factory, shard_dir):
     return shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, *ZERO2)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_background_save_keeps_latest_and_the_resumed_run_matches_blocking_saves(
         reference, shard_dir, tmp_path):
     cmd = command(overrides(shard_dir, tmp_path, *ZERO2, "checkpoint.async_save=true"), nproc=2)
@@ -62,3 +64,29 @@ def test_a_kill_during_a_background_save_keeps_latest_and_the_resumed_run_matche
         assert check(path, "full") is None, path
     stalls = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stalls if "checkpoint_s" in r][-1] == 6
+
+
+def test_a_background_write_saves_the_state_as_it_was_when_save_returned(tmp_path):
+    """Training changes the tensors in place right after `save` returns: the file must hold the values of that
+    moment (a snapshot), even though it is written later. The writer thread is held until the change is made."""
+    writer = RankWriter(0, background=True)
+    gate = threading.Event()
+    writer._pool.submit(gate.wait)  # the writer thread is busy until the tensors have changed
+    weight = torch.arange(8, dtype=torch.float32)
+    writer.save({"weight": weight, "tied": weight, "step": 3}, tmp_path / "state.pt")
+    weight.add_(100)
+    assert not writer.done()
+    gate.set()
+    writer.wait()
+    assert writer.error is None and writer.done()
+    saved = torch.load(tmp_path / "state.pt")
+    assert torch.equal(saved["weight"], torch.arange(8, dtype=torch.float32)) and saved["step"] == 3
+    assert saved["tied"].data_ptr() == saved["weight"].data_ptr(), "a tensor saved twice stays one tensor"
+    assert writer.written[str(tmp_path / "state.pt")]["bytes"] == (tmp_path / "state.pt").stat().st_size
+
+
+def test_a_failed_background_write_is_recorded_not_raised(tmp_path):
+    writer = RankWriter(1, background=True)
+    writer.save({"x": torch.ones(2)}, tmp_path / "missing_folder" / "state.pt")
+    writer.wait()
+    assert "rank 1 writing" in str(writer.error) and not writer.error.disk_full

@@ -54,12 +54,13 @@ class FailedWrite(RuntimeError):
 
 
 def snapshot(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
-    """A copy of a (nested dict / list / tuple) state whose tensors are cloned, once each (a tensor that appears
-    twice, like a tied embedding, stays one tensor); other values are kept as they are."""
+    """A copy of a (nested dict / list / tuple) state whose tensors are copied to host memory, once each (a tensor
+    that appears twice, like a tied embedding, stays one tensor); other values are kept as they are. Host memory,
+    not the accelerator's: the copy must not take the memory training needs."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
-            memo[id(obj)] = obj.detach().clone()
+            memo[id(obj)] = obj.detach().to("cpu", copy=True)
         return memo[id(obj)]
     if isinstance(obj, dict):
         copy = type(obj)() if type(obj) is not dict else {}
