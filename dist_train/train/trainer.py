@@ -113,6 +113,7 @@ def train_loop(run: Run, stop: StopRequest) -> int:
     val_loss = run.log_eval() if t.eval_every else None
     if run.saved_step != state.step:
         run.save()
+    run.checkpointer.finish()  # the last checkpoint is published before the run says it is done
     state.wall_s = run.clock.total()
     run.logger.summary({
         "final_step": state.step, "train_loss": state.last_loss, "val_loss": val_loss, "tokens": state.tokens,
