@@ -112,11 +112,13 @@ def reference(tmp_path_factory, shard_dir):
 @pytest.mark.slow
 def test_a_flipped_byte_in_latest_resumes_from_the_previous_checkpoint_bit_identically(reference, shard_dir,
                                                                                       tmp_path):
-    """The finished reference run, copied, with one byte of rank 1's optimizer shard in `latest` (step 6) flipped:
-    re-running the same command sets step 6 aside, trains steps 5-6 again from step 4 and ends bit-identical
-    to the uninterrupted run; the event is in metrics.jsonl and W&B. `--resume` of that checkpoint is refused."""
+    """The reference run, copied without its summary.json (as if killed just after its last save: a finished run
+    is a no-op to re-run), with one byte of rank 1's optimizer shard in `latest` (step 6) flipped: re-running the
+    same command sets step 6 aside, trains steps 5-6 again from step 4 and ends bit-identical to the
+    uninterrupted run; the event is in metrics.jsonl and W&B. `--resume` of that checkpoint is refused."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
+    (run_dir / "summary.json").unlink()
     flip_byte(checkpoint(run_dir, 6) / SHARD)
     log = tmp_path / "train.log"
     assert run(command(overrides(shard_dir, run_dir, *ZERO2, "wandb.enabled=true"), nproc=2), log) == 0, tail(log)
