@@ -1,9 +1,12 @@
 """Train a model: `deepspeed launch/train.py --config configs/tiny.yaml [key=value ...]`.
 
 Also runs under `torchrun --nproc_per_node N launch/train.py ...`, `srun` and plain `python launch/train.py`.
-Exit codes: 0 done, 2 bad config (refused before any process group starts), 3 stopped after
-train.max_bad_steps non-finite losses in a row (the last good checkpoint is intact), 75 stopped by SIGTERM or
-SIGUSR1 after saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
+Exit codes: 0 done, 2 bad config (refused before any process group starts) or a `--resume PATH` checkpoint
+that fails verification (the message names the file), 3 stopped after train.max_bad_steps non-finite losses in a
+row (the last good checkpoint is intact), 74 a checkpoint save found the disk full, the quota exceeded or the
+file-size limit reached (ENOSPC / EDQUOT / EFBIG: the partial checkpoint is removed, `latest` still names the
+previous one, intact; free space and re-run the same command to resume), 75 stopped by SIGTERM or SIGUSR1 after
+saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
 """
 
 import argparse
@@ -12,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from dist_train.checkpoint.verify import CorruptCheckpoint  # noqa: E402
 from dist_train.config import (  # noqa: E402
     ConfigError,
     add_override_arguments,
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CorruptCheckpoint as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

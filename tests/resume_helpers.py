@@ -22,6 +22,8 @@ import pytest
 import torch
 from distributed_helpers import REPO, cpu_env, free_port
 
+from dist_train.checkpoint.weights import checkpoint_weights
+
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 6
 EVERY = 2
@@ -168,6 +170,24 @@ def _collect(value, prefix: str, out: dict[str, torch.Tensor]) -> None:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _collect(v, f"{prefix}.{i}", out)
+
+
+def assert_same_end(run_dir, reference) -> None:
+    """Same losses at every step, same final weights and optimizer shards, bit for bit."""
+    ours, theirs = losses(run_dir), losses(reference)
+    print(f"losses: {ours}")
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    assert ours == theirs
+    a, b = checkpoint_weights(checkpoint(run_dir, STEPS)), checkpoint_weights(checkpoint(reference, STEPS))
+    assert a.names == b.names
+    for name in a.names:
+        assert torch.equal(a.get(name), b.get(name)), name
+    oa, ob = optimizer_tensors(checkpoint(run_dir, STEPS)), optimizer_tensors(checkpoint(reference, STEPS))
+    assert oa.keys() == ob.keys()
+    assert any("exp_avg_sq" in k for k in oa), "the optimizer shards hold Adam's moments"
+    for key in oa:
+        assert torch.equal(oa[key], ob[key]), key
+    print(f"{len(a.names)} weight tensors and {len(oa)} optimizer tensors identical")
 
 
 def tail(path: Path, chars: int = 4000) -> str:

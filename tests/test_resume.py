@@ -11,18 +11,16 @@ import time
 
 import psutil
 import pytest
-import torch
 from distributed_helpers import REPO
 from resume_helpers import (
     EVERY,
     STEPS,
     TINY,
+    assert_same_end,
     checkpoint,
     command,
     kill_tree,
     logged_step,
-    losses,
-    optimizer_tensors,
     overrides,
     run,
     shared_run,
@@ -34,7 +32,6 @@ from resume_helpers import (
 )
 
 from dist_train.checkpoint.layout import CLIENT_STATE
-from dist_train.checkpoint.weights import checkpoint_weights
 from dist_train.train.signals import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -52,24 +49,6 @@ VARIANTS = {"fp32": (), "bf16": ("precision=bf16",), "num_workers": ("data.num_w
 """Runs that must resume bit for bit: the reference's fp32 run, bf16 (DeepSpeed's bf16 optimizer restores the
 fp32 master weights and rebuilds the bf16 ones), and batches prepared ahead by loader workers (those prepared
 but not yet trained on at a save must be neither skipped nor repeated)."""
-
-
-def assert_same_end(run_dir, reference) -> None:
-    """Same losses at every step, same final weights and optimizer shards, bit for bit."""
-    ours, theirs = losses(run_dir), losses(reference)
-    print(f"losses: {ours}")
-    assert sorted(ours) == list(range(1, STEPS + 1))
-    assert ours == theirs
-    a, b = checkpoint_weights(checkpoint(run_dir, STEPS)), checkpoint_weights(checkpoint(reference, STEPS))
-    assert a.names == b.names
-    for name in a.names:
-        assert torch.equal(a.get(name), b.get(name)), name
-    oa, ob = optimizer_tensors(checkpoint(run_dir, STEPS)), optimizer_tensors(checkpoint(reference, STEPS))
-    assert oa.keys() == ob.keys()
-    assert any("exp_avg_sq" in k for k in oa), "the optimizer shards hold Adam's moments"
-    for key in oa:
-        assert torch.equal(oa[key], ob[key]), key
-    print(f"{len(a.names)} weight tensors and {len(oa)} optimizer tensors identical")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -41,7 +41,7 @@ def jsonl_rows(run_dir: Path) -> dict[int, dict]:
     return dict(rows)
 
 
-MEASURED = ("tokens_per_s", "mfu", "mem_", "fwd_tokens_per_s", "slowest_rank")
+MEASURED = ("tokens_per_s", "mfu", "mem_", "fwd_tokens_per_s", "slowest_rank", "checkpoint_")
 """Keys that measure the machine, not the model: they differ between a killed run and its re-run."""
 
 

@@ -3,9 +3,12 @@
 Layout under RUN/checkpoints/:
     step_00000100/            DeepSpeed's files (model + optimizer shards of every rank)
         client_rank00000.pt   this rank's loader position and RNG states
-        client_state.json     step, tokens, skipped steps, W&B run id, config, model hash (rank 0, written last)
+        client_state.json     step, tokens, skipped steps, W&B run id, config, model hash (rank 0)
+        files.json            size and sha256 of every file above (rank 0, written last; see verify.py)
         universal/            the same state cut per parameter, made on a resume with another world size
     latest                    text file naming the newest *complete* checkpoint; written last, atomically
+    corrupt/                  checkpoints that failed verification on a resume (moved here, never loaded)
+    abandoned/                checkpoints after the step a resume or a loss-spike rollback went back to
 
 World size. The data loader's position is global (`consumed_samples`, equal on every rank): optimizer step s of
 a run with global batch G reads global samples [s*G, (s+1)*G) whatever the number of processes, so every rank
@@ -43,18 +46,27 @@ class TrainState:
     """Training loss of the last applied step (for the summary of a run resumed at its end)."""
     wandb_run_id: str | None = None
     """The W&B run this training continues."""
+    rollbacks: int = 0
+    """Loss-spike rollbacks so far (at most train.max_rollbacks); carried over the rollback's own reload."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def read_latest_name(checkpoint_dir: Path) -> str | None:
+    """The folder name `latest` holds (it may be missing or incomplete), or None without a `latest`."""
+    latest = checkpoint_dir / "latest"
+    return latest.read_text().strip() if latest.exists() else None
+
+
 def read_latest(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint folder, or None."""
     latest = checkpoint_dir / "latest"
-    if not latest.exists():
+    name = read_latest_name(checkpoint_dir)
+    if name is None:
         return None
-    path = checkpoint_dir / latest.read_text().strip()
+    path = checkpoint_dir / name
     if not (path / CLIENT_STATE).exists():
         raise FileNotFoundError(f"{latest} names {path.name}, which is missing or incomplete; "
                                 f"point --resume at another checkpoint folder")

@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dist_train.checkpoint import reshard
-from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state, read_latest, tag_for
+from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state, read_latest, read_latest_name, tag_for
+from dist_train.checkpoint.verify import CORRUPT_DIR, CorruptCheckpoint, quarantine
+from dist_train.checkpoint.verify import check as verify_checkpoint
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.rank0 import Rank0
 from dist_train.formats.atomic_file import write_text_atomic
+
+VerifyMode = Literal["full", "sizes"]
 
 
 def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -72,6 +76,8 @@ class ResumePlan:
     """Load `path/universal` with DeepSpeed's load_universal (a ZeRO 1-3 checkpoint on another world size)."""
     global_batch: tuple[int, int]
     """Sequences per optimizer step (saved run, this run)."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Corrupt checkpoints set aside on the way (for metrics.jsonl and W&B)."""
 
     def describe(self) -> str:
         step, world = self.meta["train_state"]["step"], self.meta["world_size"]
@@ -89,14 +95,28 @@ def global_batch(cfg: dict[str, Any], world_size: int) -> int:
     return t.get("global_batch_size") or t["micro_batch_size"] * t["grad_accum_steps"] * world_size
 
 
-def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace) -> Path | None:
-    """`latest` (if any), `none`, or an explicit checkpoint folder; first removes what a kill interrupted."""
+def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace, verify: VerifyMode = "full",
+                    events: list[dict[str, Any]] | None = None) -> Path | None:
+    """`latest` (if any), `none`, or an explicit checkpoint folder, verified against its files.json; first removes
+    what a kill interrupted. A corrupt `latest` is moved to checkpoints/corrupt/ and the newest checkpoint that
+    verifies is taken instead (each such move is appended to `events`); a corrupt explicit folder is refused."""
     checkpoint_dir = run_dir / "checkpoints"
     rank0 = Rank0(place)
     rank0.run_while_others_wait(remove_interrupted_writes, checkpoint_dir)
+    if resume == "latest":
+        found, moved, refusal = rank0.share(newest_verified, checkpoint_dir, verify, None)
+        if events is not None:
+            events.extend(moved)
+        if refusal:
+            raise CorruptCheckpoint(refusal)
+        return found
     path = resume_target(run_dir, resume)
-    if path is None or resume == "latest":
-        return path
+    if path is None:
+        return None
+    problem = rank0.share(check_quietly, path, verify)
+    if problem:
+        raise CorruptCheckpoint(f"--resume {resume}: refused, the checkpoint is corrupt: {problem}. Resume from "
+                                f"another checkpoint folder (or `--resume latest`)")
     rank0.run_while_others_wait(set_aside_later_checkpoints, checkpoint_dir,
                                 read_client_state(path)["train_state"]["step"])
     return path
@@ -117,8 +137,8 @@ def resume_target(run_dir: Path, resume: str) -> Path | None:
     if resume == "latest":
         try:
             return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
+        except FileNotFoundError:  # a half-synced copy: set aside for the newest good one when the run starts
+            return None
     path = Path(resume)
     if not (path / CLIENT_STATE).exists():
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {CLIENT_STATE})"
@@ -187,6 +207,45 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def check_quietly(path: Path, verify: VerifyMode) -> str | None:
+    problem = verify_checkpoint(path, verify)
+    return None if problem is None else str(problem)
+
+
+def newest_verified(checkpoint_dir: Path, verify: VerifyMode, before_step: int | None
+                    ) -> tuple[Path | None, list[dict[str, Any]], str | None]:
+    """Rank 0: `latest` if it verifies, else the newest `step_*` that does (`latest` is pointed at it); with
+    `before_step`, the newest verified checkpoint of a step below it instead. Corrupt ones met on the way are
+    moved to corrupt/. Returns (the checkpoint or None, one event per move, a refusal when checkpoints existed
+    but none verifies)."""
+    if not checkpoint_dir.exists():
+        return None, [], None
+    latest_name = read_latest_name(checkpoint_dir)
+    steps = sorted((p for p in checkpoint_dir.glob("step_*") if p.is_dir()), reverse=True)
+    if before_step is not None:
+        candidates = [p for p in steps if int(p.name[5:]) < before_step]
+    elif latest_name is None:
+        return None, [], None
+    else:  # what `latest` names first (even a missing folder: a half-synced copy), then older ones
+        named = checkpoint_dir / latest_name
+        candidates = [named, *(p for p in steps if p.name < latest_name)]
+    events = []
+    for path in candidates:
+        problem = verify_checkpoint(path, verify)
+        if problem is None:
+            if before_step is None and path.name != latest_name:
+                write_text_atomic(checkpoint_dir / "latest", path.name + "\n")
+            return path, events, None
+        moved = quarantine(path, problem)
+        events.append({"event": "corrupt_checkpoint", "checkpoint": path.name, "file": str(problem.file),
+                       "reason": problem.reason, "moved_to": str(moved)})
+    if before_step is None:
+        return None, events, (f"no checkpoint in {checkpoint_dir} verifies (corrupt ones were moved to "
+                              f"{checkpoint_dir / CORRUPT_DIR}); copy good checkpoints back, or start a new run "
+                              f"in another run.out_dir")
+    return None, events, None
+
+
 def remove_interrupted_writes(checkpoint_dir: Path) -> None:
     """What a kill left behind: a save (`.tmp_*`), a prune (`.trash_*`) or a universal conversion."""
     if not checkpoint_dir.exists():
@@ -226,7 +285,8 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     """Find the checkpoint to resume, refuse an incompatible config, and (rank 0, the others wait) convert a
     ZeRO checkpoint of another world size to the universal format. Runs before the engine is built, because
     a universal load must be switched on in the DeepSpeed config."""
-    path = find_checkpoint(run_dir, resume, place)
+    events: list[dict[str, Any]] = []
+    path = find_checkpoint(run_dir, resume, place, cfg.checkpoint.verify, events)
     if path is None:
         return None
     meta = read_client_state(path)
@@ -245,4 +305,4 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
                       world_changed=world_changed, universal=universal,
                       global_batch=(global_batch(meta["config"], meta["world_size"]),
-                                    global_batch(cfg.to_dict(), place.world_size)))
+                                    global_batch(cfg.to_dict(), place.world_size)), events=events)

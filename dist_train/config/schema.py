@@ -150,6 +150,15 @@ class TrainConfig:
     false keeps full fp32 (IEEE) matmuls. No effect on the CPU."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each one is skipped, not applied); range > 0."""
+    max_rollbacks: int = 0
+    """Loss-spike rollbacks allowed per run (0 turns detection off): back to the last checkpoint before the
+    spike, skipping the data read since it (dist_train/train/spikes.py); range >= 0."""
+    spike_window: int = 20
+    """Steps in the rolling mean loss that a spike is measured against; range > 0."""
+    spike_margin: float = 1.0
+    """Nats above the rolling mean that make a step's loss suspect; range > 0."""
+    spike_steps: int = 3
+    """Suspect steps in a row that make a spike (fewer are a blip and are kept); range > 0."""
 
 
 @dataclass
@@ -186,6 +195,13 @@ class CheckpointConfig:
     """Save a checkpoint every this many steps (0: only at the end and on a signal); range >= 0."""
     keep_last: int = 3
     """Keep this many most recent checkpoints (0 keeps all); range >= 0."""
+    async_save: bool = False
+    """Write checkpoints in the background: training stops only to snapshot the state (a copy in host memory,
+    once the size of the checkpoint), the files are written while it goes on and published (files.json,
+    rename, `latest`) once every rank has written them. A kill before that leaves the previous `latest`."""
+    verify: Literal["full", "sizes"] = "full"
+    """Before loading a checkpoint, check every file against the size and sha256 written at save (full), or the
+    sizes only (sizes: skips reading every byte once, misses bit rot)."""
 
 
 @dataclass

@@ -61,6 +61,8 @@ RANGES: dict[str, Range] = {
     "train.weight_decay": NON_NEGATIVE, "train.beta1": FRACTION, "train.beta2": FRACTION, "train.eps": POSITIVE,
     "train.grad_clip": NON_NEGATIVE, "train.seed": Range(0, 2**32 - 1), "train.eval_every": NON_NEGATIVE,
     "train.eval_steps": POSITIVE, "train.log_every": POSITIVE, "train.max_bad_steps": POSITIVE,
+    "train.max_rollbacks": NON_NEGATIVE, "train.spike_window": POSITIVE, "train.spike_margin": POSITIVE,
+    "train.spike_steps": POSITIVE,
     "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
     "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE,
     "checkpoint.every": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,

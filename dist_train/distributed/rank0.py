@@ -36,6 +36,21 @@ class Rank0:
         if errors:
             raise RuntimeError(errors[0])
 
+    def share(self, fn: Callable[..., T], *args: Any) -> T:
+        """Rank 0 runs `fn` (reads or writes shared files) and every rank gets its result (picklable); an error on
+        rank 0 is raised on every rank, as in run_while_others_wait."""
+        group = _wait_for_rank0_group()
+        outcome: tuple[Any, str | None] = (None, None)
+        if self.active:
+            try:
+                outcome = (fn(*args), None)
+            except (OSError, RuntimeError) as e:
+                outcome = (None, str(e))
+        result, error = all_gather_objects(outcome, group)[0]
+        if error:
+            raise RuntimeError(error)
+        return result
+
     def print(self, *args: Any) -> None:
         if self.active:
             print(*args, flush=True)

@@ -32,6 +32,15 @@ class JsonlBackend:
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         self._file.flush()
 
+    def event(self, record: dict[str, Any]) -> None:
+        self.log(record)
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines after `step`, which will be trained again (each step is logged once)."""
+        self._file.close()
+        truncate_after(self.path, step)
+        self._file = open(self.path, "a")  # noqa: SIM115 - truncate_after replaced the file
+
     def summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n"
         write_text_atomic(self.summary_path, text)

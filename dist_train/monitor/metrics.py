@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 class MetricsBackend(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
+    def event(self, record: dict[str, Any]) -> None: ...
+    def rewind(self, step: int) -> None: ...
     def summary(self, summary: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
@@ -32,6 +34,17 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         for b in self.backends:
             b.log(record)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Something that happened to the run (a corrupt checkpoint set aside, a loss-spike rollback): a record with
+        `step` and `event` (its name) plus details."""
+        for b in self.backends:
+            b.event(record)
+
+    def rewind(self, step: int) -> None:
+        """The run went back to `step` (a rollback): the steps after it will be trained again."""
+        for b in self.backends:
+            b.rewind(step)
 
     def summary(self, summary: dict[str, Any]) -> None:
         for b in self.backends:

@@ -29,18 +29,40 @@ class WandbBackend:
         self.first_new_step = first_new_step
         """Steps below this are already in the W&B run (logged before a kill): W&B keeps the first row of a
         step and refuses to go back, so they are not sent again."""
+        self.last_step = first_new_step - 1
 
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
         if step < self.first_new_step:
             return
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        self.run.log(_row(record), step=step)
+        self.last_step = step
+
+    def event(self, record: dict[str, Any]) -> None:
+        """At the run's current step when the event's is older (W&B drops rows that go back): it happened now."""
+        self.run.log(_row(record), step=max(record["step"], self.last_step))
+
+    def rewind(self, step: int) -> None:
+        """W&B cannot take rows for steps it already has: the retrained steps up to the last logged one are not
+        sent (metrics.jsonl holds them); logging continues with the steps after it."""
+        self.first_new_step = max(self.first_new_step, self.last_step + 1)
 
     def summary(self, summary: dict[str, Any]) -> None:
         self.run.summary.update(summary)
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record as a W&B row; an event's numbers become `<event>/<key>` (its text stays in
+    metrics.jsonl and the printed message), plus `<event>/count` = 1 to mark it on a chart."""
+    if "event" not in record:
+        return {k: v for k, v in record.items() if k != "step"}
+    name = record["event"]
+    row = {f"{name}/{k}": v for k, v in record.items()
+           if k not in ("event", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {**row, f"{name}/count": 1}
 
 
 def wandb_run_name(cfg: Config) -> str:

@@ -17,6 +17,12 @@ EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def fail_writes_over_the_file_size_limit() -> None:
+    """Ignore SIGXFSZ: a write over the file-size limit (RLIMIT_FSIZE, `ulimit -f`) then fails with EFBIG, which a
+    checkpoint save handles like a full disk, instead of the signal killing the process mid-save."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 class StopRequest:
     """Remembers the first stop signal this process received."""
 

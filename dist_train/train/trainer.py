@@ -6,6 +6,7 @@ sits (dist_train.distributed), DeepSpeed does data parallelism and ZeRO from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -20,7 +21,7 @@ from dist_train import distributed
 from dist_train.checkpoint.layout import TrainState
 from dist_train.checkpoint.resume import check_before_launch, plan_resume
 from dist_train.checkpoint.rng import seed_rank_streams
-from dist_train.checkpoint.save import Checkpointer
+from dist_train.checkpoint.save import Checkpointer, SaveFailed
 from dist_train.checkpoint.shared_folder import check_shared_run_dir
 from dist_train.config import Config
 from dist_train.data.parallel import rank_batches
@@ -37,7 +38,8 @@ from dist_train.monitor.metrics import MetricsLogger, build_logger
 from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput, math_mode, peak_flops
 from dist_train.train.optim import Skippable, build_optimizer, build_scheduler, retarget_scheduler
 from dist_train.train.preflight import preflight
-from dist_train.train.signals import EXIT_PREEMPTED, StopRequest
+from dist_train.train.signals import EXIT_PREEMPTED, StopRequest, fail_writes_over_the_file_size_limit
+from dist_train.train.spikes import Spike, SpikeDetector
 from dist_train.train.step import (
     EXIT_DIVERGED,
     Batches,
@@ -50,6 +52,7 @@ from dist_train.train.step import (
 )
 
 EXIT_COMPLETED = 0
+EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR: a save hit ENOSPC / EDQUOT / EFBIG; `latest` is the previous checkpoint
 
 
 def train(cfg: Config, resume: str = "latest") -> int:
@@ -61,20 +64,39 @@ def train(cfg: Config, resume: str = "latest") -> int:
         return EXIT_COMPLETED
     preflight(cfg, place.world_size)
     stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the process
+    fail_writes_over_the_file_size_limit()
     run = Run.set_up(cfg, place, resume)
-    t, state = cfg.train, run.state
+    try:
+        exit_code = train_loop(run, stop)
+        run.checkpointer.finish()  # a background save still being written
+        return run.close(exit_code)
+    except SaveFailed as e:
+        if not e.disk_full:
+            raise
+        run.rank0.run(print, f"error: {e}. Stopping with exit code {EXIT_DISK_FULL}: free space (or raise the "
+                             f"quota or file-size limit) under {run.checkpointer.dir}, then re-run the same command "
+                             f"to resume from the latest checkpoint.", file=sys.stderr, flush=True)
+        return run.close(EXIT_DISK_FULL)
 
+
+def train_loop(run: Run, stop: StopRequest) -> int:
+    """Steps until max_steps, a stop signal or a divergence; returns the exit code."""
+    cfg, t, state = run.cfg, run.cfg.train, run.state
     while state.step < t.max_steps:
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
         result = run.step(stop, measure_grad_norm=log_now)
+        run.checkpointer.poll()  # publishes a background save (checkpoint.async_save) once it is written
         try:
             count_bad_step(state, result, t.max_bad_steps)
         except TooManyBadSteps as e:
             run.rank0.run(print, f"error: {e} Latest checkpoint: step {run.saved_step}.", file=sys.stderr,
                           flush=True)
-            return run.close(EXIT_DIVERGED)
+            return EXIT_DIVERGED
         if log_now:
             run.log_step(result)
+        spike = run.spikes.observe(state.step, result.loss) if run.spikes and not result.skipped else None
+        if spike is not None and run.roll_back(spike):
+            continue  # back at the checkpoint before the spike; the data read since then is skipped
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
             run.log_eval()
         if result.stop_requested and state.step < t.max_steps:
@@ -82,22 +104,26 @@ def train(cfg: Config, resume: str = "latest") -> int:
             run.save()
             run.rank0.print(f"stop signal ({stop.signal_name or 'on another rank'}): saved step {state.step}, "
                             f"exiting with {EXIT_PREEMPTED} so the job can be requeued")
-            return run.close(EXIT_PREEMPTED)
-        # Not within a streak of skipped steps: pruning would then drop the last good checkpoint.
-        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not state.consecutive_bad_steps:
-            run.save()
+            return EXIT_PREEMPTED
+        # Not within a streak of skipped steps (pruning would then drop the last good checkpoint), nor while a
+        # loss spike may be starting (the rollback needs a checkpoint from before it).
+        spike_suspected = run.spikes is not None and run.spikes.suspect
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not state.consecutive_bad_steps
+                and not spike_suspected):
+            run.save(wait=False)
 
     val_loss = run.log_eval() if t.eval_every else None
     if run.saved_step != state.step:
         run.save()
+    run.checkpointer.finish()  # the last checkpoint is published before the run says it is done
     state.wall_s = run.clock.total()
     run.logger.summary({
         "final_step": state.step, "train_loss": state.last_loss, "val_loss": val_loss, "tokens": state.tokens,
         "wall_s": state.wall_s, "tokens_per_s": state.tokens / state.wall_s if state.wall_s else None,
-        "skipped_steps": state.skipped_steps, "world_size": place.world_size})
+        "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks, "world_size": run.place.world_size})
     run.rank0.print(f"done: step {state.step}, train_loss {state.last_loss:.4f}, val_loss {val_loss}, "
                     f"run folder {run.dir.resolve()}")
-    return run.close(EXIT_COMPLETED)
+    return EXIT_COMPLETED
 
 
 @dataclass
@@ -126,6 +152,8 @@ class Run:
     peak_flops: float | None
     """This device's dense peak FLOP/s in the run's math (bf16/fp16, TF32 or fp32), None where none is
     published (the CPU)."""
+    spikes: SpikeDetector | None
+    """Loss-spike detection, when train.max_rollbacks > 0."""
 
     @classmethod
     def set_up(cls, cfg: Config, place: ProcessPlace, resume: str) -> Run:
@@ -169,13 +197,16 @@ class Run:
             train_data = Prefetcher(train_data, depth=2 * cfg.data.num_workers, pin_memory=device.type == "cuda")
         log_process_places(run_dir, place, rank0, state.step)
         logger = build_logger(cfg, run_dir, place, state, resumed=plan is not None)
+        for event in plan.events if plan is not None else []:  # corrupt checkpoints set aside on the way
+            logger.event({"step": state.step, **event})
         return cls(cfg=cfg, place=place, layout=layout, rank0=rank0, dir=run_dir, device=device, engine=engine,
                    optimizer=optimizer, train_data=train_data, checkpointer=checkpointer, logger=logger,
                    forward_timer=ForwardTimer(engine.module, device),  # each rank's own speed: stragglers show
                    state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
                    clock=WallClock(state.wall_s), window=StepWindow(),
                    flops_per_step=flops_per_token(cfg.model) * ds_config["train_batch_size"] * cfg.model.seq_len,
-                   peak_flops=peak_flops(device, math_mode(cfg.precision)))
+                   peak_flops=peak_flops(device, math_mode(cfg.precision)),
+                   spikes=SpikeDetector(t.spike_window, t.spike_margin, t.spike_steps) if t.max_rollbacks else None)
 
     @property
     def tokens_per_step(self) -> int:
@@ -224,10 +255,50 @@ class Run:
         self.rank0.print(f"step {self.state.step} | val_loss {val_loss:.4f}")
         return val_loss
 
-    def save(self) -> None:
+    def save(self, wait: bool = True) -> None:
+        """Save a checkpoint; without `wait` (and with checkpoint.async_save) it is published a few steps later."""
         self.state.wall_s = self.clock.total()
-        self.checkpointer.save(self.state, self.train_data.state_dict())
+        self.checkpointer.save(self.state, self.train_data.state_dict(), wait=wait)
         self.saved_step = self.state.step
+        self.logger.log({"step": self.state.step, **self.checkpointer.timings})  # how long training stopped
+
+    def roll_back(self, spike: Spike) -> bool:
+        """Back to the newest checkpoint before the spike, the data loader left where it is (so the samples read
+        since that checkpoint are skipped); False, with the spike logged, when no rollback is left or possible."""
+        record = {"step": self.state.step, "event": "loss_spike", "spike_first_step": spike.first_step,
+                  "spike_last_step": spike.last_step, "spike_losses": spike.losses, "baseline_loss": spike.baseline}
+        consumed = self.train_data.state_dict()["consumed_samples"]
+        rollbacks = self.state.rollbacks + 1
+        loaded = None
+        if rollbacks <= self.cfg.train.max_rollbacks:
+            loaded, corrupt = self.checkpointer.load_before(spike.first_step)
+            for event in corrupt:
+                self.logger.event({"step": self.state.step, **event})
+        if loaded is None:
+            why = ("no rollback left" if rollbacks > self.cfg.train.max_rollbacks else
+                   "no checkpoint of this world size before it")
+            self.rank0.print(f"warning: loss spike at steps {spike.first_step}-{spike.last_step} (losses "
+                             f"{[round(x, 3) for x in spike.losses]}, mean before {spike.baseline:.3f}); {why} "
+                             f"(train.max_rollbacks={self.cfg.train.max_rollbacks}): training on")
+            self.logger.event({**record, "rolled_back": False})
+            return False
+        state, loader_state = loaded
+        for f in dataclasses.fields(TrainState):  # in place: the loop holds this object
+            setattr(self.state, f.name, getattr(state, f.name))
+        self.state.rollbacks, self.saved_step = rollbacks, state.step
+        self.spikes.rewind(state.step)
+        self.logger.rewind(state.step)
+        first_skipped = loader_state["consumed_samples"]
+        samples_per_batch = self.tokens_per_step // self.cfg.model.seq_len
+        record.update(step=state.step, rolled_back=True, rolled_back_to_step=state.step, rollbacks=rollbacks,
+                      steps_undone=spike.last_step - state.step, skipped_samples_from=first_skipped,
+                      skipped_samples_to=consumed, skipped_batches=(consumed - first_skipped) // samples_per_batch)
+        self.logger.event(record)
+        self.rank0.print(f"LOSS SPIKE at steps {spike.first_step}-{spike.last_step} (losses "
+                         f"{[round(x, 3) for x in spike.losses]}, mean before {spike.baseline:.3f}): rolled back to "
+                         f"step {state.step} (rollback {rollbacks} of {self.cfg.train.max_rollbacks}), skipping "
+                         f"{record['skipped_batches']} batches = global samples [{first_skipped}, {consumed})")
+        return True
 
     def close(self, exit_code: int) -> int:
         self.logger.close()
