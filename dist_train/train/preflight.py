@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from dist_train.config import Config, ConfigError, resolve_grad_accum
+from dist_train.data.span_corruption import sentinel_room_message, span_lengths
 from dist_train.formats.manifest import read_manifest
+from dist_train.model.build import model_vocab_size
 
 
 def check_data(cfg: Config) -> list[dict[str, Any]]:
@@ -33,6 +35,8 @@ def check_data(cfg: Config) -> list[dict[str, Any]]:
                 f"{key} ({model_vocab}) is smaller than the tokenizer's vocabulary "
                 f"({manifest['vocab_size']}, from {path}/manifest.json); set {key}="
                 f"{_round_up(manifest['vocab_size'], 64)} (rounded up to a multiple of 64)")
+        if cfg.model.arch == "encoder_decoder":
+            check_sentinel_room(cfg, manifest["vocab_size"], model_vocab, key)
         for split in ("train", "val"):
             tokens = manifest["splits"].get(split, {}).get("num_tokens", 0)
             if split == "val" and tokens == 0 and cfg.train.eval_every == 0:
@@ -67,13 +71,12 @@ def check_same_tokenizer(paths: list[tuple[str, float]], manifests: list[dict[st
                 f"--tokenizer {first.get('tokenizer')} ...`", ("data.sources",))
 
 
-def model_vocab_size(cfg: Config) -> tuple[int, str]:
-    """Rows of the embedding table and the key that sets them (an `hf_config` model brings its own)."""
-    if cfg.model.hf_config is None:
-        return cfg.model.vocab_size, "model.vocab_size"
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(cfg.model.hf_config).vocab_size, f"vocab_size in {cfg.model.hf_config}"
+def check_sentinel_room(cfg: Config, tokenizer_vocab: int, model_vocab: int, key: str) -> None:
+    """Span corruption's sentinels take the top ids of the model's vocabulary: none may be a real token."""
+    spans = span_lengths(cfg.model.seq_len, cfg.data.noise_density, cfg.data.mean_noise_span_length).spans
+    if model_vocab - spans < tokenizer_vocab:
+        raise ConfigError(sentinel_room_message(model_vocab, tokenizer_vocab, spans).replace("model.vocab_size", key),
+                          ("model.vocab_size",) if key == "model.vocab_size" else ())
 
 
 def _round_up(n: int, multiple: int) -> int:
