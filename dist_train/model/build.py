@@ -9,14 +9,17 @@ from torch import nn
 
 from dist_train.config import Config, ModelConfig
 from dist_train.model.decoder import Transformer
-from dist_train.model.hf import HFCausalLM
+from dist_train.model.encoder_decoder import EncoderDecoder
+from dist_train.model.hf import HFCausalLM, HFSeq2SeqLM
 
 
 def build_model(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
     """Our Transformer, or the HF architecture named by cfg.hf_config. `zero3_config` (a ZeRO-3 DeepSpeed
     config) makes transformers build an HF model partitioned; our Transformer is partitioned by building it
     inside `deepspeed.zero.Init` (see trainer.build_partitioned_model)."""
-    return HFCausalLM(cfg, zero3_config) if cfg.hf_config else Transformer(cfg)
+    if cfg.hf_config:
+        return HFCausalLM(cfg, zero3_config) if cfg.arch == "decoder" else HFSeq2SeqLM(cfg, zero3_config)
+    return Transformer(cfg) if cfg.arch == "decoder" else EncoderDecoder(cfg)
 
 
 def model_vocab_size(cfg: Config) -> tuple[int, str]:
