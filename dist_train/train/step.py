@@ -13,9 +13,10 @@ import torch
 from dist_train import distributed
 from dist_train.checkpoint.layout import TrainState
 from dist_train.config import Config
-from dist_train.data.loader import TokenLoader
+from dist_train.data.build import Loader, build_loader
 from dist_train.data.prefetch import Prefetcher
 from dist_train.distributed.environment import ProcessPlace
+from dist_train.model.build import model_vocab_size
 from dist_train.train.optim import Skippable
 from dist_train.train.signals import StopRequest
 
@@ -40,15 +41,17 @@ class StepResult:
     """Learning rate the step used."""
 
 
-def train_step(engine: Any, optimizer: Skippable, data: TokenLoader | Prefetcher, accum: int,
+def train_step(engine: Any, optimizer: Skippable, data: Loader | Prefetcher, accum: int,
                device: torch.device, stop: StopRequest, measure_grad_norm: bool = False) -> StepResult:
     """One optimizer step: `accum` micro-batches, then the update (skipped on every rank if any rank saw a
     non-finite loss). One all-reduce carries the loss, the bad-loss flag and the stop flag; the gradient norm
     is read to the host only when `measure_grad_norm` (a log step)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
     for micro in range(accum):
-        inputs, targets = data.next_batch()
-        loss = engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+        # A batch is the model's positional inputs, labels last: (inputs, targets) for the decoder, (encoder
+        # input, decoder input, labels) for the encoder-decoder.
+        batch = data.next_batch()
+        loss = engine(*(t.to(device, non_blocking=True) for t in batch))
         loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
         engine.backward(loss)
         if micro == accum - 1:
@@ -95,15 +98,12 @@ def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) ->
 
 @torch.no_grad()
 def validation_loss(engine: Any, cfg: Config, place: ProcessPlace, device: torch.device) -> float:
-    """Mean loss over the first train.eval_steps validation batches (the same batches every time). The sum stays
-    on the device until the end: one host sync per evaluation, not one per batch."""
-    val_data = TokenLoader(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
-                           place.rank, place.world_size, cfg.train.seed)
+    """Mean loss over the first train.eval_steps validation batches (the same batches every time)."""
+    val_data = build_loader(cfg, "val", place.rank, place.world_size, model_vocab_size(cfg)[0])
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(cfg.train.eval_steps):
-        inputs, targets = val_data.next_batch()
-        total += engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)).double()
+        total += engine(*(t.to(device) for t in val_data.next_batch())).float().item()
     engine.train()
     return distributed.mean_over_ranks(total.item() / cfg.train.eval_steps)
 

@@ -23,13 +23,14 @@ from dist_train.checkpoint.rng import seed_rank_streams
 from dist_train.checkpoint.save import Checkpointer
 from dist_train.checkpoint.shared_folder import check_shared_run_dir
 from dist_train.config import Config
-from dist_train.data.loader import TokenLoader
+from dist_train.data.build import Loader, build_loader
 from dist_train.data.prefetch import Prefetcher
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.process_group import configure_matmul_precision
 from dist_train.distributed.rank0 import Rank0
 from dist_train.engine.build import build_partitioned_model
 from dist_train.engine.ds_config import deepspeed_config
+from dist_train.model.build import model_vocab_size
 from dist_train.model.count import flops_per_token
 from dist_train.monitor.memory import window_memory_gib
 from dist_train.monitor.metrics import MetricsLogger, build_logger
@@ -109,7 +110,7 @@ class Run:
     device: torch.device
     engine: Any
     optimizer: Skippable
-    train_data: TokenLoader | Prefetcher
+    train_data: Loader | Prefetcher
     checkpointer: Checkpointer
     logger: MetricsLogger
     forward_timer: ForwardTimer
@@ -151,8 +152,7 @@ class Run:
             engine.compile()
         t = cfg.train
         seed_rank_streams(t.seed, 0, place.rank)  # each rank its own dropout masks; a resume restores or reseeds
-        train_data = TokenLoader(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size,
-                                 place.rank, place.world_size, t.seed)
+        train_data = build_loader(cfg, "train", place.rank, place.world_size, model_vocab_size(cfg)[0])
         checkpointer = Checkpointer(run_dir, cfg, engine, place)
         state = TrainState()
         if plan is not None:
@@ -169,7 +169,8 @@ class Run:
                    forward_timer=ForwardTimer(engine.module, device),  # each rank's own speed: stragglers show
                    state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
                    clock=WallClock(state.wall_s), window=StepWindow(),
-                   flops_per_step=flops_per_token(cfg.model) * ds_config["train_batch_size"] * cfg.model.seq_len,
+                   flops_per_step=flops_per_token(cfg.model, cfg.data.noise_density, cfg.data.mean_noise_span_length)
+                   * ds_config["train_batch_size"] * cfg.model.seq_len,
                    peak_flops=peak_flops(device, math_mode(cfg.precision)))
 
     @property
