@@ -98,3 +98,48 @@ def test_a_layout_no_seq2seq_class_computes_is_refused():
         family(config("model.norm_position=post").model)  # post-norm T5: transformers has none
     with pytest.raises(ConfigError, match="norm_position=post has no decoder-only"):
         family(config("model.arch=decoder", "model.pos=rope", "model.norm_position=post").model)
+
+
+def saved_bytes(model, *inputs) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("options", [
+    ("model.pos=rope", "model.n_kv_heads=2", "model.layerscale_init=0.1"),
+    (*BART_LAYOUT,),
+    (*T5_LAYOUT, "model.mlp=geglu"),
+], ids=["rope-gqa-layerscale", "bart", "t5"])
+def test_activation_estimate_equals_the_bytes_autograd_saves(options, precision):
+    from dist_train.data.span_corruption import span_lengths
+    from dist_train.scaling.memory import activation_bytes
+
+    m = config(*options, "model.attention=sdpa", "model.d_model=64", "model.d_ff=160").model
+    lengths, batch = span_lengths(m.seq_len, 0.15, 3.0), 3
+    p = 4 if precision == "fp32" else 2
+    model = EncoderDecoder(m).to(torch.float32 if precision == "fp32" else torch.bfloat16).train()
+    encoder_ids = torch.randint(0, 2048, (batch, lengths.encoder))
+    decoder_ids = torch.randint(0, 2048, (batch, lengths.decoder))
+    measured = saved_bytes(model, encoder_ids, decoder_ids, decoder_ids)
+    loss_transient = batch * lengths.decoder * (p + 4) * m.vocab_size  # freed before the backward: not saved
+    estimated = activation_bytes(m, precision, batch, checkpointing=False) - loss_transient
+    print(f"{precision}: saved {measured:,} bytes, estimated {estimated:,}")
+    if m.pos != "relative":
+        assert estimated == pytest.approx(measured, rel=0.005)
+    else:
+        # The estimate follows the GPU's memory-efficient kernel, which takes the bias's gradient itself; torch's
+        # CPU kernel falls back to the math path for that and also keeps the (B, nh, T, T) probabilities (in
+        # bf16 more: fp32 copies of them too).
+        probabilities = batch * p * m.n_heads * m.n_layers * (lengths.encoder ** 2 + lengths.decoder ** 2)
+        assert estimated < measured < estimated + (1 if precision == "fp32" else 3) * probabilities

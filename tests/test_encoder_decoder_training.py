@@ -108,3 +108,26 @@ def test_zero3_checkpoint_exports_evaluates_and_averages(stage_runs, tokenizer_d
     tensors, steps, _ = average_checkpoints([checkpoint(run_dir, STEPS)] * 2)
     assert steps == [STEPS, STEPS]
     assert all(torch.equal(tensors[n], weights.get(n)) for n in weights.unique_names)
+
+
+def test_hf_t5_config_trains_at_zero3_in_bf16_and_exports(shard_dir, tmp_path, tokenizer_dir):
+    """model.hf_config naming a T5 config: AutoModelForSeq2SeqLM built under zero.Init, trained on the same span
+    corruption in bf16, exported as itself."""
+    from transformers import T5Config
+
+    T5Config(vocab_size=2112, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
+             feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
+             decoder_start_token_id=0).save_pretrained(tmp_path / "t5")
+    run_dir = tmp_path / "run"
+    cmd = command(overrides(shard_dir, run_dir, "model.arch=encoder_decoder", f"model.hf_config={tmp_path / 't5'}",
+                            "deepspeed.zero_stage=3", "precision=bf16", "train.lr=3e-3"), nproc=2)
+    assert run(cmd, run_dir / "train.log") == 0, tail(run_dir / "train.log")
+    curve = losses(run_dir)
+    print(f"T5ForConditionalGeneration (hf_config, ZeRO-3, bf16): {curve}")
+    assert curve[STEPS] < curve[1]
+    weights = open_weights(run_dir)
+    hf = AutoModelForSeq2SeqLM.from_pretrained(export(weights, tmp_path / "hf", tokenizer_dir))
+    assert type(hf).__name__ == "T5ForConditionalGeneration"
+    trained = {n: weights.get(n) for n in weights.unique_names}
+    assert torch.equal(hf.state_dict()["encoder.block.1.layer.1.DenseReluDense.wo.weight"],
+                       trained["model.encoder.block.1.layer.1.DenseReluDense.wo.weight"])

@@ -105,7 +105,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> tuple[int, int
     kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
     attn = p * (3 * d + 2 * kv) + 4 * m.n_heads
     # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
-    mlp = p * (d + 4 * f) if m.mlp == "swiglu" else p * (d + 2 * f)
+    mlp = p * (d + 4 * f) if m.mlp in ("swiglu", "geglu") else p * (d + 2 * f)
     layerscale = 2 * p * d if m.layerscale_init is not None else 0
     per_layer = 2 * _norm_saved(m, p) + attn + mlp + layerscale
     # Head: final norm, lm_head input, fp32 log-softmax output, the int64 input ids and labels.
@@ -116,6 +116,8 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> tuple[int, int
 def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpointing: bool) -> int:
     """Peak activation bytes of one micro-batch: what is saved, plus the loss's transient logits (the
     logits in p bytes and their fp32 copy) and, with recomputation, one block's activations at a time."""
+    if m.arch == "encoder_decoder":
+        return _encoder_decoder_activations(m, precision, micro_batch, checkpointing)
     per_layer, head = activation_bytes_per_token(m, precision)
     p = precision_bytes(precision)
     loss_transient = (p + 4) * m.vocab_size
@@ -125,6 +127,31 @@ def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpoin
         per_token = m.n_layers * per_layer + head + loss_transient
     rope_tables = 2 * m.seq_len * m.head_dim * p if m.pos == "rope" else 0
     return micro_batch * m.seq_len * per_token + rope_tables
+
+
+def _encoder_decoder_activations(m: ModelConfig, precision: str, micro_batch: int, checkpointing: bool,
+                                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> int:
+    """The encoder's layers over Le tokens; the decoder's over Ld tokens, each with a cross-attention (its norm,
+    q, output, log-sum-exp per decoder token; k and v per encoder token) reading the encoder output; the head
+    and the loss over Ld tokens; T5's bias tables (1, nh, T, T): the encoder's, and per decoder layer its causal
+    sum with the mask."""
+    from dist_train.data.span_corruption import span_lengths
+
+    lengths = span_lengths(m.seq_len, noise_density, mean_noise_span_length)
+    le, ld = lengths.encoder, lengths.decoder
+    per_layer, head = activation_bytes_per_token(m, precision)
+    p, d = precision_bytes(precision), m.d_model
+    cross = _norm_saved(m, p) + 3 * p * d + 4 * m.n_heads + (p * d if m.layerscale_init is not None else 0)
+    cross_kv = 2 * p * d  # per encoder token and decoder layer: k and v (repeated to n_heads)
+    encoder_layer, decoder_layer = le * per_layer, ld * (per_layer + cross) + le * cross_kv
+    outside = le * (_norm_saved(m, p) + p * d) + ld * (head + (p + 4) * m.vocab_size)  # + the encoder output
+    if checkpointing:  # each block's input, and one decoder block's activations at a time
+        layers = m.n_layers * p * d * (le + ld) + decoder_layer
+    else:
+        layers = m.n_layers * (encoder_layer + decoder_layer)
+    tables = p * m.n_heads * (le * le + m.n_layers * ld * ld) if m.pos == "relative" else 0
+    rope_tables = 2 * 2 * max(le, ld) * m.head_dim * p if m.pos == "rope" else 0
+    return micro_batch * (layers + outside) + tables + rope_tables
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -90,12 +90,18 @@ def check_machine(cfg: Config) -> None:
 
 
 def check_positions(cfg: Config) -> None:
-    """An `hf_config` model has a fixed number of positions; ours has seq_len learned ones or RoPE."""
+    """An `hf_config` model has a fixed number of positions (ours has seq_len learned ones, RoPE or relative
+    ones) and is a causal or a seq2seq LM, which model.arch must name."""
     if cfg.model.hf_config is None:
         return
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(cfg.model.hf_config)
+    seq2seq = bool(getattr(hf, "is_encoder_decoder", False))
+    if seq2seq != (cfg.model.arch == "encoder_decoder"):
+        kind = "an encoder-decoder" if seq2seq else "a decoder-only"
+        raise ConfigError(f"model.hf_config ({cfg.model.hf_config}) is {kind} model ({hf.model_type}) but "
+                          f"model.arch={cfg.model.arch}; set model.arch={'encoder_decoder' if seq2seq else 'decoder'}")
     limit = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
     if limit is not None and cfg.model.seq_len > limit:
         raise ConfigError(f"model.seq_len ({cfg.model.seq_len}) is longer than the model's positions "
