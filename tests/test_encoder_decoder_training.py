@@ -119,6 +119,7 @@ def test_hf_t5_config_trains_at_zero3_in_bf16_and_exports(shard_dir, tmp_path, t
              feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
              decoder_start_token_id=0).save_pretrained(tmp_path / "t5")
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     cmd = command(overrides(shard_dir, run_dir, "model.arch=encoder_decoder", f"model.hf_config={tmp_path / 't5'}",
                             "deepspeed.zero_stage=3", "precision=bf16", "train.lr=3e-3"), nproc=2)
     assert run(cmd, run_dir / "train.log") == 0, tail(run_dir / "train.log")
