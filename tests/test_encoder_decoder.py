@@ -143,3 +143,20 @@ def test_activation_estimate_equals_the_bytes_autograd_saves(options, precision)
         # bf16 more: fp32 copies of them too).
         probabilities = batch * p * m.n_heads * m.n_layers * (lengths.encoder ** 2 + lengths.decoder ** 2)
         assert estimated < measured < estimated + (1 if precision == "fp32" else 3) * probabilities
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_decoder_only_norm_position_moves_the_norm_to_the_embeddings(position):
+    """Post-norm ("Add & Norm"): every block's input, the embeddings too, is normed and nothing after the last
+    block; pre-norm: the embeddings enter raw and the final norm comes last. Same parameters either way."""
+    from dist_train.model.decoder import Transformer
+
+    cfg = config("model.arch=decoder", "model.pos=rope", f"model.norm_position={position}").model
+    model = Transformer(cfg)
+    inputs = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda _, args: inputs.append(args[0].pow(2).mean(-1).sqrt()))
+    model(torch.randint(0, 2048, (2, 16)))
+    normed = [bool(torch.allclose(rms, torch.ones_like(rms), atol=1e-3)) for rms in inputs]
+    assert normed == ([True] * cfg.n_layers if position == "post" else [False] * cfg.n_layers)
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
