@@ -142,7 +142,8 @@ def _encoder_decoder_activations(m: ModelConfig, precision: str, micro_batch: in
     per_layer, head = activation_bytes_per_token(m, precision)
     p, d = precision_bytes(precision), m.d_model
     cross = _norm_saved(m, p) + 3 * p * d + 4 * m.n_heads + (p * d if m.layerscale_init is not None else 0)
-    cross_kv = 2 * p * d  # per encoder token and decoder layer: k and v (repeated to n_heads)
+    kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
+    cross_kv = 2 * p * kv  # per encoder token and decoder layer: k and v, as for self-attention
     encoder_layer, decoder_layer = le * per_layer, ld * (per_layer + cross) + le * cross_kv
     outside = le * (_norm_saved(m, p) + p * d) + ld * (head + (p + 4) * m.vocab_size)  # + the encoder output
     if checkpointing:  # each block's input, and one decoder block's activations at a time
