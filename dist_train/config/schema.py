@@ -25,8 +25,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    arch: Literal["decoder", "encoder_decoder"] = "decoder"
+    """`decoder`: a causal LM trained on next-token prediction; `encoder_decoder`: an encoder (bidirectional) and a
+    decoder (causal, with cross-attention to the encoder) trained on T5 span corruption (data.noise_density)."""
     n_layers: int = 4
-    """Number of Transformer blocks; range > 0."""
+    """Number of Transformer blocks (for encoder_decoder: of each of the encoder and the decoder); range > 0."""
     d_model: int = 128
     """Width of the residual stream; range > 0."""
     n_heads: int = 4
@@ -41,10 +44,14 @@ class ModelConfig:
     """Tokens per training sequence (and the number of learned positions); range > 0."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer."""
-    pos: Literal["rope", "learned"] = "rope"
-    """Position encoding: rotary (Llama) or a learned table (GPT-2)."""
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    """MLP kind: gated SiLU (Llama) or GELU (GPT-2)."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """`pre`: x + f(norm(x)) with a final norm (GPT-2, Llama, T5); `post`: norm(x + f(x)), the original "Add &
+    Norm" (Vaswani et al., BART), with the norm moved from the end to the embeddings. Post needs lr warmup."""
+    pos: Literal["rope", "learned", "relative"] = "rope"
+    """Position encoding: rotary (Llama), a learned table (GPT-2, BART) or T5's bucketed relative attention bias
+    (encoder_decoder only)."""
+    mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
+    """MLP kind: gated SiLU (Llama), gated GELU (T5 v1.1) or GELU (GPT-2)."""
     bias: bool = False
     """Biases in linear layers and norms."""
     tie_embeddings: bool = False
@@ -67,7 +74,8 @@ class ModelConfig:
     """Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers); range > 0."""
     hf_config: str | None = None
     """Path to a `transformers` config (folder or config.json): train that architecture instead (built with
-    `AutoModelForCausalLM.from_config`, no download). The shape fields above are then ignored."""
+    `AutoModelForCausalLM.from_config`, or `AutoModelForSeq2SeqLM` for model.arch=encoder_decoder; no download).
+    The shape fields above are then ignored."""
 
     @property
     def kv_heads(self) -> int:
@@ -95,6 +103,11 @@ class DataConfig:
     num_workers: int = 0
     """Read training batches ahead in a background thread, 2 per worker (0 reads them in the training loop);
     range >= 0."""
+    noise_density: float = 0.15
+    """model.arch=encoder_decoder: fraction of each window's tokens masked by span corruption (T5); range in
+    (0, 1)."""
+    mean_noise_span_length: float = 3.0
+    """model.arch=encoder_decoder: mean length of a masked span, in tokens (T5); range >= 1."""
 
     def weighted_paths(self) -> list[tuple[str, float]]:
         if self.sources:
@@ -251,9 +264,11 @@ class Config:
     def model_hash(self) -> str:
         """Hash of what a checkpoint's tensors depend on: a resume with another hash is refused."""
         shape = {k: v for k, v in dataclasses.asdict(self.model).items() if k in SHAPE_KEYS}
+        if shape["arch"] == "decoder":
+            del shape["arch"]  # checkpoints written before model.arch existed keep their hash
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Model fields that change tensor shapes or the parameter set: changing one breaks a resume.
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "norm", "pos", "mlp",
+SHAPE_KEYS = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "norm", "pos", "mlp",
               "bias", "tie_embeddings", "layerscale_init", "hf_config")

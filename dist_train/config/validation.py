@@ -55,6 +55,7 @@ RANGES: dict[str, Range] = {
     "model.seq_len": POSITIVE, "model.dropout": FRACTION, "model.layerscale_init": POSITIVE,
     "model.norm_eps": POSITIVE, "model.rope_theta": POSITIVE, "model.init_std": POSITIVE,
     "data.sources.weight": POSITIVE, "data.num_workers": NON_NEGATIVE,
+    "data.noise_density": Range(0, 1, low_open=True, high_open=True), "data.mean_noise_span_length": Range(1),
     "train.max_steps": POSITIVE, "train.micro_batch_size": POSITIVE, "train.grad_accum_steps": POSITIVE,
     "train.global_batch_size": POSITIVE, "train.lr": POSITIVE, "train.min_lr": NON_NEGATIVE,
     "train.warmup_steps": NON_NEGATIVE, "train.decay_fraction": Range(0, 1, low_open=True),
@@ -107,6 +108,9 @@ def _validate_model(m: ModelConfig) -> None:
                  f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
                  f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}",
                  "model.n_heads", "model.n_kv_heads")
+    if m.pos == "relative":
+        _require(m.arch == "encoder_decoder", "model.pos=relative (T5's relative attention bias) is built for "
+                 "model.arch=encoder_decoder only; use pos=rope or pos=learned", "model.pos")
     if m.pos == "rope":
         _require(m.head_dim % 2 == 0, f"model.pos=rope needs an even head dimension, got "
                                       f"d_model/n_heads = {m.head_dim}", "model.pos", "model.d_model",
@@ -144,6 +148,10 @@ def _validate_parallel(cfg: Config) -> None:
              f"parallel.tensor={p.tensor} with parallel.sequence={p.sequence}: DeepSpeed 0.19's AutoTP engine "
              f"replaces the sequence-parallel groups with its own, so the two cannot be combined; use one of "
              f"them (parallel.tensor=1 or parallel.sequence=1)", "parallel.tensor", "parallel.sequence")
+    _require(m.arch == "decoder" or (p.tensor == 1 and p.sequence == 1),
+             f"model.arch=encoder_decoder with parallel.tensor={p.tensor}, parallel.sequence={p.sequence}: tensor "
+             f"and sequence parallelism are built for the decoder-only model; use ZeRO-3 for a large "
+             f"encoder-decoder (parallel.tensor=1 parallel.sequence=1)", "parallel.tensor", "parallel.sequence")
     if m.hf_config is None:  # an hf_config model's heads are checked with its config (train.preflight)
         check_parallel_heads(p, m.n_heads, m.kv_heads, "model.n_heads, model.n_kv_heads")
     _require(m.seq_len % p.sequence == 0,

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from dist_train.data.loader import TokenLoader
+from dist_train.data.build import Loader
 
 
 class Prefetcher:
-    """Wraps a TokenLoader (already positioned) with `depth` batches read ahead by one thread."""
+    """Wraps a loader (TokenLoader or SpanCorruptionLoader, already positioned) with `depth` batches read ahead
+    by one thread."""
 
-    def __init__(self, loader: TokenLoader, depth: int, pin_memory: bool = False):
+    def __init__(self, loader: Loader, depth: int, pin_memory: bool = False):
         self.loader = loader
         self.pin_memory = pin_memory
         self._state = loader.state_dict()
@@ -28,20 +29,20 @@ class Prefetcher:
     def _read_ahead(self) -> None:
         while True:
             try:
-                inputs, targets = self.loader.next_batch()
+                batch = self.loader.next_batch()
                 if self.pin_memory:  # page-locked host memory: the copy to the GPU can overlap compute
-                    inputs, targets = inputs.pin_memory(), targets.pin_memory()
-                self._queue.put((inputs, targets, self.loader.state_dict()))
+                    batch = tuple(t.pin_memory() for t in batch)
+                self._queue.put((batch, self.loader.state_dict()))
             except BaseException as e:  # hand any failure (a damaged shard) to the training loop
                 self._queue.put(e)
                 return
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        inputs, targets, self._state = item
-        return inputs, targets
+        batch, self._state = item
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return self._state

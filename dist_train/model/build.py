@@ -7,13 +7,25 @@ from typing import Any
 
 from torch import nn
 
-from dist_train.config import ModelConfig
+from dist_train.config import Config, ModelConfig
 from dist_train.model.decoder import Transformer
-from dist_train.model.hf import HFCausalLM
+from dist_train.model.encoder_decoder import EncoderDecoder
+from dist_train.model.hf import HFCausalLM, HFSeq2SeqLM
 
 
 def build_model(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
     """Our Transformer, or the HF architecture named by cfg.hf_config. `zero3_config` (a ZeRO-3 DeepSpeed
     config) makes transformers build an HF model partitioned; our Transformer is partitioned by building it
     inside `deepspeed.zero.Init` (see trainer.build_partitioned_model)."""
-    return HFCausalLM(cfg, zero3_config) if cfg.hf_config else Transformer(cfg)
+    if cfg.hf_config:
+        return HFCausalLM(cfg, zero3_config) if cfg.arch == "decoder" else HFSeq2SeqLM(cfg, zero3_config)
+    return Transformer(cfg) if cfg.arch == "decoder" else EncoderDecoder(cfg)
+
+
+def model_vocab_size(cfg: Config) -> tuple[int, str]:
+    """Rows of the embedding table and the key that sets them (an `hf_config` model brings its own)."""
+    if cfg.model.hf_config is None:
+        return cfg.model.vocab_size, "model.vocab_size"
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model.hf_config).vocab_size, f"vocab_size in {cfg.model.hf_config}"

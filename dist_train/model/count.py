@@ -5,6 +5,12 @@ models for every option combination). FLOPs per token follow PaLM (Chowdhery et 
 6·N for the matmuls of the forward and backward pass plus 12·n_layers·d_model·seq_len for attention
 scores and their weighted sum, where N is every parameter except the input embedding tables (a lookup
 costs no FLOPs; the output head, tied or not, is a real matmul and counts).
+
+Encoder-decoders (model.arch=encoder_decoder) are counted per example of Le encoder and Ld decoder tokens (the
+span-corruption lengths, `dist_train.data.span_corruption`): 6 x (encoder parameters x Le + decoder parameters x
+Ld + cross-attention key/value projections x Le + head x Ld) + 12·n_layers·d_model·(Le² + Ld² + Ld·Le) for the
+scores of the encoder's, the decoder's and the cross attention; "per token" divides by seq_len, the training
+tokens the trainer counts per example.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 
 from dist_train.config import ModelConfig
+from dist_train.model.blocks import RelativePositionBias
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,27 @@ def _norm_params(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if cfg.bias else 1)
 
 
+def _attention_params(cfg: ModelConfig) -> int:
+    d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    return 2 * d * d + 2 * d * kv_dim + (2 * d + 2 * kv_dim if cfg.bias else 0)  # q, o + k, v
+
+
+def _cross_kv_params(cfg: ModelConfig) -> int:
+    """The k and v projections of a cross-attention: they run over the encoder's tokens."""
+    kv_dim = cfg.kv_heads * cfg.head_dim
+    return 2 * cfg.d_model * kv_dim + (2 * kv_dim if cfg.bias else 0)
+
+
+def _cross_params(cfg: ModelConfig) -> int:
+    """What a decoder block of an encoder-decoder adds: cross-attention, its norm and LayerScale."""
+    layerscale = cfg.d_model if cfg.layerscale_init is not None else 0
+    return _attention_params(cfg) + _norm_params(cfg) + layerscale
+
+
 def _block_params(cfg: ModelConfig) -> int:
-    d, kv_dim, f = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.d_ff
-    attn = 2 * d * d + 2 * d * kv_dim + (2 * d + 2 * kv_dim if cfg.bias else 0)  # q, o + k, v
-    if cfg.mlp == "swiglu":
+    d, f = cfg.d_model, cfg.d_ff
+    attn = _attention_params(cfg)
+    if cfg.mlp in ("swiglu", "geglu"):
         mlp = 3 * d * f + (2 * f + d if cfg.bias else 0)  # gate, up, down
     else:
         mlp = 2 * d * f + (f + d if cfg.bias else 0)  # up, down
@@ -51,6 +75,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     """Exact count from the config alone (for `hf_config` models: built on the meta device, no memory)."""
     if cfg.hf_config:
         return _count_hf(cfg)
+    if cfg.arch == "encoder_decoder":
+        return _count_encoder_decoder(cfg)
     token_emb = cfg.vocab_size * cfg.d_model
     embedding = token_emb + (cfg.seq_len * cfg.d_model if cfg.pos == "learned" else 0)
     head = 0 if cfg.tie_embeddings else token_emb
@@ -59,11 +85,23 @@ def count_params(cfg: ModelConfig) -> ParamCount:
                       flops_params=total - embedding + (token_emb if cfg.tie_embeddings else 0))
 
 
-def _hf_model_on_meta(cfg: ModelConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _count_encoder_decoder(cfg: ModelConfig) -> ParamCount:
+    token_emb = cfg.vocab_size * cfg.d_model
+    embedding = token_emb + (2 * cfg.seq_len * cfg.d_model if cfg.pos == "learned" else 0)  # one table per stack
+    relative = 2 * RelativePositionBias.NUM_BUCKETS * cfg.n_heads if cfg.pos == "relative" else 0  # a lookup
+    head = 0 if cfg.tie_embeddings else token_emb
+    blocks = cfg.n_layers * (2 * _block_params(cfg) + _cross_params(cfg))
+    total = embedding + relative + blocks + 2 * _norm_params(cfg) + head
+    return ParamCount(total=total, embedding=embedding, non_embedding=total - embedding,
+                      flops_params=total - embedding - relative + (token_emb if cfg.tie_embeddings else 0))
 
+
+def _hf_model_on_meta(cfg: ModelConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForCausalLM if cfg.arch == "decoder" else AutoModelForSeq2SeqLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.hf_config))
+        return auto.from_config(AutoConfig.from_pretrained(cfg.hf_config))
 
 
 def _count_hf(cfg: ModelConfig) -> ParamCount:
@@ -86,10 +124,37 @@ def attention_shape(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.n_layers, cfg.d_model
 
 
-def flops_per_token(cfg: ModelConfig) -> int:
-    """Training FLOPs per token (forward + backward): 6·N + 12·n_layers·d_model·seq_len (PaLM, app. B)."""
+def flops_per_token(cfg: ModelConfig, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> int:
+    """Training FLOPs per token (forward + backward): 6·N + 12·n_layers·d_model·seq_len (PaLM, app. B); for an
+    encoder-decoder per example over seq_len (module doc), the span lengths from the data.* corruption settings."""
     n_layers, d_model = attention_shape(cfg)
-    return 6 * count_params(cfg).flops_params + 12 * n_layers * d_model * cfg.seq_len
+    if cfg.arch == "decoder":
+        return 6 * count_params(cfg).flops_params + 12 * n_layers * d_model * cfg.seq_len
+    from dist_train.data.span_corruption import span_lengths
+
+    lengths = span_lengths(cfg.seq_len, noise_density, mean_noise_span_length)
+    le, ld = lengths.encoder, lengths.decoder
+    encoder, decoder_on_le, decoder_on_ld = _seq2seq_flops_params(cfg)
+    per_example = (6 * (encoder * le + decoder_on_le * le + decoder_on_ld * ld)
+                   + 12 * n_layers * d_model * (le * le + ld * ld + ld * le))
+    return round(per_example / cfg.seq_len)
+
+
+def _seq2seq_flops_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Matmul parameters applied per encoder token, per encoder token in the decoder (cross-attention keys and
+    values), and per decoder token (with the head)."""
+    if cfg.hf_config:
+        model = _hf_model_on_meta(cfg)
+        lookups = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        encoder_ids = {id(p) for p in model.get_encoder().parameters()}
+        encoder = sum(p.numel() for p in model.get_encoder().parameters() if id(p) not in lookups)
+        rest = sum(p.numel() for p in model.parameters() if id(p) not in encoder_ids and id(p) not in lookups)
+        return encoder, 0, rest + model.get_output_embeddings().weight.numel() * (
+            model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    encoder = cfg.n_layers * _block_params(cfg) + _norm_params(cfg)
+    cross_kv = cfg.n_layers * _cross_kv_params(cfg)
+    decoder = count_params(cfg).flops_params - encoder - cross_kv
+    return encoder, cross_kv, decoder
 
 
 def run_flops(cfg: ModelConfig, tokens: int) -> int:

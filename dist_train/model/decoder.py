@@ -13,6 +13,7 @@ that the HF export is a pure renaming (plus a transposition / q,k,v concatenatio
     blocks.{i}.mlp.{gate,up,down}_proj  ...mlp.{gate,up,down}_proj       | ...mlp.c_fc (up), mlp.c_proj (down)
     blocks.{i}.{attn,mlp}_scale.gamma   (LayerScale: folded into o_proj / down_proj rows on export)
     norm_f.*                            model.norm                       | transformer.ln_f
+                                        (model.norm_position=post: the norm of the embeddings, not exported)
     lm_head.weight                      lm_head.weight                   | lm_head.weight (tied to wte)
 
 Labels convention (both `Transformer` and the HF adapter): `labels[b, t]` is the target for position t,
@@ -21,7 +22,6 @@ i.e. the loader already shifted them (nanoGPT's x, y); -100 is ignored.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,8 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_train.config import ModelConfig
-from dist_train.distributed.process_group import gathered_for_init
-from dist_train.model.blocks import Block, RotaryEmbedding, make_norm
+from dist_train.model.blocks import Block, RotaryEmbedding, init_weights, make_norm
 from dist_train.model.loss import IGNORE_INDEX, lm_loss
 
 if TYPE_CHECKING:
@@ -53,24 +52,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.sequence_parallel: SequenceParallel | None = None
         """Set by `model.sequence_parallel.enable`: this rank holds one slice of each sequence."""
-        self.apply(self._init_weights)
+        self.apply(lambda module: init_weights(module, cfg))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 / Llama init: N(0, init_std); the projections that write into the residual stream are
-        # scaled by 1/sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2 paper).
-        # Built under ZeRO-3's zero.Init, each module's weights are already partitioned here: gather them.
-        with gathered_for_init(list(module.parameters(recurse=False))):
-            if isinstance(module, nn.Linear):
-                std = self.cfg.init_std
-                if getattr(module, "is_residual_out", False):
-                    std /= math.sqrt(2 * self.cfg.n_layers)
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]  # under sequence parallelism: this rank's slice, which starts at `start`
@@ -81,6 +65,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens is longer than the {self.cfg.seq_len} learned "
                                  f"positions (model.seq_len)")
             x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))  # (B, T, C)
+        if self.cfg.norm_position == "post":
+            x = self.norm_f(x)  # post-norm: every block ends normed, the embeddings are normed on the way in
         x = self.emb_dropout(x)
         rope = None
         if self.rotary is not None:
@@ -90,7 +76,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             # Recompute keeps only each block's input for the backward pass instead of all its activations.
             x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if self.cfg.norm_position == "pre":
+            x = self.norm_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
         if labels is None:
             return logits
         return self.sequence_parallel.loss(logits, labels) if self.sequence_parallel else lm_loss(logits, labels)

@@ -1,5 +1,6 @@
-"""A transformers causal LM (`model.hf_config`) behind the same interface as our Transformer: `model(ids, labels)`
-returns the loss.
+"""A transformers model (`model.hf_config`) behind the same interface as ours: a causal LM as `model(ids, labels)`
+(like `Transformer`), a seq2seq LM (T5, BART; model.arch=encoder_decoder) as `model(encoder_ids, decoder_ids,
+labels)` (like `EncoderDecoder`); both return the loss.
 """
 
 from __future__ import annotations
@@ -13,6 +14,37 @@ from dist_train.config import ModelConfig
 from dist_train.model.loss import lm_loss
 
 
+def _read_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.hf_config)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.hf_config: cannot read a transformers config from {cfg.hf_config}: {e}; "
+                         f"pass a folder holding config.json or the path of a config.json") from e
+
+
+def _build(auto_class: Any, hf_cfg: Any, cfg: ModelConfig, zero3_config: dict[str, Any] | None) -> nn.Module:
+    """`auto_class.from_config`, partitioned under a ZeRO-3 config, with gradient checkpointing if asked."""
+    # transformers looks for a live HfDeepSpeedConfig through a global weak reference; alive only while this
+    # model is built, or every later from_config (the meta-device FLOP count) would be partitioned too.
+    zero3_marker = None
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_marker = HfDeepSpeedConfig(zero3_config)
+    model = auto_class.from_config(hf_cfg)
+    del zero3_marker
+    if cfg.grad_checkpointing:
+        # transformers 5 renamed gradient_checkpointing_enable (a deprecated alias until v6).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 class HFCausalLM(nn.Module):
     """Any `transformers` causal LM behind our forward signature (labels already shifted, see module doc).
 
@@ -21,31 +53,11 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, zero3_config: dict[str, Any] | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        try:
-            hf_cfg = AutoConfig.from_pretrained(cfg.hf_config)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"model.hf_config: cannot read a transformers config from {cfg.hf_config}: {e}; "
-                             f"pass a folder holding config.json or the path of a config.json") from e
-        # transformers looks for a live HfDeepSpeedConfig through a global weak reference; alive only while this
-        # model is built, or every later from_config (the meta-device FLOP count) would be partitioned too.
-        zero3_marker = None
-        if zero3_config is not None:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            zero3_marker = HfDeepSpeedConfig(zero3_config)
-        self.model = AutoModelForCausalLM.from_config(hf_cfg)
+        self.model = _build(AutoModelForCausalLM, _read_config(cfg), cfg, zero3_config)
         self.sequence_parallel: Any = None
         """Set by `model.sequence_parallel.enable_hf`: this rank holds one slice of each sequence."""
-        del zero3_marker
-        if cfg.grad_checkpointing:
-            # transformers 5 renamed gradient_checkpointing_enable (a deprecated alias until v6).
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.sequence_parallel is None:
@@ -57,3 +69,23 @@ class HFCausalLM(nn.Module):
         positions = torch.arange(start, start + T, device=input_ids.device).expand(input_ids.shape[0], T)
         logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits  # (B, T, V)
         return logits if labels is None else self.sequence_parallel.loss(logits, labels)
+
+
+class HFSeq2SeqLM(nn.Module):
+    """Any `transformers` seq2seq LM (T5, BART, ...) behind `EncoderDecoder`'s forward signature: the decoder
+    input is given (the span-corruption loader shifts the labels itself), so the model's own shift is unused."""
+
+    def __init__(self, cfg: ModelConfig, zero3_config: dict[str, Any] | None = None):
+        super().__init__()
+        from transformers import AutoModelForSeq2SeqLM
+
+        hf_cfg = _read_config(cfg)
+        if not getattr(hf_cfg, "is_encoder_decoder", False):
+            raise ValueError(f"model.hf_config: {cfg.hf_config} is not an encoder-decoder config; use "
+                             f"model.arch=decoder for a causal LM")
+        self.model = _build(AutoModelForSeq2SeqLM, hf_cfg, cfg, zero3_config)
+
+    def forward(self, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model(input_ids=encoder_ids, decoder_input_ids=decoder_ids, use_cache=False).logits
+        return logits if labels is None else lm_loss(logits, labels)  # logits (B, Td, V)

@@ -56,7 +56,7 @@ def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
 def count_report(cfg: Config, tokens: int | None) -> dict[str, Any]:
     m = cfg.model
     pc = count_params(m)
-    per_token = flops_per_token(m)
+    per_token = flops_per_token(m, cfg.data.noise_density, cfg.data.mean_noise_span_length)
     return {"total": pc.total, "embedding": pc.embedding, "non_embedding": pc.non_embedding,
             "flops_params": pc.flops_params, "seq_len": m.seq_len, "flops_per_token": per_token,
             "tokens": tokens, "run_flops": per_token * tokens if tokens else None}

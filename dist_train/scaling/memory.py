@@ -111,7 +111,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int = 1,
     kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
     attn = p * d + p * (2 * d + 2 * kv) // t + 4 * m.n_heads // t + (p * d // t if sequence > 1 else 0)
     # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
-    mlp = p * (d + 4 * f // t) if m.mlp == "swiglu" else p * (d + 2 * f // t)
+    mlp = p * (d + 4 * f // t) if m.mlp in ("swiglu", "geglu") else p * (d + 2 * f // t)
     layerscale = 2 * p * d if m.layerscale_init is not None else 0
     per_layer = 2 * _norm_saved(m, p) + attn + mlp + layerscale
     # Head: final norm, lm_head input, fp32 log-softmax output, the int64 input ids and labels.
@@ -126,6 +126,8 @@ def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpoin
     A sequence-parallel rank holds seq_len/`sequence` tokens (Ulysses' attention over the whole sequence with
     heads/`sequence` saves as much as over the slice with all heads); a tensor-parallel rank holds all tokens
     with a share of the heads and MLP features."""
+    if m.arch == "encoder_decoder":  # tensor / sequence parallelism are refused for it (config validation)
+        return _encoder_decoder_activations(m, precision, micro_batch, checkpointing)
     per_layer, head = activation_bytes_per_token(m, precision, tensor, sequence)
     tokens = m.seq_len // sequence
     p = precision_bytes(precision)
@@ -136,6 +138,32 @@ def activation_bytes(m: ModelConfig, precision: str, micro_batch: int, checkpoin
         per_token = m.n_layers * per_layer + head + loss_transient
     rope_tables = 2 * tokens * m.head_dim * p if m.pos == "rope" else 0
     return micro_batch * tokens * per_token + rope_tables
+
+
+def _encoder_decoder_activations(m: ModelConfig, precision: str, micro_batch: int, checkpointing: bool,
+                                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> int:
+    """The encoder's layers over Le tokens; the decoder's over Ld tokens, each with a cross-attention (its norm,
+    q, output, log-sum-exp per decoder token; k and v per encoder token) reading the encoder output; the head
+    and the loss over Ld tokens; T5's bias tables (1, nh, T, T): the encoder's, and per decoder layer its causal
+    sum with the mask."""
+    from dist_train.data.span_corruption import span_lengths
+
+    lengths = span_lengths(m.seq_len, noise_density, mean_noise_span_length)
+    le, ld = lengths.encoder, lengths.decoder
+    per_layer, head = activation_bytes_per_token(m, precision)
+    p, d = precision_bytes(precision), m.d_model
+    cross = _norm_saved(m, p) + 3 * p * d + 4 * m.n_heads + (p * d if m.layerscale_init is not None else 0)
+    kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
+    cross_kv = 2 * p * kv  # per encoder token and decoder layer: k and v, as for self-attention
+    encoder_layer, decoder_layer = le * per_layer, ld * (per_layer + cross) + le * cross_kv
+    outside = le * (_norm_saved(m, p) + p * d) + ld * (head + (p + 4) * m.vocab_size)  # + the encoder output
+    if checkpointing:  # each block's input, and one decoder block's activations at a time
+        layers = m.n_layers * p * d * (le + ld) + decoder_layer
+    else:
+        layers = m.n_layers * (encoder_layer + decoder_layer)
+    tables = p * m.n_heads * (le * le + m.n_layers * ld * ld) if m.pos == "relative" else 0
+    rope_tables = 2 * 2 * max(le, ld) * m.head_dim * p if m.pos == "rope" else 0
+    return micro_batch * (layers + outside) + tables + rope_tables
 
 
 # ---------------------------------------------------------------------------------------------------------

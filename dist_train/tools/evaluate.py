@@ -12,11 +12,18 @@ cross-entropy in nats over all their positions, the perplexity exp(loss). The un
 token with its frequency in the training split (add-one smoothed over the model's vocabulary, counted over the
 first --unigram-tokens tokens of each source and mixed by the sources' weights): a model whose loss is not well
 below it has learned nothing about context.
+
+Encoder-decoders (model.arch=encoder_decoder) are evaluated on the same span corruption as in training
+(`dist_train.data.span_corruption`, the val split's examples), the loss over the labels. Their unigram baseline
+is the unigram model of the targets: of the Ld label positions of an example, one is each of the `spans`
+sentinels, one is EOS and `noise` are masked corpus tokens, so it predicts sentinel k and EOS with 1/Ld each on
+top of (noise/Ld) x the training split's token frequencies.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -28,38 +35,50 @@ import torch
 
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import Config
+from dist_train.data.build import build_loader
 from dist_train.data.loader import TokenLoader
-from dist_train.model.build import build_model
+from dist_train.data.span_corruption import span_lengths
+from dist_train.model.build import build_model, model_vocab_size
 
 
 @dataclass
 class ValData:
-    inputs: torch.Tensor
-    """(N, seq_len) token ids."""
-    targets: torch.Tensor
-    """(N, seq_len) next tokens."""
+    columns: tuple[torch.Tensor, ...]
+    """The model's inputs, labels last: (inputs, targets) (N, seq_len) each, or for an encoder-decoder (encoder
+    input (N, Le), decoder input (N, Ld), labels (N, Ld))."""
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.columns[-1]
+
+
+def _source_examples(cfg: Config, path: str, max_samples: int | None) -> list[tuple[np.ndarray, ...]]:
+    if cfg.model.arch == "decoder":
+        loader = TokenLoader([(path, 1.0)], "val", cfg.model.seq_len, 1, 0, 1, cfg.train.seed)
+        count = loader.num_samples[0] if max_samples is None else min(max_samples, loader.num_samples[0])
+        return [(w[:-1], w[1:]) for w in (loader.window(g) for g in range(count))]
+    single = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path, sources=None))
+    corrupted = build_loader(single, "val", 0, 1, model_vocab_size(cfg)[0], micro_batch_size=1)
+    available = corrupted.windows.num_samples[0]
+    count = available if max_samples is None else min(max_samples, available)
+    return [corrupted.example(g) for g in range(count)]
 
 
 def val_windows(cfg: Config, max_samples: int | None) -> ValData:
     """Every source's validation windows (up to max_samples each), in the loader's order."""
-    windows = []
-    for path, _ in cfg.data.weighted_paths():
-        loader = TokenLoader([(path, 1.0)], "val", cfg.model.seq_len, 1, 0, 1, cfg.train.seed)
-        count = loader.num_samples[0] if max_samples is None else min(max_samples, loader.num_samples[0])
-        windows += [loader.window(g) for g in range(count)]
-    stacked = torch.from_numpy(np.stack(windows))  # (N, seq_len + 1)
-    return ValData(inputs=stacked[:, :-1].contiguous(), targets=stacked[:, 1:].contiguous())
+    examples = [e for path, _ in cfg.data.weighted_paths() for e in _source_examples(cfg, path, max_samples)]
+    return ValData(columns=tuple(torch.from_numpy(np.stack(column)) for column in zip(*examples)))
 
 
 @torch.no_grad()
 def model_loss(weights: Weights, data: ValData, batch_size: int, device: torch.device) -> float:
     """Mean cross-entropy (nats per token) of the weights on the windows."""
     model = weights.load_into(build_model(weights.config.model)).to(device).eval()
-    total = 0.0
-    for start in range(0, len(data.inputs), batch_size):
-        x, y = data.inputs[start:start + batch_size].to(device), data.targets[start:start + batch_size].to(device)
-        total += model(x, y).double().item() * len(x)  # every window has seq_len targets: a per-window mean
-    return total / len(data.inputs)
+    total, count = 0.0, len(data.targets)
+    for start in range(0, count, batch_size):
+        batch = [column[start:start + batch_size].to(device) for column in data.columns]
+        total += model(*batch).double().item() * len(batch[0])  # every example has as many targets: a mean each
+    return total / count
 
 
 def unigram_probs(cfg: Config, max_tokens: int) -> np.ndarray:
@@ -77,6 +96,17 @@ def unigram_probs(cfg: Config, max_tokens: int) -> np.ndarray:
             length = min(chunk, min(stream.num_tokens, max_tokens) - start)
             counts += np.bincount(stream.read(start, length), minlength=vocab)[:vocab]
         probs += weight / total_weight * (counts + 1) / (counts.sum() + vocab)
+    if cfg.model.arch == "encoder_decoder":
+        probs = _targets_unigram(cfg, probs, TokenLoader([(sources[0][0], 1.0)], "train", 1, 1, 0, 1, 0).eos_token_id)
+    return probs
+
+
+def _targets_unigram(cfg: Config, corpus: np.ndarray, eos: int) -> np.ndarray:
+    """The span-corruption targets' unigram model (module doc) from the corpus's token frequencies."""
+    lengths = span_lengths(cfg.model.seq_len, cfg.data.noise_density, cfg.data.mean_noise_span_length)
+    probs = corpus * lengths.noise / lengths.decoder
+    probs[eos] += 1 / lengths.decoder
+    probs[len(probs) - lengths.spans:] += 1 / lengths.decoder  # the sentinels, one of each per example
     return probs
 
 
@@ -108,8 +138,9 @@ def evaluate(sources: list[Weights], max_samples: int | None, batch_size: int, u
         averaged = w.meta.get("averaged_steps")
         label = f"{w.source} (average of steps {averaged})" if averaged else w.source
         rows.append(row(label, model_loss(w, data, batch_size, device), w.meta.get("step")))
-    rows.append(row("unigram (train split)", unigram_loss(unigram_probs(cfg, unigram_tokens), data)))
-    return {"rows": rows, "val_tokens": data.targets.numel(), "val_windows": len(data.inputs)}
+    label = "unigram (train split)" if cfg.model.arch == "decoder" else "unigram of the targets (train split)"
+    rows.append(row(label, unigram_loss(unigram_probs(cfg, unigram_tokens), data)))
+    return {"rows": rows, "val_tokens": data.targets.numel(), "val_windows": len(data.targets)}
 
 
 def main(argv: list[str] | None = None) -> int:

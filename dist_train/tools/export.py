@@ -3,7 +3,9 @@
     python -m dist_train.export --run RUN --out DIR [--step N | --weights DIR] [--dtype fp32|bf16]
 
 rmsnorm + rope + swiglu models become `LlamaForCausalLM`, layernorm + learned positions + gelu ones
-`GPT2LMHeadModel`; a model trained from `model.hf_config` keeps its own architecture. The folder holds
+`GPT2LMHeadModel`; encoder-decoders (model.arch=encoder_decoder) become `T5ForConditionalGeneration` (pre-norm,
+T5 v1.1's layout) or `BartForConditionalGeneration` (post-norm) and load with `AutoModelForSeq2SeqLM`
+(`dist_train.tools.export_seq2seq`); a model trained from `model.hf_config` keeps its own architecture. The folder holds
 `config.json`, `generation_config.json`, safetensors weights (sharded above --max-shard-size, with
 `model.safetensors.index.json`) and the run's tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` both work.
@@ -32,6 +34,7 @@ import torch
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.formats.atomic_file import apply_umask_modes
+from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
 
 LLAMA = ("rmsnorm", "rope", "swiglu")
 GPT2 = ("layernorm", "learned", "gelu")
@@ -39,9 +42,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def family(m: ModelConfig) -> str:
-    """`llama`, `gpt2` or `hf` (a model.hf_config model); refuse a mix that neither HF class computes."""
+    """`llama`, `gpt2`, `t5`, `bart` or `hf` (a model.hf_config model); refuse a mix no HF class computes."""
     if m.hf_config:
         return "hf"
+    if m.arch == "encoder_decoder":
+        return seq2seq_family(m)
+    if m.norm_position == "post":
+        raise ConfigError("model.norm_position=post has no decoder-only transformers class (GPT-2 and Llama are "
+                          "pre-norm): export needs norm_position=pre")
     kind = (m.norm, m.pos, m.mlp)
     if kind == LLAMA:
         return "llama"
@@ -56,11 +64,18 @@ def hf_config(m: ModelConfig, eos_token_id: int | None) -> Any:
 
     if family(m) == "hf":
         cfg = AutoConfig.from_pretrained(m.hf_config)
-        if not cfg.architectures:  # the class the trainer built (AutoModelForCausalLM.from_config), for readers
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if not cfg.architectures:  # the class the trainer built (AutoModelFor...from_config), for readers
+            from transformers.models.auto.modeling_auto import (
+                MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+            )
 
-            cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+            names = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if m.arch == "decoder"
+                     else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+            cfg.architectures = [names[cfg.model_type]]
         return cfg
+    if family(m) in ("t5", "bart"):
+        return seq2seq_config(m, eos_token_id)
     if family(m) == "llama":
         cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                           num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
@@ -265,7 +280,8 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
     from transformers import GenerationConfig
 
     GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-    tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "hf": hf_model_tensors}[kind](w)
+    tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "t5": t5_tensors, "bart": bart_tensors,
+               "hf": hf_model_tensors}[kind](w)
     write_shards(tmp, tensors, max_shard_bytes, DTYPES[dtype])
     (tmp / "dist_train.json").write_text(json.dumps({"source": w.source, **w.meta, "family": kind}, indent=2))
     apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask

@@ -13,7 +13,9 @@ import torch
 
 from dist_train.config import Config, ConfigError, data_parallel_size, resolve_grad_accum
 from dist_train.config.validation import check_parallel_heads
+from dist_train.data.span_corruption import sentinel_room_message, span_lengths
 from dist_train.formats.manifest import read_manifest
+from dist_train.model.build import model_vocab_size
 
 
 def check_data(cfg: Config) -> list[dict[str, Any]]:
@@ -34,6 +36,8 @@ def check_data(cfg: Config) -> list[dict[str, Any]]:
                 f"{key} ({model_vocab}) is smaller than the tokenizer's vocabulary "
                 f"({manifest['vocab_size']}, from {path}/manifest.json); set {key}="
                 f"{_round_up(manifest['vocab_size'], 64)} (rounded up to a multiple of 64)")
+        if cfg.model.arch == "encoder_decoder":
+            check_sentinel_room(cfg, manifest["vocab_size"], model_vocab, key)
         for split in ("train", "val"):
             tokens = manifest["splits"].get(split, {}).get("num_tokens", 0)
             if split == "val" and tokens == 0 and cfg.train.eval_every == 0:
@@ -68,13 +72,12 @@ def check_same_tokenizer(paths: list[tuple[str, float]], manifests: list[dict[st
                 f"--tokenizer {first.get('tokenizer')} ...`", ("data.sources",))
 
 
-def model_vocab_size(cfg: Config) -> tuple[int, str]:
-    """Rows of the embedding table and the key that sets them (an `hf_config` model brings its own)."""
-    if cfg.model.hf_config is None:
-        return cfg.model.vocab_size, "model.vocab_size"
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(cfg.model.hf_config).vocab_size, f"vocab_size in {cfg.model.hf_config}"
+def check_sentinel_room(cfg: Config, tokenizer_vocab: int, model_vocab: int, key: str) -> None:
+    """Span corruption's sentinels take the top ids of the model's vocabulary: none may be a real token."""
+    spans = span_lengths(cfg.model.seq_len, cfg.data.noise_density, cfg.data.mean_noise_span_length).spans
+    if model_vocab - spans < tokenizer_vocab:
+        raise ConfigError(sentinel_room_message(model_vocab, tokenizer_vocab, spans).replace("model.vocab_size", key),
+                          ("model.vocab_size",) if key == "model.vocab_size" else ())
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -88,12 +91,18 @@ def check_machine(cfg: Config) -> None:
 
 
 def check_positions(cfg: Config) -> None:
-    """An `hf_config` model has a fixed number of positions; ours has seq_len learned ones or RoPE."""
+    """An `hf_config` model has a fixed number of positions (ours has seq_len learned ones, RoPE or relative
+    ones) and is a causal or a seq2seq LM, which model.arch must name."""
     if cfg.model.hf_config is None:
         return
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(cfg.model.hf_config)
+    seq2seq = bool(getattr(hf, "is_encoder_decoder", False))
+    if seq2seq != (cfg.model.arch == "encoder_decoder"):
+        kind = "an encoder-decoder" if seq2seq else "a decoder-only"
+        raise ConfigError(f"model.hf_config ({cfg.model.hf_config}) is {kind} model ({hf.model_type}) but "
+                          f"model.arch={cfg.model.arch}; set model.arch={'encoder_decoder' if seq2seq else 'decoder'}")
     limit = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
     if limit is not None and cfg.model.seq_len > limit:
         raise ConfigError(f"model.seq_len ({cfg.model.seq_len}) is longer than the model's positions "

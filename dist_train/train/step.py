@@ -13,14 +13,14 @@ import torch
 from dist_train import distributed
 from dist_train.checkpoint.layout import TrainState
 from dist_train.config import Config
-from dist_train.data.loader import TokenLoader
-from dist_train.data.parallel import SequenceSlices, rank_batches
+from dist_train.data.build import Loader, build_loader
 from dist_train.data.prefetch import Prefetcher
 from dist_train.engine.parallel import ParallelLayout
+from dist_train.model.build import model_vocab_size
 from dist_train.train.optim import Skippable
 from dist_train.train.signals import StopRequest
 
-Batches = TokenLoader | SequenceSlices | Prefetcher
+Batches = Loader | Prefetcher
 """What the training loop reads micro-batches from."""
 
 EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row: requeueing would repeat them
@@ -52,8 +52,10 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
     many shares of its sequences' loss (sequence parallelism)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no host sync per micro-batch
     for micro in range(accum):
-        inputs, targets = data.next_batch()
-        loss = engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+        # A batch is the model's positional inputs, labels last: (inputs, targets) for the decoder, (encoder
+        # input, decoder input, labels) for the encoder-decoder.
+        batch = data.next_batch()
+        loss = engine(*(t.to(device, non_blocking=True) for t in batch))
         loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
         engine.backward(loss)
         if micro == accum - 1:
@@ -104,13 +106,12 @@ def count_bad_step(state: TrainState, result: StepResult, max_bad_steps: int) ->
 def validation_loss(engine: Any, cfg: Config, layout: ParallelLayout, device: torch.device) -> float:
     """Mean loss over the first train.eval_steps validation batches (the same batches every time). The sum stays
     on the device until the end: one host sync per evaluation, not one per batch."""
-    val_data = rank_batches(cfg.data.weighted_paths(), "val", cfg.model.seq_len, cfg.train.micro_batch_size,
-                            cfg.train.seed, layout.data_rank, layout.data, layout.sequence_rank, layout.sequence)
+    val_data = build_loader(cfg, "val", layout.data_rank, layout.data, model_vocab_size(cfg)[0],
+                            sequence_rank=layout.sequence_rank, sequence_size=layout.sequence)
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(cfg.train.eval_steps):
-        inputs, targets = val_data.next_batch()
-        total += engine(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)).double()
+        total += engine(*(t.to(device) for t in val_data.next_batch())).float().item()
     engine.train()
     return distributed.mean_over_ranks(total.item() / cfg.train.eval_steps) * layout.sequence
 

@@ -24,7 +24,7 @@ from dist_train.checkpoint.rng import seed_rank_streams
 from dist_train.checkpoint.save import Checkpointer, SaveFailed
 from dist_train.checkpoint.shared_folder import check_shared_run_dir
 from dist_train.config import Config
-from dist_train.data.parallel import rank_batches
+from dist_train.data.build import build_loader
 from dist_train.data.prefetch import Prefetcher
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.process_group import configure_matmul_precision
@@ -32,6 +32,7 @@ from dist_train.distributed.rank0 import Rank0
 from dist_train.engine.build import build_partitioned_model
 from dist_train.engine.ds_config import deepspeed_config
 from dist_train.engine.parallel import ParallelLayout, set_up_parallel
+from dist_train.model.build import model_vocab_size
 from dist_train.model.count import flops_per_token
 from dist_train.monitor.memory import window_memory_gib
 from dist_train.monitor.metrics import MetricsLogger, build_logger
@@ -184,8 +185,8 @@ class Run:
             engine.compile()
         t = cfg.train
         seed_rank_streams(t.seed, 0, place.rank)  # each rank its own dropout masks; a resume restores or reseeds
-        train_data = rank_batches(cfg.data.weighted_paths(), "train", cfg.model.seq_len, t.micro_batch_size, t.seed,
-                                  layout.data_rank, layout.data, layout.sequence_rank, layout.sequence)
+        train_data = build_loader(cfg, "train", layout.data_rank, layout.data, model_vocab_size(cfg)[0],
+                                  sequence_rank=layout.sequence_rank, sequence_size=layout.sequence)
         checkpointer = Checkpointer(run_dir, cfg, engine, place)
         state = TrainState()
         if plan is not None:
@@ -204,7 +205,8 @@ class Run:
                    forward_timer=ForwardTimer(engine.module, device),  # each rank's own speed: stragglers show
                    state=state, accum=ds_config["gradient_accumulation_steps"], saved_step=state.step,
                    clock=WallClock(state.wall_s), window=StepWindow(),
-                   flops_per_step=flops_per_token(cfg.model) * ds_config["train_batch_size"] * cfg.model.seq_len,
+                   flops_per_step=flops_per_token(cfg.model, cfg.data.noise_density, cfg.data.mean_noise_span_length)
+                   * ds_config["train_batch_size"] * cfg.model.seq_len,
                    peak_flops=peak_flops(device, math_mode(cfg.precision)),
                    spikes=SpikeDetector(t.spike_window, t.spike_margin, t.spike_steps) if t.max_rollbacks else None)
 
