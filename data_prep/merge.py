@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from data_prep.errors import DataPrepError, run_command
-from data_prep.shard import PROGRESS_NAME, TASKS_DIR, differences
+from data_prep.shard import PROGRESS_NAME, TASKS_DIR, differences, print_summary
 from dist_train.formats.manifest import MANIFEST_NAME, SPLITS, check_shards, read_manifest, write_json_atomic
 
 log = logging.getLogger("data_prep.merge")
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     manifest = merge_tasks(args.out, checksums=not args.size_only)
-    summary = {"out": str(Path(args.out).resolve()), "tasks": manifest["prep"]["num_tasks"],
-               **{f"{s}_{k}": (len(v) if k == "shards" else v) for s in SPLITS
-                  for k, v in manifest["splits"][s].items()}}
-    print(json.dumps(summary) if args.json else
-          "\n".join(f"{k:>20}: {v:,}" if isinstance(v, int) else f"{k:>20}: {v}" for k, v in summary.items()))
+    print_summary({"out": str(Path(args.out).resolve()), "tasks": manifest["prep"]["num_tasks"]}, manifest, args.json)
     return 0
 
 

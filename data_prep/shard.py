@@ -324,13 +324,17 @@ def main(argv: list[str] | None = None) -> int:
                             task_id=args.task_id or 0)
     out = Path(args.out).resolve()
     out = out if args.num_tasks is None else out / TASKS_DIR / str(args.task_id)
-    summary = {"out": str(out), "dtype": manifest["dtype"],
-               "vocab_size": manifest["vocab_size"],
-               **{f"{s}_{k}": (len(v) if k == "shards" else v) for s in SPLITS
-                  for k, v in manifest["splits"][s].items()}}
-    print(json.dumps(summary) if args.json else
-          "\n".join(f"{k:>20}: {v:,}" if isinstance(v, int) else f"{k:>20}: {v}" for k, v in summary.items()))
+    print_summary({"out": str(out), "dtype": manifest["dtype"], "vocab_size": manifest["vocab_size"]}, manifest,
+                  args.json)
     return 0
+
+
+def print_summary(head: dict, manifest: dict, as_json: bool) -> None:
+    """What a command made: `head`, then each split's manifest fields (shards counted), as JSON or aligned text."""
+    summary = {**head, **{f"{s}_{k}": (len(v) if k == "shards" else v) for s in SPLITS
+                          for k, v in manifest["splits"][s].items()}}
+    print(json.dumps(summary) if as_json else
+          "\n".join(f"{k:>20}: {v:,}" if isinstance(v, int) else f"{k:>20}: {v}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":
