@@ -187,7 +187,7 @@ def _host_reads(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
     for eval_steps in (2, 4):
         cfg.train.eval_steps = eval_steps
         with HostReads() as seen:
-            validation_loss(run.engine, cfg, run.place, run.device)
+            validation_loss(run.engine, cfg, run.layout, run.device)
         reads[f"eval{eval_steps}"] = seen.count
     run.logger.close()
     run.engine.destroy()

@@ -111,7 +111,7 @@ def validation_loss(engine: Any, cfg: Config, layout: ParallelLayout, device: to
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(cfg.train.eval_steps):
-        total += engine(*(t.to(device) for t in val_data.next_batch())).float().item()
+        total += engine(*(t.to(device, non_blocking=True) for t in val_data.next_batch())).double()
     engine.train()
     return distributed.mean_over_ranks(total.item() / cfg.train.eval_steps) * layout.sequence
 
