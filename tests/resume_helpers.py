@@ -127,6 +127,22 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 300, poll_s: 
         time.sleep(poll_s)
 
 
+def kill_while_writing_a_save(cmd: list[str], log: Path, checkpoints: Path) -> tuple[int, Path]:
+    """Start a run and SIGKILL it while a save after the first one is being written (its temporary folder holds
+    files, nothing is published yet); return the step of that save and its temporary folder."""
+
+    def writing() -> list[Path]:
+        return [p for p in checkpoints.glob(".tmp_step_*")
+                if int(p.name[-8:]) > EVERY and any(p.glob("step_*/*.pt"))] if checkpoints.exists() else []
+
+    proc = start(cmd, log)
+    wait_until(lambda: bool(writing()), proc, poll_s=0.0002)
+    kill_tree(proc)
+    partial = writing()
+    assert partial, "the kill landed after the save was published; no partial checkpoint to test"
+    return int(partial[0].name[-8:]), partial[0]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]

@@ -15,13 +15,11 @@ from resume_helpers import (
     assert_same_end,
     checkpoint,
     command,
-    kill_tree,
+    kill_while_writing_a_save,
     overrides,
     run,
     shared_run,
-    start,
     tail,
-    wait_until,
 )
 
 from dist_train.checkpoint.verify import check
@@ -42,17 +40,7 @@ def test_a_kill_during_a_background_save_keeps_latest_and_the_resumed_run_matche
     cmd = command(overrides(shard_dir, tmp_path, *ZERO2, "checkpoint.async_save=true"), nproc=2)
     log, checkpoints = tmp_path / "train.log", tmp_path / "checkpoints"
 
-    def writing() -> list:
-        """Folders of a background save after the first one that have files in them, not yet published."""
-        return [p for p in checkpoints.glob(".tmp_step_*")
-                if int(p.name[-8:]) > EVERY and any(p.glob("step_*/*.pt"))] if checkpoints.exists() else []
-
-    proc = start(cmd, log)
-    wait_until(lambda: bool(writing()), proc, poll_s=0.0002)
-    kill_tree(proc)
-    partial = writing()
-    assert partial, "the kill landed after the save was published; no partial checkpoint to test"
-    step = int(partial[0].name[-8:])
+    step, _ = kill_while_writing_a_save(cmd, log, checkpoints)
     print(f"killed while writing step {step} in the background")
     assert (checkpoints / "latest").read_text().strip() == f"step_{step - EVERY:08d}"
     assert not checkpoint(tmp_path, step).exists()

@@ -20,6 +20,7 @@ from resume_helpers import (
     checkpoint,
     command,
     kill_tree,
+    kill_while_writing_a_save,
     logged_step,
     overrides,
     run,
@@ -81,19 +82,9 @@ def test_kill_while_writing_a_checkpoint_leaves_latest_at_the_previous_one(refer
     cmd, log = command(overrides(shard_dir, tmp_path, *ZERO2), nproc=2), tmp_path / "train.log"
     checkpoints = tmp_path / "checkpoints"
 
-    def writing() -> list:
-        """Temporary folders of a save after the first one that DeepSpeed has started to fill."""
-        return [p for p in checkpoints.glob(".tmp_step_*")
-                if int(p.name[-8:]) > EVERY and any(p.glob("step_*/*.pt"))] if checkpoints.exists() else []
-
-    proc = start(cmd, log)
-    wait_until(lambda: bool(writing()), proc, poll_s=0.0002)
-    kill_tree(proc)
-    partial = writing()
-    assert partial, "the kill landed after the save had finished; no partial checkpoint to test"
-    step = int(partial[0].name[-8:])
-    print(f"killed while writing step {step}: {sorted(p.name for p in partial[0].rglob('*'))}")
-    assert not (partial[0] / f"step_{step:08d}" / "client_state.json").exists()
+    step, partial = kill_while_writing_a_save(cmd, log, checkpoints)
+    print(f"killed while writing step {step}: {sorted(p.name for p in partial.rglob('*'))}")
+    assert not (partial / f"step_{step:08d}" / "client_state.json").exists()
     assert (checkpoints / "latest").read_text().strip() == f"step_{step - EVERY:08d}"
     assert not checkpoint(tmp_path, step).exists()
 
