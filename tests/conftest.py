@@ -10,6 +10,7 @@ Data (built once per session from the bundled Shakespeare corpus, ~15 s on 2 cor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,21 @@ TOKENIZER_VOCAB = 2048
 SHARD_VAL_FRACTION = 0.05
 SHARD_SEED = 0
 SHARD_TOKENS = 500_000
+
+# What torch's env:// rendezvous reads. Tests that train in this process export them (distributed.init does);
+# left set, they make every later `python launch/train.py` of the suite a rank of a job that no longer exists.
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def rendezvous_variables_restored_after_each_test():
+    before = {name: os.environ.get(name) for name in RENDEZVOUS_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

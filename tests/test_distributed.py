@@ -92,8 +92,11 @@ def test_each_process_takes_its_own_gpu_also_where_one_gpu_is_bound_per_task(mon
     assert cuda_device_index(5, 4) == 1  # two GPUs per task: its second process of the pair
     place = ProcessPlace(rank=13, local_rank=5, world_size=16, host="h", slurm_node="n2", slurm_job_id="7",
                          slurm_restart_count=0)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        # setenv first, so monkeypatch restores each name as it was (a bare delenv of an absent name records
+        # nothing, and RANK=13 WORLD_SIZE=16 leaked into every later `python launch/train.py` of the suite)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MASTER_PORT", "29500")
     export_torch_env(place, cuda_devices=1)
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("13", "0", "16")
