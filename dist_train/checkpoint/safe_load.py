@@ -132,7 +132,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def unsafe_files(files: Iterable[Path]) -> dict[str, list[str]]:
     """{file: globals outside the allowlist} of `files`, found by disassembling their pickles (nothing is run,
-    no tensor is read); a file that is not a torch zip is checked with a `safe_load`."""
+    no tensor is read); a file that is not a torch zip is checked with a `safe_load` (the reads themselves are
+    guarded anyway: this is for an early refusal that names every file)."""
     problems = {}
     with safe_globals(_allowed_objects()):
         for file in files:
@@ -144,6 +145,8 @@ def unsafe_files(files: Iterable[Path]) -> dict[str, list[str]]:
                     needed = []
                 except UnsafeCheckpointError as e:
                     needed = e.problems[str(file)]
+                except Exception:  # not a checkpoint at all (empty, truncated): its reader will say so
+                    needed = []
             if needed:
                 problems[str(file)] = sorted(needed)
     return problems
