@@ -65,7 +65,8 @@ def main() -> None:
     samples = args.steps * ds["train_batch_size"]
     torch.manual_seed(t.seed)
     kwargs = {"attn_implementation": args.attn} if args.attn else {}
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.hf_config), **kwargs)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.hf_config, trust_remote_code=False),
+                                             trust_remote_code=False, **kwargs)
     training_args = TrainingArguments(
         output_dir=str(Path(args.out).parent / "hf_trainer_out"), use_cpu=not torch.cuda.is_available(),
         per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=ds["gradient_accumulation_steps"],

@@ -1,12 +1,13 @@
 """Train a model: `deepspeed launch/train.py --config configs/tiny.yaml [key=value ...]`.
 
 Also runs under `torchrun --nproc_per_node N launch/train.py ...`, `srun` and plain `python launch/train.py`.
-Exit codes: 0 done, 2 bad config (refused before any process group starts) or a `--resume PATH` checkpoint
-that fails verification (the message names the file), 3 stopped after train.max_bad_steps non-finite losses in a
-row (the last good checkpoint is intact), 74 a checkpoint save found the disk full, the quota exceeded or the
-file-size limit reached (ENOSPC / EDQUOT / EFBIG: the partial checkpoint is removed, `latest` still names the
-previous one, intact; free space and re-run the same command to resume), 75 stopped by SIGTERM or SIGUSR1 after
-saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
+Exit codes: 0 done, 2 bad config (refused before any process group starts), a `--resume PATH` checkpoint
+that fails verification (the message names the file) or a checkpoint refused because a file of it could run code
+when read (before any rank reads one; `--trust-checkpoint` loads it), 3 stopped after train.max_bad_steps
+non-finite losses in a row (the last good checkpoint is intact), 74 a checkpoint save found the disk full, the
+quota exceeded or the file-size limit reached (ENOSPC / EDQUOT / EFBIG: the partial checkpoint is removed,
+`latest` still names the previous one, intact; free space and re-run the same command to resume), 75 stopped by
+SIGTERM or SIGUSR1 after saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
 """
 
 import argparse
@@ -31,14 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="latest",
                         help="latest (default: resume if the run folder has a checkpoint), none, "
                              "or a checkpoint folder")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="resume from checkpoint files that need globals outside the safe allowlist (they may "
+                             "run code when read): only for a checkpoint whose source you trust "
+                             "(same as checkpoint.trust=true)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     add_override_arguments(parser)
     args = parse_args_with_overrides(parser, argv)
     try:
-        cfg = load_config(args.config, overrides_from(args))
+        cfg = load_config(args.config, overrides_from(args) + (["checkpoint.trust=true"] if args.trust_checkpoint
+                                                                else []))
+        from dist_train.checkpoint.safe_load import UnsafeCheckpointError
         from dist_train.train.trainer import train
 
-        return train(cfg, resume=args.resume)
+        try:
+            return train(cfg, resume=args.resume)
+        except UnsafeCheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            if e.every_rank:  # else the launcher stops the ranks that did not refuse
+                from dist_train import distributed
+
+                distributed.shutdown()
+            return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

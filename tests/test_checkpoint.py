@@ -113,7 +113,7 @@ def test_a_checkpoint_saved_by_more_processes_is_planned_as_a_universal_load(tmp
     from dist_train.checkpoint import reshard
 
     converted = []
-    monkeypatch.setattr(reshard, "convert_to_universal", lambda path: converted.append(path))
+    monkeypatch.setattr(reshard, "convert_to_universal", lambda path, trust=False: converted.append(path))
     path = fake_checkpoint(tmp_path / "zero", 2, config(tmp_path), world_size=2, zero_shards=True)
     plan = plan_resume(tmp_path / "zero", config(tmp_path), PLACE, "latest")
     assert plan.world_changed and plan.universal and converted == [path]

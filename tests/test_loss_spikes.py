@@ -8,10 +8,10 @@ import importlib.util
 import json
 
 import pytest
-import torch
 from distributed_helpers import REPO, launch_training
 from resume_helpers import TINY, losses
 
+from dist_train.checkpoint.client_file import load_client_file
 from dist_train.monitor import wandb_reader
 from dist_train.train.spikes import SpikeDetector
 
@@ -91,7 +91,7 @@ def test_a_garbage_data_spike_is_rolled_back_and_exactly_its_batches_are_skipped
     assert max(after) < event["baseline_loss"] + 1.0 < min(event["spike_losses"])
 
     final = run_dir / "checkpoints" / f"step_{loss_spike.MAX_STEPS:08d}"
-    client = torch.load(final / "client_rank00000.pt", weights_only=False)
+    client = load_client_file(final / "client_rank00000.pt")
     assert client["loader"]["consumed_samples"] == loss_spike.MAX_STEPS * loss_spike.GLOBAL_BATCH + len(skipped)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rollbacks"] == 1 and summary["final_step"] == loss_spike.MAX_STEPS

@@ -2,7 +2,7 @@
 
 Layout under RUN/checkpoints/:
     step_00000100/            DeepSpeed's files (model + optimizer shards of every rank)
-        client_rank00000.pt   this rank's loader position and RNG states
+        client_rank00000.pt   this rank's loader position and RNG states (JSON + tensors: client_file)
         client_state.json     step, tokens, skipped steps, W&B run id, config, model hash (rank 0)
         files.json            size and sha256 of every file above (rank 0, written last; see verify.py)
         universal/            the same state cut per parameter, made on a resume with another world size

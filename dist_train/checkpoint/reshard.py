@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint import safe_load
+
 UNIVERSAL_TAG = "universal"
 
 
@@ -53,8 +55,10 @@ def conversion_workers(cpus: int, rank_files: int) -> tuple[int, int]:
     return extract, merge
 
 
-def convert_to_universal(path: Path) -> Path:
-    """Convert checkpoint folder `path` to `path/universal` (cached); return that folder."""
+def convert_to_universal(path: Path, trust: bool = False) -> Path:
+    """Convert checkpoint folder `path` to `path/universal` (cached); return that folder. DeepSpeed's converter
+    runs under `dist_train.checkpoint.safe_load`: its reads are weights_only loads (pickle only with `trust`);
+    its worker processes are forked, so they inherit that."""
     out = universal_path(path)
     if (out / "zero").is_dir():
         return out
@@ -62,7 +66,8 @@ def convert_to_universal(path: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     extract, merge = conversion_workers(len(os.sched_getaffinity(0)), len(list(path.glob("*_optim_states.pt"))))
     # --inject_missing_state supplies metadata that client-optimizer checkpoints lack.
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+    cmd = [sys.executable, "-m", "dist_train.checkpoint.safe_load", *(["--trust-checkpoint"] if trust else []),
+           "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
            "--output_folder", str(work / UNIVERSAL_TAG), "--inject_missing_state",
            "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -104,13 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_train.checkpoint.reshard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder RUN/checkpoints/step_N")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load files that need globals outside the safe allowlist (may run code)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
+    try:
+        safe_load.check_folder(args.checkpoint, args.trust_checkpoint)
+    except safe_load.UnsafeCheckpointError as e:
+        print(f"reshard: {e}", file=sys.stderr)
+        return 2
     if not is_zero_checkpoint(args.checkpoint):
         result = {"checkpoint": str(args.checkpoint), "universal": None,
                   "note": "not a ZeRO 1-3 checkpoint: stage 0 loads at any world size as it is"}
     else:
-        result = {"checkpoint": str(args.checkpoint), "universal": str(convert_to_universal(args.checkpoint))}
+        universal = convert_to_universal(args.checkpoint, args.trust_checkpoint)
+        result = {"checkpoint": str(args.checkpoint), "universal": str(universal)}
     if args.json:
         print(json.dumps(result))
     elif result["universal"] is None:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dist_train.checkpoint import reshard
+from dist_train.checkpoint import reshard, safe_load
 from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state, read_latest, read_latest_name, tag_for
 from dist_train.checkpoint.verify import CORRUPT_DIR, CorruptCheckpoint, quarantine
 from dist_train.checkpoint.verify import check as verify_checkpoint
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
+from dist_train.distributed.collectives import all_gather_objects
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.rank0 import Rank0
 from dist_train.formats.atomic_file import write_text_atomic
@@ -281,6 +282,14 @@ def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[P
     return moved
 
 
+def refuse_unsafe_files(path: Path, place: ProcessPlace, trust: bool) -> None:
+    """Rank 0 scans the checkpoint's pickles (nothing is run); every rank then refuses the same files, before
+    any of them reads one, so no rank is left waiting for another that refused. The reads themselves are
+    weights_only loads as well (`Checkpointer.load`): this scan only makes the refusal early and collective."""
+    problems = all_gather_objects(Rank0(place).run(safe_load.unsafe_files, safe_load.checkpoint_files(path)))[0]
+    safe_load.refuse_or_trust(problems, trust, report=place.is_rank0, every_rank=True)
+
+
 def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) -> ResumePlan | None:
     """Find the checkpoint to resume, refuse an incompatible config, and (rank 0, the others wait) convert a
     ZeRO checkpoint of another world size to the universal format. Runs before the engine is built, because
@@ -289,6 +298,7 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     path = find_checkpoint(run_dir, resume, place, cfg.checkpoint.verify, events)
     if path is None:
         return None
+    refuse_unsafe_files(path, place, cfg.checkpoint.trust)
     meta = read_client_state(path)
     refuse_breaking_changes(run_dir, path, meta, cfg)
     world_changed = meta["world_size"] != place.world_size
@@ -301,7 +311,7 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
                           f"processes, or start a new run (another run.out_dir, or --resume none)")
     universal = world_changed and reshard.is_zero_checkpoint(path)
     if universal:
-        Rank0(place).run_while_others_wait(reshard.convert_to_universal, path)
+        Rank0(place).run_while_others_wait(reshard.convert_to_universal, path, cfg.checkpoint.trust)
     return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
                       world_changed=world_changed, universal=universal,
                       global_batch=(global_batch(meta["config"], meta["world_size"]),

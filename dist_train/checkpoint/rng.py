@@ -6,6 +6,10 @@ Every data-parallel rank draws its own dropout masks: the streams are seeded fro
 old ranks' saved states do not map to the new ranks). A resume at the same world size restores each rank's saved
 states instead, so it continues bit-identically. The model's initial weights come from train.seed alone, the same
 on every rank, before the streams are split.
+
+Saved as JSON-able values (Python's and NumPy's Mersenne Twister states as lists of ints) plus tensors (torch's
+byte states), so the client file holds no pickled objects. `set_rng_state` also takes the tuples and NumPy
+arrays of client files written before that format.
 """
 
 from __future__ import annotations
@@ -32,15 +36,26 @@ def seed_rank_streams(seed: int, step: int, rank: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """{python, numpy}: JSON-able; {torch, cuda}: byte tensors."""
+    version, mt, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    state = {"python": [version, list(mt), gauss],
+             "numpy": {**numpy_state, "state": {"key": numpy_state["state"]["key"].tolist(),
+                                                "pos": int(numpy_state["state"]["pos"])}},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    np.random.set_state(numpy_state)  # a dict, or the legacy tuple of older client files
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

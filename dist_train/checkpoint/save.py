@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from dist_train.checkpoint import reshard
+from dist_train.checkpoint.client_file import client_file, client_payload, load_client_file
 from dist_train.checkpoint.layout import CLIENT_STATE, TrainState, read_client_state, read_latest_name, tag_for
 from dist_train.checkpoint.resume import ResumePlan, newest_verified, set_aside_later_checkpoints
-from dist_train.checkpoint.rng import rng_state, seed_rank_streams, set_rng_state
+from dist_train.checkpoint.rng import seed_rank_streams, set_rng_state
+from dist_train.checkpoint.safe_load import checkpoint_reads
 from dist_train.checkpoint.verify import write_files_list
 from dist_train.checkpoint.writer import DISK_FULL_ERRNOS, FailedWrite, RankWriter, WriterEngine
 from dist_train.config import Config
@@ -107,8 +108,8 @@ class Checkpointer:
             self.engine.save_checkpoint(str(pending.tmp_root), tag=tag, save_latest=False)
         except OSError as e:  # a write of DeepSpeed's own (its recovery script): reported like the others
             writer.error = writer.error or FailedWrite(f"rank {self.place.rank}: {e}", e.errno in DISK_FULL_ERRNOS)
-        client = {"loader": loader_state, "rng": rng_state(), "world_size": self.place.world_size}
-        writer.save(client, pending.tmp_root / tag / f"client_rank{self.place.rank:05d}.pt")
+        writer.save(client_payload(loader_state, self.place.world_size), client_file(pending.tmp_root / tag,
+                                                                                     self.place.rank))
         self._pending = pending
         if wait or not self.cfg.checkpoint.async_save:
             self.finish()
@@ -203,7 +204,22 @@ class Checkpointer:
         return loaded, corrupt
 
     def load(self, plan: ResumePlan) -> tuple[TrainState, dict[str, Any]]:
-        """Load engine, RNG and train state; return the train state and the loader state for this rank."""
+        """Load engine, RNG and train state; return the train state and the loader state for this rank. Every
+        file is read with safe_load (DeepSpeed's reads too), trusted only with checkpoint.trust."""
+        trust = self.cfg.checkpoint.trust
+        with checkpoint_reads(trust=trust):
+            self._load_engine(plan)
+        state = TrainState(**plan.meta["train_state"])
+        if plan.world_changed:
+            # The loader position is global (every rank saved the same one); old ranks do not map to new ones.
+            client = load_client_file(client_file(plan.path, 0), trust=trust)
+            seed_rank_streams(self.cfg.train.seed, state.step, self.place.rank)
+        else:
+            client = load_client_file(client_file(plan.path, self.place.rank), trust=trust)
+            set_rng_state(client["rng"])
+        return state, client["loader"]
+
+    def _load_engine(self, plan: ResumePlan) -> None:
         if plan.universal:
             hyperparameters = reshard.group_hyperparameters(self.engine)
             self.engine.load_checkpoint(str(plan.path), tag=reshard.UNIVERSAL_TAG, load_optimizer_states=True,
@@ -213,12 +229,3 @@ class Checkpointer:
         else:
             self.engine.load_checkpoint(str(plan.path.parent), tag=plan.path.name, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)
-        state = TrainState(**plan.meta["train_state"])
-        if plan.world_changed:
-            # The loader position is global (every rank saved the same one); old ranks do not map to new ones.
-            client = torch.load(plan.path / "client_rank00000.pt", weights_only=False)
-            seed_rank_streams(self.cfg.train.seed, state.step, self.place.rank)
-        else:
-            client = torch.load(plan.path / f"client_rank{self.place.rank:05d}.pt", weights_only=False)
-            set_rng_state(client["rng"])
-        return state, client["loader"]

@@ -43,7 +43,7 @@ def _rank_view(path: Path, rank: int, root: Path) -> Path:
 
 def _rank_state(view: Path) -> dict[str, Any]:
     if not list(view.glob("*_optim_states.pt")):  # ZeRO-0: the module state is the rank's whole shard
-        return torch.load(view / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return torch.load(view / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -72,7 +72,8 @@ def join_shards(shards: list[torch.Tensor], shape: torch.Size, name: str) -> tor
 
 
 def tensor_parallel_state(path: Path, cfg: Config) -> tuple[list[str], Callable[[str], torch.Tensor]]:
-    """(names, getter) of the whole fp32 tensors of tensor-parallel checkpoint folder `path`."""
+    """(names, getter) of the whole fp32 tensors of tensor-parallel checkpoint folder `path`; every file is read
+    here, not by the getter (the caller guards the reads: `dist_train.checkpoint.safe_load`)."""
     root = Path(tempfile.mkdtemp(prefix="tp_shards_"))
     try:
         states = [_rank_state(_rank_view(path, rank, root / f"rank{rank}"))

@@ -23,6 +23,7 @@ import torch
 
 from dist_train.checkpoint.layout import read_client_state, resolve_checkpoint
 from dist_train.checkpoint.tensor_shards import tensor_parallel_ranks, tensor_parallel_state
+from dist_train.checkpoint.safe_load import check_folder, checkpoint_reads
 from dist_train.config import Config, config_from_dict, load_config
 from dist_train.formats.atomic_file import apply_umask_modes
 
@@ -74,10 +75,11 @@ class Weights:
 
 
 def _zero_state(path: Path) -> dict[str, Any]:
-    """Lazy fp32 state dict of a ZeRO 1-3 checkpoint (values have `.contiguous()`), or of a stage-0 one."""
+    """Lazy fp32 state dict of a ZeRO 1-3 checkpoint (values have `.contiguous()`), or of a stage-0 one. Called
+    inside `checkpoint_reads`: every file is read by a weights_only load, zero_to_fp32's reads included."""
     if not list(path.glob("*_optim_states.pt")):
         # ZeRO stage 0: the module's own state dict is the whole model (fp32 unless trained in bf16/fp16).
-        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=True)
         return sd["module"]
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints (also on import); stdout may carry --json
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -85,14 +87,18 @@ def _zero_state(path: Path) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
 
 
-def checkpoint_weights(path: Path) -> Weights:
+def checkpoint_weights(path: Path, trust: bool = False) -> Weights:
+    """The weights of checkpoint folder `path`; a folder with a file that could run code when read is refused
+    (UnsafeCheckpointError) unless `trust`."""
     meta = read_client_state(path)
     cfg = config_from_dict(meta["config"])
-    if tensor_parallel_ranks(path) > 1:  # each tensor-parallel rank saved its shards: join them
-        names, getter = tensor_parallel_state(path, cfg)
-    else:
-        lazy = _zero_state(path)
-        names, getter = list(lazy), lambda name: lazy[name].contiguous()
+    check_folder(path, trust)
+    with checkpoint_reads(trust=trust):  # every torch.load below, DeepSpeed's zero_to_fp32 included
+        if tensor_parallel_ranks(path) > 1:  # each tensor-parallel rank saved its shards: join them
+            names, getter = tensor_parallel_state(path, cfg)
+        else:
+            lazy = _zero_state(path)
+            names, getter = list(lazy), lambda name: lazy[name].contiguous()
     return Weights(config=cfg, names=names, getter=getter, source=str(path), meta={"step": meta["train_state"]["step"]})
 
 
@@ -110,13 +116,15 @@ def folder_weights(path: Path) -> Weights:
     return weights
 
 
-def open_weights(run: Path | None = None, step: int | None = None, weights: Path | None = None) -> Weights:
-    """A weights folder, or the checkpoint of `step` (default: the latest) of a run folder."""
+def open_weights(run: Path | None = None, step: int | None = None, weights: Path | None = None,
+                 trust: bool = False) -> Weights:
+    """A weights folder, or the checkpoint of `step` (default: the latest) of a run folder (see
+    `checkpoint_weights` for `trust`)."""
     if weights is not None:
         return folder_weights(Path(weights))
     if run is None:
         raise ValueError("give a run folder (--run) or a weights folder (--weights)")
-    return checkpoint_weights(resolve_checkpoint(Path(run), step))
+    return checkpoint_weights(resolve_checkpoint(Path(run), step), trust)
 
 
 def save_weights_folder(out: Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any]) -> None:

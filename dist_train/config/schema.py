@@ -215,6 +215,9 @@ class CheckpointConfig:
     verify: Literal["full", "sizes"] = "full"
     """Before loading a checkpoint, check every file against the size and sha256 written at save (full), or the
     sizes only (sizes: skips reading every byte once, misses bit rot)."""
+    trust: bool = False
+    """Load checkpoint files that need Python globals outside the safe allowlist (they may run code when read):
+    only for checkpoints whose source you trust. Same as `--trust-checkpoint`."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ remote code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,8 +37,14 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
     folder = tokenizer_folder(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # trust_remote_code=False, not unset: unset, transformers asks on a terminal whether to run the code.
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:
+        auto_map = _custom_code(folder)
+        if auto_map:
+            raise FormatError(f"tokenizer folder {path} names custom code ({auto_map} in tokenizer_config.json), "
+                              f"which dist_train never runs (trust_remote_code is off): use a tokenizer class "
+                              f"built into transformers (e.g. one made by `python -m data_prep.tokenizer`)") from None
         raise FormatError(f"tokenizer folder {path} does not load with "
                             f"transformers.AutoTokenizer ({type(err).__name__}: {err})") from err
     if tok.eos_token_id is None:
@@ -46,6 +53,14 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     # Documents are tokenized whole and cut at load time: silence the "longer than max length" warning.
     tok.model_max_length = sys.maxsize
     return tok
+
+
+def _custom_code(folder: Path) -> object:
+    """The `auto_map` of the folder's tokenizer_config.json (classes from Python files in the folder), if any."""
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def tokenizer_sha256(path: str | os.PathLike) -> str:

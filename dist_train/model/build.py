@@ -10,7 +10,7 @@ from torch import nn
 from dist_train.config import Config, ModelConfig
 from dist_train.model.decoder import Transformer
 from dist_train.model.encoder_decoder import EncoderDecoder
-from dist_train.model.hf import HFCausalLM, HFSeq2SeqLM
+from dist_train.model.hf import HFCausalLM, HFSeq2SeqLM, load_hf_config
 
 
 def build_model(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
@@ -26,6 +26,5 @@ def model_vocab_size(cfg: Config) -> tuple[int, str]:
     """Rows of the embedding table and the key that sets them (an `hf_config` model brings its own)."""
     if cfg.model.hf_config is None:
         return cfg.model.vocab_size, "model.vocab_size"
-    from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(cfg.model.hf_config).vocab_size, f"vocab_size in {cfg.model.hf_config}"
+    return load_hf_config(cfg.model.hf_config).vocab_size, f"vocab_size in {cfg.model.hf_config}"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dist_train.config import ModelConfig
+from dist_train.model.hf import load_hf_config
 from dist_train.model.blocks import RelativePositionBias
 
 
@@ -97,11 +98,11 @@ def _count_encoder_decoder(cfg: ModelConfig) -> ParamCount:
 
 
 def _hf_model_on_meta(cfg: ModelConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForCausalLM if cfg.arch == "decoder" else AutoModelForSeq2SeqLM
     with torch.device("meta"):
-        return auto.from_config(AutoConfig.from_pretrained(cfg.hf_config))
+        return auto.from_config(load_hf_config(cfg.hf_config), trust_remote_code=False)
 
 
 def _count_hf(cfg: ModelConfig) -> ParamCount:
@@ -117,9 +118,8 @@ def _count_hf(cfg: ModelConfig) -> ParamCount:
 def attention_shape(cfg: ModelConfig) -> tuple[int, int]:
     """(n_layers, d_model) of the architecture that will actually be trained."""
     if cfg.hf_config:
-        from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(cfg.hf_config)
+        hf = load_hf_config(cfg.hf_config)
         return hf.num_hidden_layers, hf.hidden_size
     return cfg.n_layers, cfg.d_model
 

@@ -5,23 +5,41 @@ labels)` (like `EncoderDecoder`); both return the loss.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dist_train.config import ModelConfig
+from dist_train.config import ConfigError, ModelConfig
 from dist_train.model.loss import lm_loss
 
 
-def _read_config(cfg: ModelConfig) -> Any:
+def load_hf_config(path: str) -> Any:
+    """The transformers config that `model.hf_config` names, never with remote code: `trust_remote_code` is
+    always False (left unset, transformers would ask on a terminal), so a config whose `auto_map` needs Python
+    files of its own is refused rather than run on every rank."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(cfg.hf_config)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.hf_config: cannot read a transformers config from {cfg.hf_config}: {e}; "
-                         f"pass a folder holding config.json or the path of a config.json") from e
+        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map")
+        except (OSError, ValueError):
+            auto_map = None
+        if auto_map:
+            raise ConfigError(f"model.hf_config: {file} names custom code ({auto_map}), which dist_train never "
+                              f"runs (trust_remote_code is off): use a model_type built into transformers, or "
+                              f"register the class in your own code") from None
+        raise ValueError(f"model.hf_config: cannot read a transformers config from {path}: {e}; pass a folder "
+                         f"holding config.json or the path of a config.json") from e
+
+
+def _read_config(cfg: ModelConfig) -> Any:
+    return load_hf_config(cfg.hf_config)
 
 
 def _build(auto_class: Any, hf_cfg: Any, cfg: ModelConfig, zero3_config: dict[str, Any] | None) -> nn.Module:
@@ -33,7 +51,7 @@ def _build(auto_class: Any, hf_cfg: Any, cfg: ModelConfig, zero3_config: dict[st
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_marker = HfDeepSpeedConfig(zero3_config)
-    model = auto_class.from_config(hf_cfg)
+    model = auto_class.from_config(hf_cfg, trust_remote_code=False)
     del zero3_marker
     if cfg.grad_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (a deprecated alias until v6).

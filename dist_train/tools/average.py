@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state
+from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import checkpoint_weights, save_weights_folder
 from dist_train.config import Config
 
@@ -28,13 +29,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / CLIENT_STATE).exists())
 
 
-def average_checkpoints(paths: list[Path]) -> tuple[dict[str, torch.Tensor], list[int], Config]:
+def average_checkpoints(paths: list[Path], trust: bool = False) -> tuple[dict[str, torch.Tensor], list[int], Config]:
     """Element-wise mean of the fp32 weights of `paths`; returns it, the averaged steps and the last config."""
     sums: dict[str, torch.Tensor] = {}
     steps: list[int] = []
     shape_hash = None
     for path in paths:
-        weights = checkpoint_weights(path)  # one checkpoint held at a time
+        weights = checkpoint_weights(path, trust)  # one checkpoint held at a time
         if shape_hash is None:
             shape_hash = weights.config.model_hash()
         elif weights.config.model_hash() != shape_hash:
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", type=int, required=True, help="average the K most recent checkpoints")
     parser.add_argument("--out", type=Path, required=True, help="output weights folder (replaced when complete)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
+                             "code when read, so only for a checkpoint whose source you trust")
     args = parser.parse_args(argv)
     available = complete_checkpoints(args.run)
     if args.last < 1 or args.last > len(available):
@@ -62,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = available[-args.last:]
     try:
-        tensors, steps, cfg = average_checkpoints(paths)
-    except ValueError as e:
+        tensors, steps, cfg = average_checkpoints(paths, args.trust_checkpoint)
+    except (ValueError, UnsafeCheckpointError) as e:
         print(f"average: {e}", file=sys.stderr)
         return 2
     meta = {"averaged_steps": steps, "run": str(args.run.resolve()),

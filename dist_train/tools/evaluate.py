@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import Config
 from dist_train.data.build import build_loader
@@ -155,15 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unigram-tokens", type=int, default=100_000_000,
                         help="training tokens per source counted for the unigram baseline")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
+                             "code when read, so only for a checkpoint whose source you trust")
     args = parser.parse_args(argv)
     if args.run is None and not args.weights:
         parser.error("give --run RUN and/or --weights DIR")
     if args.step is not None and args.run is None:
         parser.error("--step needs --run")
     try:
-        sources = ([open_weights(args.run, args.step)] if args.run else []) + [open_weights(weights=w)
-                                                                             for w in args.weights]
-    except (FileNotFoundError, ValueError) as e:
+        sources = (([open_weights(args.run, args.step, trust=args.trust_checkpoint)] if args.run else [])
+                   + [open_weights(weights=w) for w in args.weights])
+    except (FileNotFoundError, ValueError, UnsafeCheckpointError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
+from dist_train.model.hf import load_hf_config
 from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
 
@@ -60,10 +62,10 @@ def family(m: ModelConfig) -> str:
 
 
 def hf_config(m: ModelConfig, eos_token_id: int | None) -> Any:
-    from transformers import AutoConfig, GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig
 
     if family(m) == "hf":
-        cfg = AutoConfig.from_pretrained(m.hf_config)
+        cfg = load_hf_config(m.hf_config)
         if not cfg.architectures:  # the class the trainer built (AutoModelFor...from_config), for readers
             from transformers.models.auto.modeling_auto import (
                 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -174,9 +176,8 @@ def hf_model_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     """A model.hf_config model is `HFCausalLM.model`: its names are the HF names behind a `model.` prefix. A
     tied output head is left out, as `save_pretrained` does (safetensors refuses two names for one tensor, and
     `from_pretrained` ties it again)."""
-    from transformers import AutoConfig
 
-    tied = getattr(AutoConfig.from_pretrained(w.config.model.hf_config), "tie_word_embeddings", False)
+    tied = getattr(load_hf_config(w.config.model.hf_config), "tie_word_embeddings", False)
     for name in w.names:
         hf_name = name.removeprefix("model.")
         if not (tied and hf_name == "lm_head.weight"):
@@ -302,13 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
+                             "code when read, so only for a checkpoint whose source you trust")
     args = parser.parse_args(argv)
     if args.weights is not None and args.step is not None:
         parser.error("--step and --weights exclude each other")
     try:
-        w = open_weights(args.run, args.step, args.weights)
+        w = open_weights(args.run, args.step, args.weights, trust=args.trust_checkpoint)
         out = export(w, args.out, args.tokenizer, args.dtype, parse_size(args.max_shard_size))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, UnsafeCheckpointError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
     result = {"out": str(out), "source": w.source, "family": family(w.config.model), **w.meta}

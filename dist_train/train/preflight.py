@@ -15,6 +15,7 @@ from dist_train.config import Config, ConfigError, data_parallel_size, resolve_g
 from dist_train.config.validation import check_parallel_heads
 from dist_train.data.span_corruption import sentinel_room_message, span_lengths
 from dist_train.formats.manifest import read_manifest
+from dist_train.model.hf import load_hf_config
 from dist_train.model.build import model_vocab_size
 
 
@@ -95,9 +96,8 @@ def check_positions(cfg: Config) -> None:
     ones) and is a causal or a seq2seq LM, which model.arch must name."""
     if cfg.model.hf_config is None:
         return
-    from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(cfg.model.hf_config)
+    hf = load_hf_config(cfg.model.hf_config)
     seq2seq = bool(getattr(hf, "is_encoder_decoder", False))
     if seq2seq != (cfg.model.arch == "encoder_decoder"):
         kind = "an encoder-decoder" if seq2seq else "a decoder-only"
@@ -116,14 +116,14 @@ def check_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
     if cfg.model.hf_config is None or (p.tensor == 1 and p.sequence == 1):
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf = AutoConfig.from_pretrained(cfg.model.hf_config).get_text_config()
+    hf = load_hf_config(cfg.model.hf_config).get_text_config()
     heads = hf.num_attention_heads
     check_parallel_heads(p, heads, getattr(hf, "num_key_value_heads", None) or heads,
                          f"num_attention_heads, num_key_value_heads in {cfg.model.hf_config}")
     if p.sequence > 1:
-        model_class = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(cfg.model.hf_config))]
+        model_class = AutoModelForCausalLM._model_mapping[type(load_hf_config(cfg.model.hf_config))]
         if not getattr(model_class, "_supports_sdpa", False):
             raise ConfigError(
                 f"parallel.sequence={p.sequence}: {model_class.__name__} (model.hf_config {cfg.model.hf_config}) has "

@@ -1,0 +1,193 @@
+"""Reading checkpoint files without running code from them.
+
+A `.pt` file is a pickle, and unpickling calls whatever functions its author named: a checkpoint copied from a
+shared folder could run a shell on the reader's account. So every `.pt` file read from a checkpoint, by us or by
+DeepSpeed, goes through torch's `weights_only` unpickler, which rebuilds tensors and plain containers only, plus
+`ALLOWED_GLOBALS`: the few classes that DeepSpeed and NumPy put in checkpoints, each of them plain data.
+
+DeepSpeed 0.19.8 reads checkpoints with `torch.load(..., weights_only=False)` of its own, in
+`runtime/checkpoint_engine/torch_checkpoint_engine.py` (the engine's model and ZeRO optimizer states),
+`checkpoint/universal_checkpoint.py`, `runtime/zero/stage3.py` and `runtime/base_optimizer.py` (universal loads),
+`utils/zero_to_fp32.py` and `checkpoint/ds_to_universal.py`. Inside `checkpoint_reads()` `torch.load` itself is
+replaced, so each of those calls is a `weights_only` load: what is loaded is what is checked, with no second
+read. `python -m dist_train.checkpoint.safe_load -m MODULE ARGS` runs a module (the universal conversion) the
+same way in a process of its own.
+
+A file that needs any other global is refused with `UnsafeCheckpointError`, naming the file and the global.
+`trust=True` (`--trust-checkpoint`, `checkpoint.trust: true`) loads it as pickle does, after printing which file
+and which globals were trusted. `check_folder` scans the pickles of a checkpoint folder without running them, so
+a tampered checkpoint is refused on every rank before any engine reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import pickle
+import re
+import runpy
+import sys
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+
+# pickled name -> (module, attribute) of the object it stands for; resolved only when a load needs them.
+ALLOWED_GLOBALS = {
+    # np.random.get_state() in the client files written before the JSON format (numpy 2 and numpy 1 names)
+    "numpy._core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
+    "numpy.core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct"),
+    "numpy.ndarray": ("numpy", "ndarray"),
+    "numpy.dtype": ("numpy", "dtype"),
+    "numpy.dtypes.UInt32DType": ("numpy.dtypes", "UInt32DType"),  # the key's dtype object, rebuilt by BUILD
+    # DeepSpeed's ZeRO and mixed-precision optimizer states: attributes that are numbers, flags and torch dtypes
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": ("deepspeed.runtime.fp16.loss_scaler",
+                                                            "DynamicLossScaler"),
+    "deepspeed.runtime.zero.config.ZeroStageEnum": ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    "deepspeed.utils.tensor_fragment.fragment_address": ("deepspeed.utils.tensor_fragment", "fragment_address"),
+}
+
+TRUST_HINT = ("if you trust where this checkpoint came from, pass --trust-checkpoint (training: or set "
+              "checkpoint.trust: true) to load it the unsafe way")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file needs globals outside the allowlist; loading it could run code."""
+
+    def __init__(self, problems: dict[str, list[str]], every_rank: bool = False):
+        self.problems = problems
+        self.every_rank = every_rank  # raised by every rank at one point: the process group can be shut down
+        listed = "; ".join(f"{file} needs {', '.join(names)}" for file, names in problems.items())
+        super().__init__(f"refused to load a checkpoint that could run code when read: {listed} (outside the "
+                         f"allowlist of dist_train.checkpoint.safe_load); {TRUST_HINT}")
+
+
+def _allowed_objects() -> list[tuple[Any, str]]:
+    objects = []
+    for name, (module, attribute) in ALLOWED_GLOBALS.items():
+        try:
+            objects.append((getattr(importlib.import_module(module), attribute), name))
+        except (ImportError, AttributeError):  # e.g. deepspeed absent: files naming it are then refused
+            continue
+    return objects
+
+
+def _unsafe_globals(file: Any, error: Exception) -> list[str]:
+    """The globals a refused file needs: all of them from a torch zip file, else the one torch's error names."""
+    if isinstance(file, (str, Path)) and zipfile.is_zipfile(file):
+        with safe_globals(_allowed_objects()), contextlib.suppress(Exception):
+            return sorted(get_unsafe_globals_in_checkpoint(file))
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(error))))
+
+
+def safe_load(file: Any, *args: Any, trust: bool = False, **kwargs: Any) -> Any:
+    """`torch.load` as a weights_only load under the allowlist; a refused file raises UnsafeCheckpointError,
+    or with `trust` is loaded as pickle does (printed)."""
+    kwargs.pop("weights_only", None)
+    if kwargs.get("pickle_module") is None:
+        kwargs.pop("pickle_module", None)  # weights_only refuses any pickle_module argument, even None
+    try:
+        with safe_globals(_allowed_objects()):
+            return _torch_load(file, *args, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        needed = _unsafe_globals(file, e)
+        if not needed:
+            raise  # not a question of trust (a truncated or corrupt file)
+        if not trust:
+            raise UnsafeCheckpointError({str(file): needed}) from None
+    print(f"warning: --trust-checkpoint: loading {file} with pickle, which may run code: it needs "
+          f"{', '.join(needed)}", file=sys.stderr, flush=True)
+    if hasattr(file, "seek"):
+        file.seek(0)
+    return _torch_load(file, *args, weights_only=False, **kwargs)
+
+
+_torch_load = torch.load
+
+
+@contextlib.contextmanager
+def checkpoint_reads(trust: bool = False) -> Iterator[None]:
+    """Every `torch.load` inside (ours and DeepSpeed's) is a `safe_load`."""
+    previous = torch.load
+
+    def guarded(file: Any, *args: Any, **kwargs: Any) -> Any:
+        return safe_load(file, *args, trust=trust, **kwargs)
+
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = previous
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The `.pt` files of a checkpoint folder, those of its universal subfolder included."""
+    return sorted(folder.rglob("*.pt"))
+
+
+def unsafe_files(files: Iterable[Path]) -> dict[str, list[str]]:
+    """{file: globals outside the allowlist} of `files`, found by disassembling their pickles (nothing is run,
+    no tensor is read); a file that is not a torch zip is checked with a `safe_load` (the reads themselves are
+    guarded anyway: this is for an early refusal that names every file)."""
+    problems = {}
+    with safe_globals(_allowed_objects()):
+        for file in files:
+            if zipfile.is_zipfile(file):
+                needed = get_unsafe_globals_in_checkpoint(file)
+            else:
+                try:
+                    safe_load(file, map_location="cpu")
+                    needed = []
+                except UnsafeCheckpointError as e:
+                    needed = e.problems[str(file)]
+                except Exception:  # not a checkpoint at all (empty, truncated): its reader will say so
+                    needed = []
+            if needed:
+                problems[str(file)] = sorted(needed)
+    return problems
+
+
+def refuse_or_trust(problems: dict[str, list[str]], trust: bool, report: bool = True,
+                    every_rank: bool = False) -> None:
+    """Raise UnsafeCheckpointError for `problems` unless `trust`; then print (if `report`) what is trusted."""
+    if problems and not trust:
+        raise UnsafeCheckpointError(problems, every_rank)
+    for file, names in problems.items() if report else ():
+        print(f"warning: --trust-checkpoint: {file} will be loaded with pickle, which may run code: it needs "
+              f"{', '.join(names)}", file=sys.stderr, flush=True)
+
+
+def check_folder(folder: Path, trust: bool = False) -> None:
+    """Refuse a checkpoint folder holding a file that needs a global outside the allowlist."""
+    refuse_or_trust(unsafe_files(checkpoint_files(folder)), trust)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dist_train.checkpoint.safe_load [--trust-checkpoint] -m MODULE ARGS...`"""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m dist_train.checkpoint.safe_load",
+                                     usage="%(prog)s [--trust-checkpoint] -m MODULE [ARGS ...]",
+                                     description="Run a Python module with every torch.load a weights_only load "
+                                                 "under the checkpoint allowlist (e.g. DeepSpeed's ds_to_universal).")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="load refused files with pickle")
+    if "-m" not in argv or argv.index("-m") + 1 >= len(argv):
+        parser.error("name the module to run: -m MODULE [ARGS ...]")
+    at = argv.index("-m")  # everything after the module name is its own
+    args = parser.parse_args(argv[:at])
+    module, sys.argv = argv[at + 1], [argv[at + 1], *argv[at + 2:]]
+    try:
+        with checkpoint_reads(trust=args.trust_checkpoint):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except UnsafeCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
