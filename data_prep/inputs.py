@@ -22,6 +22,7 @@ import gzip
 import json
 import lzma
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,30 @@ def load_saved_dataset(path: str) -> datasets.Dataset:
     return ds
 
 
+@contextlib.contextmanager
+def _no_torch_import() -> Iterator[None]:
+    """An `IterableDataset` imports torch when it is installed (to share its epoch with persistent DataLoader
+    workers): 3 s of a 20 s `--streaming` run of 33 MB, for a process that never makes a DataLoader. Where torch
+    is not imported yet, `datasets` is told it is absent while the stream is built."""
+    if "torch" in sys.modules:
+        yield
+        return
+    available = datasets.config.TORCH_AVAILABLE
+    datasets.config.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        datasets.config.TORCH_AVAILABLE = available
+
+
 def _load_group(fmt: str, paths: list[str], text_field: str, sample_by: str, streaming: bool,
                 cache_dir: str | None):
+    with _no_torch_import():
+        return _load_group_datasets(fmt, paths, text_field, sample_by, streaming, cache_dir)
+
+
+def _load_group_datasets(fmt: str, paths: list[str], text_field: str, sample_by: str, streaming: bool,
+                         cache_dir: str | None):
     if fmt == "disk":
         ds = load_saved_dataset(paths[0])
         if streaming:
@@ -179,6 +202,10 @@ def _load_group(fmt: str, paths: list[str], text_field: str, sample_by: str, str
         # datasets reads these formats in chunks (10 MB by default) that it turns into a Python list of lines or
         # an Arrow table at once: for short lines that is ~20x the chunk in RAM. The documents do not depend on it.
         kwargs["chunksize"] = READ_CHUNK_BYTES
+    if fmt == "parquet":
+        # datasets decodes a whole row group at a time unless told a batch size: writers choose row groups of
+        # 100 MB and more (pandas/pyarrow default to 1 M rows), which would all be in memory at once.
+        kwargs["batch_size"] = READ_DOCS
     ds = datasets.load_dataset(fmt, data_files=paths, split="train", streaming=streaming,
                                cache_dir=cache_dir, **kwargs)
     return _select_text(ds, TEXT_COLUMN if fmt == "text" else text_field, ", ".join(paths))
@@ -201,20 +228,26 @@ def load_corpus(sources: Sequence[InputSource], text_field: str = "text", sample
             for fmt, paths in _groups(sources)]
 
 
-def _cut(first_row: int, texts: list, max_chars: int | None) -> Iterator[tuple[int, list]]:
-    """A reader's batch cut into batches of at most `max_chars` characters (a longer document alone)."""
-    if max_chars is None:
-        yield first_row, texts
-        return
-    lo = chars = 0
-    for i, text in enumerate(texts):
-        size = len(text) if isinstance(text, str) else 0
-        if i > lo and chars + size > max_chars:
-            yield first_row + lo, texts[lo:i]
-            lo, chars = i, 0
-        chars += size
-    if lo < len(texts):
-        yield first_row + lo, texts[lo:]
+READ_DOCS = 16  # documents `datasets` turns into Python strings at a time when batches are bounded in characters
+
+
+def _read_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], read_docs: int,
+                  start: int) -> Iterator[list]:
+    """The texts of every row from `start` on, in the readers' batches of at most `read_docs` documents."""
+    row = 0
+    for part in parts:
+        if isinstance(part, datasets.Dataset):
+            if row + len(part) > start:
+                table = part.with_format("arrow")
+                for lo in range(max(start - row, 0), len(part), read_docs):
+                    yield table[lo:lo + read_docs].column(TEXT_COLUMN).to_pylist()
+            row += len(part)
+            continue
+        for batch in part.iter(batch_size=read_docs):
+            texts = batch[TEXT_COLUMN]
+            if row + len(texts) > start:
+                yield texts[max(start - row, 0):]
+            row += len(texts)
 
 
 def iter_text_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], batch_size: int,
@@ -222,26 +255,30 @@ def iter_text_batches(parts: Sequence[datasets.Dataset | datasets.IterableDatase
     """(index of the first document, texts) batches over all parts, skipping the first `start` rows.
 
     A batch holds at most `batch_size` documents and, with `max_chars`, at most that many characters (or
-    one longer document), so what is in flight is bounded in bytes, not only in documents.
+    one longer document), so what is in flight is bounded in bytes, not only in documents. Then the readers
+    hand over `READ_DOCS` documents at a time, regrouped here: 256 documents of a heavy-tailed corpus (source
+    code, books) can be 10 MB of text, which `datasets` holds as Arrow and as Python strings at once.
     Skipped rows of a streaming part are still parsed (a stream cannot seek) but not tokenized.
     """
-    row = 0
-    for part in parts:
-        if isinstance(part, datasets.Dataset):
-            if row + len(part) <= start:
-                row += len(part)
-                continue
-            table = part.with_format("arrow")
-            for lo in range(max(start - row, 0), len(part), batch_size):
-                yield from _cut(row + lo, table[lo:lo + batch_size].column(TEXT_COLUMN).to_pylist(), max_chars)
-            row += len(part)
-            continue
-        for batch in part.iter(batch_size=batch_size):
-            texts = batch[TEXT_COLUMN]
-            if row + len(texts) > start:
-                skip = max(start - row, 0)
-                yield from _cut(row + skip, texts[skip:], max_chars)
-            row += len(texts)
+    first = start
+    if max_chars is None:
+        for texts in _read_batches(parts, batch_size, start):
+            yield first, texts
+            first += len(texts)
+        return
+    pending: list = []
+    chars = 0
+    for texts in _read_batches(parts, min(batch_size, READ_DOCS), start):
+        for text in texts:
+            size = len(text) if isinstance(text, str) else 0
+            if pending and (len(pending) >= batch_size or chars + size > max_chars):
+                yield first, pending
+                first += len(pending)
+                pending, chars = [], 0
+            pending.append(text)
+            chars += size
+    if pending:
+        yield first, pending
 
 
 def _first_problem_in_file(source: InputSource, text_field: str) -> str | None:

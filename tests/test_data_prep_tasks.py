@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sysconfig
 import os
 import subprocess
 import sys
@@ -240,12 +241,18 @@ def test_long_documents_tokenized_in_pieces_give_the_whole_documents_tokens(toke
 
     docs = [json.loads(line)["text"] for line in corpus_file.read_text(encoding="utf-8").splitlines()[:300]]
     long_docs = ["\n".join(docs[k:k + 60]) for k in range(0, 300, 60)] + ["x" * 10_000, "", "a\nb"]
+    # Indented code, whose lines mostly start with spaces (one of them, pydoc's topics, is a 756 KB dict of
+    # indented string literals), and whitespace of every kind around newlines.
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    code = [(stdlib / name).read_text(encoding="utf-8") for name in ("pydoc_data/topics.py", "inspect.py")]
+    long_docs += code + ["é\n  b\r\n\tc  \n\nd" * 50, "x \n y\x1c\nz\x85\n\u00a0\n\u3000q\n'\ns\n1\n2" * 50]
     cut = pieces(long_docs[0], 2000)
     assert len(cut) > 50 and "".join(cut) == long_docs[0] and max(map(len, cut)) <= 2000
+    assert max(map(len, pieces(code[0], 2000))) <= 2000  # indented code has cut points too
     assert pieces("x" * 10_000, 2000) == ["x" * 10_000]  # no cut point: one piece
     for folder in (tokenizer_dir, gpt2_tokenizer_dir):
         with one_tokenizer_thread():
-            whole = DocumentEncoder(str(folder), 0, 0, 0.1).encode(0, long_docs)
+            whole = DocumentEncoder(str(folder), 0, 0, 0.1, piece_chars=1 << 40).encode(0, long_docs)
             in_pieces = DocumentEncoder(str(folder), 0, 0, 0.1, piece_chars=2000).encode(0, long_docs)
         assert np.array_equal(whole.tokens, in_pieces.tokens) and whole.tokens.size > 100_000
         assert np.array_equal(whole.lengths, in_pieces.lengths) and np.array_equal(whole.is_val, in_pieces.is_val)

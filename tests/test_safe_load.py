@@ -197,9 +197,12 @@ def test_every_file_of_zero_0_to_3_fp32_and_bf16_checkpoints_loads_under_the_all
     with safe_load.checkpoint_reads():
         for file in files:
             torch.load(file, map_location="cpu", weights_only=False)
-    if run != "zero1_bf16":  # DeepSpeed's zero_to_fp32 cannot read BF16_Optimizer checkpoints (bf16 ZeRO-1 with
-        # fp32 gradient sums), with or without safe loading: a defect of its own, reported separately
-        assert checkpoint_weights(ckpt).get("tok_emb.weight").isfinite().all()
+    weights = checkpoint_weights(ckpt)
+    assert all(weights.get(name).isfinite().all() for name in weights.names)
+    if run.endswith("_bf16"):  # the fp32 master weights, rounded, are the bf16 weights the module trained with
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        assert sorted(module) == sorted(weights.names)
+        assert all(torch.equal(weights.get(name).to(module[name].dtype), module[name]) for name in module)
 
 
 # -- resume ----------------------------------------------------------------------------------------------------

@@ -82,9 +82,39 @@ def _zero_state(path: Path) -> dict[str, Any]:
         sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=True)
         return sd["module"]
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints (also on import); stdout may carry --json
+        if list(path.glob(f"{BF16_OPTIMIZER_PREFIX}*_optim_states.pt")):
+            return _bf16_optimizer_state(path)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
+
+
+BF16_OPTIMIZER_PREFIX = "bf16_zero_pp_rank_"
+
+
+def _bf16_optimizer_state(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a BF16_Optimizer checkpoint (bf16 at ZeRO-1 with fp32 gradient sums), which
+    zero_to_fp32 refuses ("is not a zero checkpoint": its optimizer state has no `zero_stage`). Its layout is
+    ZeRO-2's: each rank saved its slice of every parameter group's flat fp32 vector, the groups padded at the end
+    to a multiple of 2 x ranks, and the model states file names the shapes in order; so DeepSpeed's own ZeRO-2
+    reassembly reads it once the slices are gathered, rank by rank."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS
+    from deepspeed.utils.zero_to_fp32 import (_get_fp32_state_dict_from_zero2_checkpoint, get_model_state_files,
+                                              parse_model_states)
+
+    files = sorted(path.glob(f"{BF16_OPTIMIZER_PREFIX}*_optim_states.pt"),
+                   key=lambda f: int(f.name[len(BF16_OPTIMIZER_PREFIX):].split("_")[0]))
+    slices = []
+    for file in files:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)[OPTIMIZER_STATE_DICT]
+        ranks = max(state[PARTITION_COUNT]) if isinstance(state[PARTITION_COUNT], list) else state[PARTITION_COUNT]
+        if ranks != len(files):
+            raise ValueError(f"{file} was saved by one of {ranks} ranks, but {path} holds "
+                             f"{len(files)} optimizer files: a rank's file is missing")
+        slices.append(state[SINGLE_PARTITION_OF_FP32_GROUPS])
+    model_states = parse_model_states(get_model_state_files(str(path)))
+    return _get_fp32_state_dict_from_zero2_checkpoint(len(files), slices, model_states,
+                                                      exclude_frozen_parameters=False)
 
 
 def checkpoint_weights(path: Path, trust: bool = False) -> Weights:
