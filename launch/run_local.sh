@@ -21,6 +21,9 @@ nproc=$1; shift
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 grace=${DT_GRACE_S:-600}
+# A free port unless MASTER_PORT says which: a fixed default made a second run on the same machine (a demo
+# next to an experiment) die with EADDRINUSE.
+port=${MASTER_PORT:-$("$python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
@@ -30,7 +33,7 @@ fi
 (
     trap '' USR1
     exec setsid "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" \
-        --master_port "${MASTER_PORT:-29517}" launch/train.py "$@"
+        --master_port "$port" launch/train.py "$@"
 ) &
 launcher=$!
 watchdog=""

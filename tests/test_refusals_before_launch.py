@@ -155,3 +155,25 @@ def test_slurm_submit_runs_the_trainers_preflight_before_submitting(tmp_path, sh
     out = capsys.readouterr()
     assert out.out.startswith("#!/bin/bash") and "estimated peak" in out.err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_run_local_trains_while_another_run_holds_the_port_it_used_to_take(shard_dir, tmp_path):
+    """Two runs on one machine (a demo next to an experiment): run_local.sh used the fixed port 29517, and the
+    second run died with EADDRINUSE. Now it takes a free port unless MASTER_PORT names one."""
+    import contextlib
+    import socket
+
+    from distributed_helpers import cpu_env
+
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # something else already holds it: the run must still start
+            held.bind(("127.0.0.1", 29517))
+        held.listen()
+        env = {k: v for k, v in cpu_env().items() if k != "MASTER_PORT"}
+        proc = subprocess.run(["bash", str(REPO / "launch" / "run_local.sh"), "2", "--config", str(TINY),
+                               *overrides(shard_dir, tmp_path, "train.max_steps=1", "checkpoint.every=0")],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "address already in use" not in (proc.stdout + proc.stderr).lower()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
