@@ -165,3 +165,15 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_with_the_last_go
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]
     good = checkpoint_weights(checkpoints / "step_00000001")
     assert all(torch.isfinite(t).all() for _, t in good.items())
+
+
+def test_reshard_of_a_missing_folder_is_refused_naming_the_checkpoints_there_and_step_n_finds_step_0000000n(
+        tmp_path, capsys):
+    from dist_train.checkpoint.reshard import main as reshard_main
+
+    (tmp_path / "checkpoints" / "step_00000005").mkdir(parents=True)
+    assert reshard_main(["--checkpoint", str(tmp_path / "checkpoints" / "step_7")]) == 2
+    err = capsys.readouterr().err
+    assert "step_7 does not exist" in err and "step_00000005" in err
+    assert reshard_main(["--checkpoint", str(tmp_path / "checkpoints" / "step_5"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("step_00000005")

@@ -16,6 +16,7 @@ after a universal load into ZeRO-3 two DeepSpeed 0.19 defects are repaired (`rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint import safe_load
+from dist_train.checkpoint.layout import tag_for
 
 UNIVERSAL_TAG = "universal"
 
@@ -105,6 +107,21 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _existing_checkpoint(path: Path) -> Path | None:
+    """`path`, or `step_00000200` for a `step_200` that does not exist; None (with the reason on stderr) when
+    there is no such folder: a missing folder is no stage-0 checkpoint."""
+    if path.is_dir():
+        return path
+    if path.name.startswith("step_") and path.name[5:].isdigit():
+        padded = path.with_name(tag_for(int(path.name[5:])))
+        if padded.is_dir():
+            return padded
+    here = sorted(p.name for p in path.parent.glob("step_*") if p.is_dir()) if path.parent.is_dir() else []
+    print(f"reshard: checkpoint folder {path} does not exist"
+          + (f"; {path.parent} has {', '.join(here)}" if here else ""), file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_train.checkpoint.reshard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,17 +130,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="load files that need globals outside the safe allowlist (may run code)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    try:
-        safe_load.check_folder(args.checkpoint, args.trust_checkpoint)
-    except safe_load.UnsafeCheckpointError as e:
-        print(f"reshard: {e}", file=sys.stderr)
+    args.checkpoint = _existing_checkpoint(args.checkpoint)
+    if args.checkpoint is None:
         return 2
-    if not is_zero_checkpoint(args.checkpoint):
-        result = {"checkpoint": str(args.checkpoint), "universal": None,
-                  "note": "not a ZeRO 1-3 checkpoint: stage 0 loads at any world size as it is"}
-    else:
-        universal = convert_to_universal(args.checkpoint, args.trust_checkpoint)
-        result = {"checkpoint": str(args.checkpoint), "universal": str(universal)}
+    # DeepSpeed logs to stdout (on import too), which carries --json: its lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            safe_load.check_folder(args.checkpoint, args.trust_checkpoint)
+        except safe_load.UnsafeCheckpointError as e:
+            print(f"reshard: {e}", file=sys.stderr)
+            return 2
+        if not is_zero_checkpoint(args.checkpoint):
+            result = {"checkpoint": str(args.checkpoint), "universal": None,
+                      "note": "not a ZeRO 1-3 checkpoint: stage 0 loads at any world size as it is"}
+        else:
+            universal = convert_to_universal(args.checkpoint, args.trust_checkpoint)
+            result = {"checkpoint": str(args.checkpoint), "universal": str(universal)}
     if args.json:
         print(json.dumps(result))
     elif result["universal"] is None:
