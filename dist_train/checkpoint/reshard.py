@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dist_train.tools import deepspeed_logs_to_stderr
 from dist_train.checkpoint import safe_load
 from dist_train.checkpoint.layout import tag_for
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="load files that need globals outside the safe allowlist (may run code)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
+    deepspeed_logs_to_stderr()
     args.checkpoint = _existing_checkpoint(args.checkpoint)
     if args.checkpoint is None:
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dist_train.tools import deepspeed_logs_to_stderr
 from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import checkpoint_weights, save_weights_folder
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="load checkpoint files that need globals outside the safe allowlist: they may run "
                              "code when read, so only for a checkpoint whose source you trust")
     args = parser.parse_args(argv)
+    deepspeed_logs_to_stderr()
     available = complete_checkpoints(args.run)
     if args.last < 1 or args.last > len(available):
         print(f"average: --last must be between 1 and the {len(available)} complete checkpoints in "

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train.tools import deepspeed_logs_to_stderr
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import Config
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="load checkpoint files that need globals outside the safe allowlist: they may run "
                              "code when read, so only for a checkpoint whose source you trust")
     args = parser.parse_args(argv)
+    deepspeed_logs_to_stderr()
     if args.run is None and not args.weights:
         parser.error("give --run RUN and/or --weights DIR")
     if args.step is not None and args.run is None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dist_train.tools import deepspeed_logs_to_stderr
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="load checkpoint files that need globals outside the safe allowlist: they may run "
                              "code when read, so only for a checkpoint whose source you trust")
     args = parser.parse_args(argv)
+    deepspeed_logs_to_stderr()
     if args.weights is not None and args.step is not None:
         parser.error("--step and --weights exclude each other")
     try:
