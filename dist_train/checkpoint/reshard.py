@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dist_train.tools import deepspeed_logs_to_stderr
+from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint import safe_load
 from dist_train.checkpoint.layout import tag_for
 

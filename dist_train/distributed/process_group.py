@@ -4,6 +4,8 @@ other ranks wait for rank 0's file work.
 
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import datetime
 import os
@@ -95,3 +97,14 @@ def _wait_for_rank0_group() -> Any:
     if _rank0_work_group is None and dist.is_available() and dist.is_initialized():
         _rank0_work_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
     return _rank0_work_group
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to stdout (its handler holds the stdout of import time, so redirecting
+    `sys.stdout` later does not help), and a tool's stdout carries `--json`: point the handler at stderr."""
+    with contextlib.redirect_stdout(sys.stderr):  # importing DeepSpeed logs its accelerator
+        from deepspeed.utils import logger
+
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)

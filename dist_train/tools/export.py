@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dist_train.tools import deepspeed_logs_to_stderr
+from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
