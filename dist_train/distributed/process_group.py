@@ -4,10 +4,9 @@ other ranks wait for rank 0's file work.
 
 from __future__ import annotations
 
-import logging
-
 import contextlib
 import datetime
+import logging
 import os
 import sys
 from types import ModuleType
