@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train.formats.errors import FormatError
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
@@ -173,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(sources, args.max_samples, args.batch_size, args.unigram_tokens, device)
+    try:
+        result = evaluate(sources, args.max_samples, args.batch_size, args.unigram_tokens, device)
+    except FormatError as e:  # the run's shards: a relative data.path is read from the current folder
+        print(f"evaluate: {e}\n(the run's data.path is read relative to the current folder, {Path.cwd()}: run "
+              f"this from the folder training started in)", file=sys.stderr)
+        return 2
     print(json.dumps(result) if args.json else format_table(result["rows"], result["val_tokens"]))
     return 0
 
