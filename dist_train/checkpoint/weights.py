@@ -82,7 +82,7 @@ def _zero_state(path: Path) -> dict[str, Any]:
         sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=True)
         return sd["module"]
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints (also on import); stdout may carry --json
-        if list(path.glob(f"{BF16_OPTIMIZER_PREFIX}*_optim_states.pt")):
+        if _is_bf16_optimizer_checkpoint(path):
             return _bf16_optimizer_state(path)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -90,6 +90,18 @@ def _zero_state(path: Path) -> dict[str, Any]:
 
 
 BF16_OPTIMIZER_PREFIX = "bf16_zero_pp_rank_"
+
+
+def _is_bf16_optimizer_checkpoint(path: Path) -> bool:
+    """BF16_Optimizer's files, not ZeRO's: bf16 ZeRO-3 names its files `bf16_zero_pp_rank_*` too, but only ZeRO's
+    optimizer state says its stage."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+
+    files = sorted(path.glob(f"{BF16_OPTIMIZER_PREFIX}*_optim_states.pt"))
+    if not files:
+        return False
+    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)[OPTIMIZER_STATE_DICT]
+    return ZERO_STAGE not in state
 
 
 def _bf16_optimizer_state(path: Path) -> dict[str, torch.Tensor]:
