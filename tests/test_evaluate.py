@@ -32,7 +32,7 @@ def test_evaluate_reports_the_validation_loss_perplexity_and_unigram_baseline(tm
     proc = subprocess.run([sys.executable, "-m", "dist_train.evaluate", "--run", str(run_dir), "--json"],
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout)  # stdout is the JSON alone (DeepSpeed logs go to stderr)
     model_row, unigram_row = result["rows"]
     print(result)
 
