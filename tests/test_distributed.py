@@ -104,3 +104,26 @@ def test_each_process_takes_its_own_gpu_also_where_one_gpu_is_bound_per_task(mon
     assert os.environ["LOCAL_RANK"] == "5"
     export_torch_env(place)  # the CPU: the local rank as it is
     assert os.environ["LOCAL_RANK"] == "5"
+
+
+def _shm_files_while_running(rank: int, world_size: int) -> tuple[list[bool], float]:
+    import deepspeed.comm
+    import torch
+
+    from dist_train.distributed.process_group import shm_workspace_path
+
+    deepspeed.comm.barrier()  # every rank is past its init
+    left = [shm_workspace_path(r).exists() for r in range(world_size)]
+    summed = torch.full((1024,), float(rank + 1))
+    deepspeed.comm.inference_all_reduce(summed)  # the all-reduce that runs through those shared buffers
+    return left, float(summed[0])
+
+
+@pytest.mark.slow
+def test_deepspeed_cpu_all_reduce_leaves_no_shared_memory_behind(monkeypatch) -> None:
+    """Under DeepSpeed's launcher (LOCAL_SIZE = world size) its CPU backend maps a 66 MiB /dev/shm file per rank
+    and never removes it; our init removes the names once every rank has mapped them, and the shared all-reduce
+    still works."""
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    results = run_distributed(_shm_files_while_running, 2)
+    assert results == [([False, False], 3.0)] * 2
