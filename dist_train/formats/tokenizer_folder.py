@@ -7,13 +7,13 @@ remote code.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dist_train.formats.errors import FormatError
+from dist_train.formats.custom_code import custom_code_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,7 +40,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         # trust_remote_code=False, not unset: unset, transformers asks on a terminal whether to run the code.
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:
-        auto_map = _custom_code(folder)
+        auto_map = custom_code_classes(folder / "tokenizer_config.json")
         if auto_map:
             raise FormatError(f"tokenizer folder {path} names custom code ({auto_map} in tokenizer_config.json), "
                               f"which dist_train never runs (trust_remote_code is off): use a tokenizer class "
@@ -53,14 +53,6 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     # Documents are tokenized whole and cut at load time: silence the "longer than max length" warning.
     tok.model_max_length = sys.maxsize
     return tok
-
-
-def _custom_code(folder: Path) -> object:
-    """The `auto_map` of the folder's tokenizer_config.json (classes from Python files in the folder), if any."""
-    try:
-        return json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def tokenizer_sha256(path: str | os.PathLike) -> str:

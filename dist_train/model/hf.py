@@ -5,7 +5,6 @@ labels)` (like `EncoderDecoder`); both return the loss.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from dist_train.config import ConfigError, ModelConfig
+from dist_train.formats.custom_code import custom_code_classes
 from dist_train.model.loss import lm_loss
 
 
@@ -26,10 +26,7 @@ def load_hf_config(path: str) -> Any:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-        try:
-            auto_map = json.loads(file.read_text()).get("auto_map")
-        except (OSError, ValueError):
-            auto_map = None
+        auto_map = custom_code_classes(file)
         if auto_map:
             raise ConfigError(f"model.hf_config: {file} names custom code ({auto_map}), which dist_train never "
                               f"runs (trust_remote_code is off): use a model_type built into transformers, or "
