@@ -238,13 +238,30 @@ def use_arrow_pool_that_returns_memory() -> None:
     pyarrow.set_memory_pool(pool)
 
 
-def load_corpus(sources: Sequence[InputSource], text_field: str = "text", sample_by: str = "line",
-                streaming: bool = False, cache_dir: str | None = None
-                ) -> list[datasets.Dataset | datasets.IterableDataset]:
-    """The corpus as datasets with one string column `text`, in input order (one per format group).
+FILES_PER_STREAM = 256  # files one streaming `load_dataset` call is given
 
-    Non-streaming groups are Arrow datasets (cached on disk by `datasets`); streaming groups are
-    `IterableDataset`s that read the files lazily, so memory stays flat whatever the corpus size.
+
+class LazyStream:
+    """Consecutive files of one format, streamed by `datasets` once the reading gets to them and dropped after.
+    `datasets` keeps a few KB of state per file it is given (17,860 files: +41 MB before the first document), so
+    a folder of many small files is given to it FILES_PER_STREAM files at a time."""
+
+    def __init__(self, fmt: str, paths: list[str], text_field: str, sample_by: str, cache_dir: str | None) -> None:
+        self.fmt, self.paths, self.text_field, self.sample_by, self.cache_dir = fmt, paths, text_field, sample_by, \
+            cache_dir
+
+    def iter(self, batch_size: int) -> Iterator[dict]:
+        stream = _load_group(self.fmt, self.paths, self.text_field, self.sample_by, True, self.cache_dir)
+        yield from stream.iter(batch_size=batch_size)
+
+
+def load_corpus(sources: Sequence[InputSource], text_field: str = "text", sample_by: str = "line",
+                streaming: bool = False, cache_dir: str | None = None) -> list[datasets.Dataset | LazyStream]:
+    """The corpus as parts with one string column `text`, in input order.
+
+    Non-streaming: one Arrow dataset per run of same-format inputs (cached on disk by `datasets`). Streaming:
+    `LazyStream`s of at most FILES_PER_STREAM files that `datasets` reads lazily, so memory stays flat whatever
+    the corpus size or its number of files.
     """
     if sample_by not in SAMPLE_BY:
         raise DataPrepError(f"--sample-by must be one of {SAMPLE_BY}, not {sample_by!r}")
@@ -252,14 +269,16 @@ def load_corpus(sources: Sequence[InputSource], text_field: str = "text", sample
     for source in sources:
         if source.format == "json":
             _check_first_record(source, text_field)
-    return [_load_group(fmt, paths, text_field, sample_by, streaming, cache_dir)
-            for fmt, paths in _groups(sources)]
+    if not streaming:
+        return [_load_group(fmt, paths, text_field, sample_by, False, cache_dir) for fmt, paths in _groups(sources)]
+    return [LazyStream(fmt, paths[lo:lo + FILES_PER_STREAM], text_field, sample_by, cache_dir)
+            for fmt, paths in _groups(sources) for lo in range(0, len(paths), FILES_PER_STREAM)]
 
 
 READ_DOCS = 16  # documents `datasets` turns into Python strings at a time when batches are bounded in characters
 
 
-def _read_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], read_docs: int,
+def _read_batches(parts: Sequence[datasets.Dataset | LazyStream], read_docs: int,
                   start: int) -> Iterator[list]:
     """The texts of every row from `start` on, in the readers' batches of at most `read_docs` documents."""
     row = 0
@@ -278,7 +297,7 @@ def _read_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], 
             row += len(texts)
 
 
-def iter_text_batches(parts: Sequence[datasets.Dataset | datasets.IterableDataset], batch_size: int,
+def iter_text_batches(parts: Sequence[datasets.Dataset | LazyStream], batch_size: int,
                       start: int = 0, max_chars: int | None = None) -> Iterator[tuple[int, list]]:
     """(index of the first document, texts) batches over all parts, skipping the first `start` rows.
 

