@@ -241,14 +241,17 @@ def use_arrow_pool_that_returns_memory() -> None:
 FILES_PER_STREAM = 256  # files one streaming `load_dataset` call is given
 
 
+@dataclass(frozen=True)
 class LazyStream:
     """Consecutive files of one format, streamed by `datasets` once the reading gets to them and dropped after.
     `datasets` keeps a few KB of state per file it is given (17,860 files: +41 MB before the first document), so
     a folder of many small files is given to it FILES_PER_STREAM files at a time."""
 
-    def __init__(self, fmt: str, paths: list[str], text_field: str, sample_by: str, cache_dir: str | None) -> None:
-        self.fmt, self.paths, self.text_field, self.sample_by, self.cache_dir = fmt, paths, text_field, sample_by, \
-            cache_dir
+    fmt: str
+    paths: list[str]
+    text_field: str
+    sample_by: str
+    cache_dir: str | None
 
     def iter(self, batch_size: int) -> Iterator[dict]:
         stream = _load_group(self.fmt, self.paths, self.text_field, self.sample_by, True, self.cache_dir)

@@ -87,11 +87,10 @@ def unlink_shm_workspace() -> None:
     gives each rank a 66 MiB file in /dev/shm and never removes it: every CPU run left 66 MiB per process of RAM
     behind until reboot (a day of tests here: 11 GiB). Once every rank has mapped every file (the barrier), the
     names can go; the memory lives while a process maps it and is freed when the last one exits, even by kill -9."""
-    own = shm_workspace_path(dist.get_rank())
     if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
-        return
+        return  # DeepSpeed made no shared memory
     dist.barrier()
-    own.unlink(missing_ok=True)
+    shm_workspace_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
