@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint import safe_load
 from dist_train.checkpoint.layout import tag_for
+from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 
 UNIVERSAL_TAG = "universal"
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dist_train.formats.errors import FormatError
 from dist_train.formats.custom_code import custom_code_classes
+from dist_train.formats.errors import FormatError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

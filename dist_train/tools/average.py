@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import checkpoint_weights, save_weights_folder
 from dist_train.config import Config
+from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_train.formats.errors import FormatError
-from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import Config
 from dist_train.data.build import build_loader
 from dist_train.data.loader import TokenLoader
 from dist_train.data.span_corruption import span_lengths
+from dist_train.distributed.process_group import deepspeed_logs_to_stderr
+from dist_train.formats.errors import FormatError
 from dist_train.model.build import build_model, model_vocab_size
 
 

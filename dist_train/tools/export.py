@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
-from dist_train.model.hf import load_hf_config
+from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.formats.atomic_file import apply_umask_modes
+from dist_train.model.hf import load_hf_config
 from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
 
 LLAMA = ("rmsnorm", "rope", "swiglu")
