@@ -202,6 +202,20 @@ def test_residual_projections_get_scaled_init() -> None:
     assert abs(std_o - 0.02 / 4) < 3e-4 and abs(std_down - 0.02 / 4) < 3e-4  # sqrt(2 * 8) = 4
 
 
+
+def test_xavier_init_is_the_original_transformers_without_depth_scaling() -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(LLAMA_LIKE, n_layers=8, d_model=256, d_ff=512, init="xavier")
+    model = Transformer(cfg)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    # Xavier-uniform: U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3); residual outputs unscaled
+    for weight, fan_in, fan_out in [(attn.q_proj.weight, 256, 256), (attn.o_proj.weight, 256, 256),
+                                    (mlp.down_proj.weight, 512, 256), (mlp.up_proj.weight, 256, 512)]:
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert weight.abs().max().item() <= bound
+        assert abs(weight.std().item() - bound / 3 ** 0.5) < 0.03 * bound
+    assert abs(model.tok_emb.weight.std().item() - 256 ** -0.5) < 2e-3
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_hf_config_folder_builds_and_trains_one_step(kind: str, tmp_path) -> None:
     hf_cfg = llama_config(LLAMA_LIKE) if kind == "llama" else gpt2_config(GPT2_LIKE)

@@ -46,7 +46,8 @@ class ModelConfig:
     """Normalisation layer."""
     norm_position: Literal["pre", "post"] = "pre"
     """`pre`: x + f(norm(x)) with a final norm (GPT-2, Llama, T5); `post`: norm(x + f(x)), the original "Add &
-    Norm" (Vaswani et al., BART), with the norm moved from the end to the embeddings. Post needs lr warmup."""
+    Norm" (Vaswani et al., BART), with the norm moved from the end to the embeddings. Post with model.init=xavier
+    needs lr warmup (BENCHMARKS.md)."""
     pos: Literal["rope", "learned", "relative"] = "rope"
     """Position encoding: rotary (Llama), a learned table (GPT-2, BART) or T5's bucketed relative attention bias
     (encoder_decoder only)."""
@@ -70,8 +71,14 @@ class ModelConfig:
     """Epsilon of the normalisation layers; range > 0."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies; range > 0."""
+    init: Literal["normal", "xavier"] = "normal"
+    """Weight init. `normal`: N(0, init_std), with the projections that write into the residual stream scaled by
+    1/sqrt(2*n_layers) (GPT-2, Llama, nanoGPT); the down-scaled branches also tame post-norm. `xavier`: the
+    original Transformer's (Vaswani et al. 2017, as fairseq and tensor2tensor build it): Xavier-uniform linear
+    weights with no depth scaling and embeddings N(0, d_model^-0.5); init_std is then unused."""
     init_std: float = 0.02
-    """Std of the normal init; residual output projections are scaled by 1/sqrt(2*n_layers); range > 0."""
+    """Std of the normal init (model.init=normal); residual output projections are scaled by 1/sqrt(2*n_layers);
+    range > 0."""
     hf_config: str | None = None
     """Path to a `transformers` config (folder or config.json): train that architecture instead (built with
     `AutoModelForCausalLM.from_config`, or `AutoModelForSeq2SeqLM` for model.arch=encoder_decoder; no download).

@@ -291,16 +291,22 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """GPT-2 / Llama init: N(0, init_std); the projections that write into the residual stream are scaled by
-    1/sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2 paper). Built under ZeRO-3's
-    zero.Init, each module's weights are already partitioned here: they are gathered."""
+    """model.init=normal, GPT-2 / Llama: N(0, init_std); the projections that write into the residual stream are
+    scaled by 1/sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2 paper).
+    model.init=xavier, the original Transformer's: Xavier-uniform linear weights, each residual branch as large as
+    the stream it joins (what makes post-norm need warmup, Xiong et al. 2020), embeddings N(0, d_model^-0.5).
+    Built under ZeRO-3's zero.Init, each module's weights are already partitioned here: they are gathered."""
     with gathered_for_init(list(module.parameters(recurse=False))):
         if isinstance(module, nn.Linear):
-            std = cfg.init_std
-            if getattr(module, "is_residual_out", False):
-                std /= math.sqrt(2 * cfg.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if cfg.init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                std = cfg.init_std
+                if getattr(module, "is_residual_out", False):
+                    std /= math.sqrt(2 * cfg.n_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+            std = cfg.d_model ** -0.5 if cfg.init == "xavier" else cfg.init_std
+            nn.init.normal_(module.weight, mean=0.0, std=std)
