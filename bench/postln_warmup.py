@@ -67,7 +67,7 @@ def unigram_loss(data: Path) -> float:
     return loss_of(unigram_probs(cfg, 100_000_000), val_windows(cfg, None))
 
 
-def plot(runs: dict[str, Path], out: Path) -> None:
+def plot(runs: dict[str, Path], table: dict[str, dict[int, float]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +81,7 @@ def plot(runs: dict[str, Path], out: Path) -> None:
         style = "-" if "s1234" in name else ":"
         steps = [r["step"] for r in records if "loss" in r]
         ax.plot(steps, [r["loss"] for r in records if "loss" in r], style, color=colours[kind], lw=1.3,
-                label=f"{name}: val {val_losses(run_dir)[300]:.3f}")
+                label=f"{name}: val {table[name][max(table[name])]:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats)")
     ax.set_ylim(4.4, 7.0)
@@ -123,7 +123,7 @@ def main() -> int:
         print(f"val loss at steps 100 / 200 / 300 (unigram model of the targets: {unigram:.3f})")
         for name, losses in table.items():
             print(f"  {name:24s} " + " / ".join(f"{losses[s]:.3f}" for s in (100, 200, 300)))
-    plot(runs, args.png)
+    plot(runs, table, args.png)
     print(f"wrote {args.png}")
     return 0
 

@@ -202,7 +202,6 @@ def test_residual_projections_get_scaled_init() -> None:
     assert abs(std_o - 0.02 / 4) < 3e-4 and abs(std_down - 0.02 / 4) < 3e-4  # sqrt(2 * 8) = 4
 
 
-
 def test_xavier_init_is_the_original_transformers_without_depth_scaling() -> None:
     torch.manual_seed(0)
     cfg = dataclasses.replace(LLAMA_LIKE, n_layers=8, d_model=256, d_ff=512, init="xavier")
