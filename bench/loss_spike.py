@@ -35,6 +35,7 @@ from dist_train.checkpoint.verify import sha256_of  # noqa: E402
 from dist_train.data.loader import TokenLoader  # noqa: E402
 from dist_train.formats.manifest import read_manifest, write_json_atomic  # noqa: E402
 from dist_train.monitor.jsonl import read_metrics  # noqa: E402
+from bench.loss_figure import DEMO_SHARDS, loss_figure  # noqa: E402
 
 SEQ_LEN = 128
 GLOBAL_BATCH = 8
@@ -89,38 +90,27 @@ def train(data: Path, out_dir: Path, rollback: bool) -> subprocess.CompletedProc
 
 
 def plot(with_rollback: Path, without: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run_dir, label, colour in ((without, "no rollback (train.max_rollbacks=0)", "tab:red"),
-                                   (with_rollback, "rollback (train.max_rollbacks=1)", "tab:blue")):
-        records = read_metrics(run_dir)
-        steps = [r["step"] for r in records if "loss" in r]
-        val = [r["val_loss"] for r in records if "val_loss" in r][-1]
-        ax.plot(steps, [r["loss"] for r in records if "loss" in r], color=colour, lw=1.6,
-                label=f"{label}: final val_loss {val:.3f}")
-    for event in (r for r in read_metrics(with_rollback) if r.get("event") == "loss_spike"):
-        first, last = event["spike_first_step"], event["spike_last_step"]
-        ax.plot(range(first, last + 1), event["spike_losses"], "x", color="tab:blue", ms=9,
-                label=f"spike detected, undone: back to step {event['rolled_back_to_step']}")
-        ax.axvspan(first - 0.5, last + 0.5, color="tab:blue", alpha=0.12,
-                   label=f"{event['skipped_batches']} batches skipped (global samples "
-                         f"{event['skipped_samples_from']}-{event['skipped_samples_to'] - 1}: the garbage)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats)")
-    ax.set_title("Random tokens in the data at steps 26-27: tiny model, 2 CPU processes, ZeRO 1")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    title = "Random tokens in the data at steps 26-27: tiny model, 2 CPU processes, ZeRO 1"
+    with loss_figure(out, title) as ax:
+        for run_dir, label, colour in ((without, "no rollback (train.max_rollbacks=0)", "tab:red"),
+                                       (with_rollback, "rollback (train.max_rollbacks=1)", "tab:blue")):
+            records = read_metrics(run_dir)
+            steps = [r["step"] for r in records if "loss" in r]
+            val = [r["val_loss"] for r in records if "val_loss" in r][-1]
+            ax.plot(steps, [r["loss"] for r in records if "loss" in r], color=colour, lw=1.6,
+                    label=f"{label}: final val_loss {val:.3f}")
+        for event in (r for r in read_metrics(with_rollback) if r.get("event") == "loss_spike"):
+            first, last = event["spike_first_step"], event["spike_last_step"]
+            ax.plot(range(first, last + 1), event["spike_losses"], "x", color="tab:blue", ms=9,
+                    label=f"spike detected, undone: back to step {event['rolled_back_to_step']}")
+            ax.axvspan(first - 0.5, last + 0.5, color="tab:blue", alpha=0.12,
+                       label=f"{event['skipped_batches']} batches skipped (global samples "
+                             f"{event['skipped_samples_from']}-{event['skipped_samples_to'] - 1}: the garbage)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "shakespeare" / "shards",
+    parser.add_argument("--data", type=Path, default=DEMO_SHARDS,
                         help="a shard folder (as `make demo` writes it); it is copied, not changed")
     parser.add_argument("--out", type=Path, help="folder for the two runs (default: a temporary one)")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "loss_spike_rollback.png")

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dist_train.monitor.jsonl import read_metrics  # noqa: E402
+from bench.loss_figure import DEMO_SHARDS, loss_figure  # noqa: E402
 
 WARMUPS = (0, 60)
 POST_NORM = ["model.norm_position=post", "model.norm=layernorm", "model.pos=learned", "model.mlp=gelu",
@@ -68,33 +69,22 @@ def unigram_loss(data: Path) -> float:
 
 
 def plot(runs: dict[str, Path], table: dict[str, dict[int, float]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.8))
     colours = {"w0": "tab:red", "w60": "tab:blue", "control": "tab:gray"}
-    for name, run_dir in runs.items():
-        records = read_metrics(run_dir)
-        kind = "control" if name.startswith("normal") else name.rsplit("_", 1)[1]
-        style = "-" if "s1234" in name else ":"
-        steps = [r["step"] for r in records if "loss" in r]
-        ax.plot(steps, [r["loss"] for r in records if "loss" in r], style, color=colours[kind], lw=1.3,
-                label=f"{name}: val {table[name][max(table[name])]:.3f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats)")
-    ax.set_ylim(4.4, 7.0)
-    ax.set_title("Post-norm encoder-decoder, Xavier init, peak lr 5e-4: warmup 0 (red) vs 60 steps (blue)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    title = "Post-norm encoder-decoder, Xavier init, peak lr 5e-4: warmup 0 (red) vs 60 steps (blue)"
+    with loss_figure(out, title, height=4.8, legend_size=7) as ax:
+        ax.set_ylim(4.4, 7.0)
+        for name, run_dir in runs.items():
+            records = read_metrics(run_dir)
+            kind = "control" if name.startswith("normal") else name.rsplit("_", 1)[1]
+            style = "-" if "s1234" in name else ":"
+            steps = [r["step"] for r in records if "loss" in r]
+            ax.plot(steps, [r["loss"] for r in records if "loss" in r], style, color=colours[kind], lw=1.3,
+                    label=f"{name}: val {table[name][max(table[name])]:.3f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "shakespeare" / "shards",
+    parser.add_argument("--data", type=Path, default=DEMO_SHARDS,
                         help="a shard folder of a 2,048-token tokenizer (as `make demo` writes it)")
     parser.add_argument("--out", type=Path, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1])

@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_train.checkpoint.reshard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder RUN/checkpoints/step_N")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load files that need globals outside the safe allowlist (may run code)")
+    safe_load.add_trust_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     deepspeed_logs_to_stderr()

@@ -162,6 +162,13 @@ def refuse_or_trust(problems: dict[str, list[str]], trust: bool, report: bool = 
               f"{', '.join(names)}", file=sys.stderr, flush=True)
 
 
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust-checkpoint`, worded the same in every command that reads checkpoints."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
+                             "code when read, so only for a checkpoint whose source you trust")
+
+
 def check_folder(folder: Path, trust: bool = False) -> None:
     """Refuse a checkpoint folder holding a file that needs a global outside the allowlist."""
     refuse_or_trust(unsafe_files(checkpoint_files(folder)), trust)
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                      usage="%(prog)s [--trust-checkpoint] -m MODULE [ARGS ...]",
                                      description="Run a Python module with every torch.load a weights_only load "
                                                  "under the checkpoint allowlist (e.g. DeepSpeed's ds_to_universal).")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="load refused files with pickle")
+    add_trust_argument(parser)
     if "-m" not in argv or argv.index("-m") + 1 >= len(argv):
         parser.error("name the module to run: -m MODULE [ARGS ...]")
     at = argv.index("-m")  # everything after the module name is its own

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state
-from dist_train.checkpoint.safe_load import UnsafeCheckpointError
+from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
 from dist_train.checkpoint.weights import checkpoint_weights, save_weights_folder
 from dist_train.config import Config
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last", type=int, required=True, help="average the K most recent checkpoints")
     parser.add_argument("--out", type=Path, required=True, help="output weights folder (replaced when complete)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
-                             "code when read, so only for a checkpoint whose source you trust")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     deepspeed_logs_to_stderr()
     available = complete_checkpoints(args.run)

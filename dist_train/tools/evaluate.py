@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_train.checkpoint.safe_load import UnsafeCheckpointError
+from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import Config
 from dist_train.data.build import build_loader
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unigram-tokens", type=int, default=100_000_000,
                         help="training tokens per source counted for the unigram baseline")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
-                             "code when read, so only for a checkpoint whose source you trust")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     deepspeed_logs_to_stderr()
     if args.run is None and not args.weights:

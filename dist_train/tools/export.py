@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dist_train.checkpoint.safe_load import UnsafeCheckpointError
+from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
@@ -304,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load checkpoint files that need globals outside the safe allowlist: they may run "
-                             "code when read, so only for a checkpoint whose source you trust")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
     deepspeed_logs_to_stderr()
     if args.weights is not None and args.step is not None:
