@@ -25,6 +25,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dist_train.config import parse_args_with_overrides  # noqa: E402
+
 TINY = REPO / "configs" / "tiny.yaml"
 DATA = REPO / "data" / "shakespeare" / "shards"
 
@@ -40,6 +42,22 @@ def read(results: Path, name: str) -> dict[str, Any]:
     lines = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     found = [r for r in lines if r.get("check") == name]
     return found[-1] if found else {}
+
+
+def first_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object that starts a line of `text`: DeepSpeed logs to stdout when it is imported (e.g.
+    "Setting ds_accelerator to cuda"), so a script's --json output can follow log lines."""
+    at = 0
+    for line in text.splitlines(keepends=True):
+        if line.startswith("{"):
+            try:
+                found = json.JSONDecoder().raw_decode(text, at)[0]
+            except json.JSONDecodeError:
+                found = None
+            if isinstance(found, dict):
+                return found
+        at += len(line)
+    return None
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,13 +147,15 @@ def pytest_check(args: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *args.pytest_args],
                           cwd=REPO, env=launcher_env(), capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if "GiB" in line or "passed" in line or "failed" in line]
-    record = {"check": args.name, "exit": proc.returncode, "ok": proc.returncode == 0, "lines": lines}
-    if proc.returncode != 0:
+    # A skipped test (no CUDA device seen) measured nothing: only a pass counts.
+    passed = proc.returncode == 0 and any(" passed" in line for line in lines)
+    record = {"check": args.name, "exit": proc.returncode, "ok": passed, "lines": lines}
+    if not passed:
         record["output_tail"] = (proc.stdout + proc.stderr)[-2000:]
     return record
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, required=True)
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,7 +181,17 @@ def main() -> None:
     st = sub.add_parser("status")
     st.add_argument("name")
     st.add_argument("exit", type=int)
-    args = p.parse_args()
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # `train NAME --nproc N key=value ...`: argparse alone reads the overrides' list with NAME, before the
+    # options, and then refuses the pairs that follow them.
+    return parse_args_with_overrides(build_parser(), argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.command == "train":
         record = train(args)
     elif args.command == "same-losses":
@@ -172,10 +202,9 @@ def main() -> None:
         record = pytest_check(args)
     elif args.command == "record":
         text = sys.stdin.read()
-        try:
-            record = {"check": args.name, **json.loads(text), "ok": True}
-        except json.JSONDecodeError:
-            record = {"check": args.name, "ok": False, "output_tail": text[-2000:]}
+        result = first_json_object(text)
+        record = ({"check": args.name, **result, "ok": True} if result is not None
+                  else {"check": args.name, "ok": False, "output_tail": text[-2000:]})
     else:
         record = {"check": args.name, "exit": args.exit, "ok": args.exit == 0}
     append(args.results, record)

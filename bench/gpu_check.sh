@@ -5,7 +5,8 @@
 #
 # Every check appends one JSON line ({"check": NAME, "ok": ..., figures}) to RESULTS (default
 # $OUT/gpu_check.jsonl, else runs/gpu_check/gpu_check.jsonl); those lines become the BENCHMARKS.md rows.
-# --dry-run prints every command instead of running it (no GPU needed). --only runs the named checks.
+# --dry-run prints every command instead of running it, quoted as a shell would run it, for a node of NGPU GPUs
+# (default 8; no GPU needed). --only runs the named checks.
 # Checks, on 1 GPU and on all of them where there are several (about 9 minutes on one H100-class GPU):
 #   env              torch, DeepSpeed, GPUs
 #   nccl-1, nccl-N   bf16 ZeRO-2 training on 1 and N GPUs (NCCL), the same global batch: same losses
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --only) ONLY="$2"; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
         *) RESULTS="$1" ;;
     esac
     shift
@@ -36,7 +37,7 @@ PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-${OUT:-runs/gpu_check}/gpu_check.jsonl}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dist_train/torch_extensions}
 if [ "$DRY" = 1 ]; then
-    NGPU=N
+    NGPU=${NGPU:-8}
 else
     NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
     if [ "$NGPU" -lt 1 ]; then echo "gpu_check: no GPU (nvidia-smi -L lists none); try --dry-run" >&2; exit 2; fi
@@ -44,7 +45,7 @@ else
 fi
 G="$PY bench/gpu_check.py --results $RESULTS"
 # The same global batch on 1 and N GPUs (accumulation makes up the difference), so their losses agree.
-TINY_BF16="precision=bf16 deepspeed.zero_stage=2 train.micro_batch_size=8 train.global_batch_size=\$((8 * $NGPU))"
+TINY_BF16="precision=bf16 deepspeed.zero_stage=2 train.micro_batch_size=8 train.global_batch_size=$((8 * NGPU))"
 # llama-1b at seq 2048 on one GPU, no recomputation (37.5 GiB by `scaling memory`): the MFU goal's setting.
 LLAMA_1B="--config configs/llama-1b.yaml --nproc 1 --steps 30 --json model.grad_checkpointing=false \
 train.micro_batch_size=4 train.global_batch_size=8 wandb.enabled=false"
@@ -52,7 +53,7 @@ train.micro_batch_size=4 train.global_batch_size=8 wandb.enabled=false"
 check() {  # NAME SECONDS COMMAND: run it (or print it), record a failed exit
     local name=$1 limit=$2 cmd=$3
     if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
-    if [ "$DRY" = 1 ]; then echo "$name: timeout $limit bash -c '$cmd'"; return 0; fi
+    if [ "$DRY" = 1 ]; then echo "$name: timeout $limit bash -c ${cmd@Q}"; return 0; fi
     echo "== $name ($(date +%T))" >&2
     timeout "$limit" bash -c "$cmd"
     local rc=$?

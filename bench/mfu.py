@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from throughput import TIMING_WARMUP_STEPS, deepspeed_cmd, ensure_demo_data, launcher_env  # noqa: E402
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--nproc", type=int, default=1)
@@ -34,7 +34,11 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.micro_batch_size=4")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     ensure_demo_data(Path(args.data))
     out = Path(tempfile.mkdtemp(prefix="dist_train_mfu_"))

@@ -132,7 +132,7 @@ def machine_peak(cfg: Config, nproc: int) -> tuple[float, str]:
     return cpu_matmul_peak_flops(dtype) * nproc, f"{nproc} CPU cores x measured 1-thread {cfg.precision} matmul"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     p.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)
@@ -144,6 +144,11 @@ def main() -> None:
                                   "ours/own-model,hf-trainer")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides for all runs, e.g. deepspeed.zero_stage=2")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
 
     ensure_demo_data(Path(args.data))
