@@ -75,6 +75,8 @@ def main() -> None:
         max_grad_norm=t.grad_clip, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
         logging_steps=10**9, save_strategy="no", report_to=[], deepspeed=ds, seed=t.seed,
         dataloader_num_workers=0, disable_tqdm=True, torch_compile=args.compile,
+        # fp32 matmuls in TF32 or not, as our trainer runs them (train.tf32); HF turns TF32 on only when compiling
+        tf32=cfg.train.tf32 if torch.cuda.is_available() else None,
     )
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_args, train_dataset=WindowDataset(loader, samples, cfg.model.seq_len),

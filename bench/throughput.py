@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from dist_train.config import Config, ModelConfig, load_config  # noqa: E402
 from dist_train.model.count import flops_per_token  # noqa: E402
 from dist_train.monitor.throughput import math_mode, peak_flops  # noqa: E402
+from dist_train.distributed.process_group import configure_matmul_precision  # noqa: E402
 
 TIMING_WARMUP_STEPS = 5
 
@@ -126,6 +127,7 @@ def cpu_matmul_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 10) 
 def machine_peak(cfg: Config, nproc: int) -> tuple[float, str]:
     if torch.cuda.is_available():
         device = torch.device("cuda", 0)
+        configure_matmul_precision(device, cfg.train.tf32)  # as the trainer does: fp32 runs in TF32 by default
         peak = peak_flops(device, math_mode(cfg.precision))
         return (peak or float("nan")) * nproc, f"{nproc} x {torch.cuda.get_device_name(0)} dense {cfg.precision} peak"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)

@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_prints_every_command_it_would_run(tmp_path):
     assert all(f"--results {results}" in c for c in commands.values())
     assert "precision=fp16 deepspeed.zero_stage=0" in commands["fp16-zero0"]
     assert "precision=fp16 deepspeed.zero_stage=2" in commands["fp16-zero2"]
+    assert "same-losses fp16-zero0-vs-2 fp16-zero0 fp16-zero2" in commands["fp16-zero2"]
     assert "deepspeed.offload_optimizer=true deepspeed.offload_params=true" in commands["zero3-offload"]
     assert "deepspeed.zero_stage=3" in commands["zero3-offload"]
     assert "train.compile=true" in commands["compile-zero2"] and "train.compile=true" in commands["mfu-compiled"]

@@ -85,10 +85,19 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def cpu_runs_fp16() -> bool:
+    """Whether DeepSpeed's CPU accelerator takes fp16 here: it asks oneDNN (as its `is_fp16_supported` does), which
+    says yes on CPUs with AVX512-FP16 or AMX-FP16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def check_machine(cfg: Config) -> None:
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling does not run on "
-                          "the CPU); use precision=bf16 or precision=fp32 here")
+    if cfg.precision == "fp16" and not torch.cuda.is_available() and not cpu_runs_fp16():
+        raise ConfigError("precision=fp16 needs a CUDA GPU or a CPU with fp16 arithmetic (AVX512-FP16 or AMX-FP16; "
+                          "DeepSpeed refuses fp16 on this one); use precision=bf16 or precision=fp32 here")
 
 
 def check_positions(cfg: Config) -> None:

@@ -57,7 +57,7 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
         batch = data.next_batch()
         loss = engine(*(t.to(device, non_blocking=True) for t in batch))
         loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
-        engine.backward(loss)
+        backward(engine, loss)
         if micro == accum - 1:
             # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
             # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
@@ -72,6 +72,37 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
     if measure_grad_norm:
         flags.grad_norm = _finite_or_none(stage0_norm) if stage0_norm is not None else _engine_grad_norm(engine)
     return flags
+
+
+class LossScaledTwice(RuntimeError):
+    """DeepSpeed scaled a ZeRO-0 fp16 loss that `backward` had already scaled: the workaround must go."""
+
+
+def backward(engine: Any, loss: torch.Tensor) -> None:
+    """`engine.backward(loss)`, with the fp16 loss scale applied at ZeRO-0 where DeepSpeed leaves it out.
+
+    DeepSpeed 0.19.8's `engine.backward` scales the loss only for a ZeRO optimizer, yet at ZeRO-0 its fp16
+    optimizers (FP16_UnfusedOptimizer, FP16_Optimizer) divide the gradients by the scale in `step()`: the
+    updates come out 65,536 times too small next to AdamW's eps, clipping never engages and small fp16 gradients
+    underflow (DeepSpeed PR #8393, open). So the loss is scaled here. Should a later DeepSpeed scale it as well, the
+    gradient reaching the loss is the scale times larger than the 1 / accumulation steps expected, and the run
+    stops with that said rather than train on gradients scaled twice."""
+    if not (engine.fp16_enabled() and engine.zero_optimization_stage() == 0):
+        engine.backward(loss)
+        return
+    scaled = loss * loss_scale(engine.optimizer)
+    expected = 1.0 / engine.gradient_accumulation_steps()
+    seen: list[float] = []
+    hook = scaled.register_hook(lambda grad: seen.append(float(grad)))
+    try:
+        engine.backward(scaled)
+    finally:
+        hook.remove()
+    if seen and not math.isclose(seen[0], expected, rel_tol=1e-3):
+        raise LossScaledTwice(
+            f"this DeepSpeed scales the fp16 loss at ZeRO-0 itself (d backward/d loss = {seen[0]:g}, expected "
+            f"{expected:g}), and dist_train's workaround for DeepSpeed 0.19.8 scales it too; until dist_train drops "
+            f"the workaround use deepspeed.zero_stage=1 or higher, or precision=bf16")
 
 
 def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool | torch.Tensor, slices: int = 1) -> StepResult:
