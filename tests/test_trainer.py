@@ -141,6 +141,44 @@ def test_fp16_at_zero_0_scales_the_loss_and_trains_like_zero_2(shard_dir, tmp_pa
         assert a["loss"] == pytest.approx(b["loss"], rel=2.5e-2)  # 1.1 % here; 4.4 % before the fix
 
 
+def _fp16_zero0_backward(rank: int, world_size: int, deepspeed_scales_too: bool) -> dict:
+    import deepspeed
+
+    from dist_train.train.step import LossScaledTwice, backward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+    x, y = (0.01 * torch.randn(4, 16)).half(), (0.01 * torch.randn(4, 1)).half()  # no fp16 overflow at 2^15
+    fp32_loss = ((model(x.float()) - y.float()) ** 2).mean()  # the reference gradients, before DeepSpeed's hooks
+    reference = torch.autograd.grad(fp32_loss, list(model.parameters()))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "fp16": {"enabled": True},
+        "zero_optimization": {"stage": 0}})
+    if deepspeed_scales_too:  # what DeepSpeed PR #8393 would do: scale the ZeRO-0 loss in engine.backward
+        unscaled_backward = engine.backward
+        engine.backward = lambda loss: unscaled_backward(loss * engine.optimizer.loss_scale_config.cur_scale)
+    loss = ((engine(x) - y).float() ** 2).mean()
+    try:
+        backward(engine, loss)
+    except LossScaledTwice as e:
+        return {"refused": str(e)}
+    grads = [p.grad.float() for p in engine.module.parameters()]
+    ratio = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) / torch.linalg.vector_norm(
+        torch.stack([g.norm() for g in reference]))
+    return {"ratio": ratio.item(), "scale": engine.optimizer.loss_scale_config.cur_scale}
+
+
+@pytest.mark.skipif(not cpu_runs_fp16() and not torch.cuda.is_available(), reason="no fp16 on this CPU")
+def test_fp16_zero0_gradients_carry_the_loss_scale_once():
+    """The gradients of one micro-batch are the loss scale / accumulation steps times the loss's own; a DeepSpeed
+    that scaled the ZeRO-0 loss as well (simulated) is refused, not scaled twice."""
+    done = run_distributed(_fp16_zero0_backward, 1, False)[0]
+    assert done["ratio"] == pytest.approx(done["scale"] / 2, rel=1e-2)
+    refused = run_distributed(_fp16_zero0_backward, 1, True)[0]
+    assert "scales the fp16 loss at ZeRO-0 itself" in refused["refused"]
+    assert "deepspeed.zero_stage=1 or higher" in refused["refused"]
+
+
 @pytest.mark.slow
 def test_any_transformers_architecture_trains_from_its_config(shard_dir, tmp_path):
     """model.hf_config: a GPT-2 built with from_config (no download) trains under the same loop."""
