@@ -74,6 +74,10 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
     return flags
 
 
+_scaling_checked = False
+"""Whether this process has seen how engine.backward treats a ZeRO-0 fp16 loss (see `backward`)."""
+
+
 class LossScaledTwice(RuntimeError):
     """DeepSpeed scaled a ZeRO-0 fp16 loss that `backward` had already scaled: the workaround must go."""
 
@@ -87,10 +91,14 @@ def backward(engine: Any, loss: torch.Tensor) -> None:
     underflow (DeepSpeed PR #8393, open). So the loss is scaled here. Should a later DeepSpeed scale it as well, the
     gradient reaching the loss is the scale times larger than the 1 / accumulation steps expected, and the run
     stops with that said rather than train on gradients scaled twice."""
+    global _scaling_checked
     if not (engine.fp16_enabled() and engine.zero_optimization_stage() == 0):
         engine.backward(loss)
         return
     scaled = loss * loss_scale(engine.optimizer)
+    if _scaling_checked:  # DeepSpeed does what it did on the first micro-batch: no host sync every time
+        engine.backward(scaled)
+        return
     expected = 1.0 / engine.gradient_accumulation_steps()
     seen: list[float] = []
     hook = scaled.register_hook(lambda grad: seen.append(float(grad)))
@@ -103,6 +111,7 @@ def backward(engine: Any, loss: torch.Tensor) -> None:
             f"this DeepSpeed scales the fp16 loss at ZeRO-0 itself (d backward/d loss = {seen[0]:g}, expected "
             f"{expected:g}), and dist_train's workaround for DeepSpeed 0.19.8 scales it too; until dist_train drops "
             f"the workaround use deepspeed.zero_stage=1 or higher, or precision=bf16")
+    _scaling_checked = True
 
 
 def reduce_step(local_loss: torch.Tensor, stop: bool, bad_grads: bool | torch.Tensor, slices: int = 1) -> StepResult:
