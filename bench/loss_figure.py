@@ -11,10 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-DEMO_SHARDS = Path(__file__).resolve().parent.parent / "data" / "shakespeare" / "shards"
-"""What `make demo` writes: the default `--data` of the scripts that train on it."""
-
-
 @contextmanager
 def loss_figure(out: Path, title: str, height: float = 4.5, legend_size: int = 8) -> Iterator[Any]:
     """Yield the axes to draw the runs on; on exit label, legend and save it to `out`."""
