@@ -141,6 +141,34 @@ def test_fp16_at_zero_0_scales_the_loss_and_trains_like_zero_2(shard_dir, tmp_pa
         assert a["loss"] == pytest.approx(b["loss"], rel=2.5e-2)  # 1.1 % here; 4.4 % before the fix
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.skipif(not cpu_runs_fp16() and not torch.cuda.is_available(), reason="no fp16 on this CPU")
+def test_fp16_loss_scaler_overflows_are_skipped_without_counting_as_divergence(shard_dir, tmp_path, stage):
+    """A loss scale of 2^30 overflows the fp16 gradients for many steps in a row, more than train.max_bad_steps:
+    the scaler skips them and halves the scale until the gradients fit, the run does not stop as diverged, and
+    the grad_norm it logs is that of the unscaled loss."""
+    run = tmp_path / "run"
+    proc = launch_training(TINY, short_run(shard_dir, run, "precision=fp16", f"deepspeed.zero_stage={stage}",
+                                           "deepspeed.fp16_initial_scale_power=30", "train.max_bad_steps=3",
+                                           "train.max_steps=24"), nproc=1, launcher="python")
+    assert_ok(proc)
+    rows = metric_rows(run)
+    print("\n".join(f"{r['step']}: loss {r['loss']:.4f} grad_norm {r['grad_norm']} scale {r['loss_scale']:g} "
+                    f"overflows {r['overflow_steps']}" for r in rows))
+    assert len(rows) == 24 and all(r["skipped_steps"] == 0 for r in rows)
+    overflows = rows[-1]["overflow_steps"]
+    assert overflows > 3, "the test must overflow for more steps in a row than train.max_bad_steps"
+    assert [r["overflow_steps"] for r in rows[:overflows]] == list(range(1, overflows + 1))
+    # Each overflow halves the scale; at ZeRO 1-2 DeepSpeed's hysteresis of 2 spares the first halving.
+    assert rows[-1]["loss_scale"] == 2.0 ** (30 - overflows + (stage > 0))
+    clean = rows[overflows:]
+    assert all(r["overflow_steps"] == overflows for r in clean)
+    assert all(r["grad_norm"] is not None and 0.01 < r["grad_norm"] < 100 for r in clean), "grad_norm is unscaled"
+    assert clean[-1]["loss"] < rows[0]["loss"] - 0.3  # it trains once the scale fits
+    assert "loss scale" in proc.stdout and "overflows)" in proc.stdout
+
+
 def _fp16_zero0_backward(rank: int, world_size: int, deepspeed_scales_too: bool) -> dict:
     import deepspeed
 

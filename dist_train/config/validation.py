@@ -65,6 +65,7 @@ RANGES: dict[str, Range] = {
     "train.max_rollbacks": NON_NEGATIVE, "train.spike_window": POSITIVE, "train.spike_margin": POSITIVE,
     "train.spike_steps": POSITIVE,
     "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
+    "deepspeed.fp16_initial_scale_power": Range(0, 40),
     "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE,
     "checkpoint.every": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
 }

@@ -56,7 +56,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         # immediate_grad_update: BF16_Optimizer (bf16 ZeRO-1, fp32 accumulation) folds each bf16 gradient into
         # its fp32 one as the backward pass produces it and frees it, rather than holding both until the step.
         "bf16": {"enabled": cfg.precision == "bf16", "immediate_grad_update": True},
-        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": ds.fp16_initial_scale_power,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         # We pass a client optimizer (dist_train.train.optim): torch's AdamW, or DeepSpeedCPUAdam when the
         # optimizer is offloaded, so DeepSpeed's check that offload runs its CPU Adam stays on.

@@ -246,7 +246,10 @@ class Run:
         tokens_per_forward = cfg.train.micro_batch_size * cfg.model.seq_len // self.layout.sequence  # a slice
         record.update(gather_rank_throughput(self.forward_timer, tokens_per_forward))
         if cfg.precision == "fp16":
+            # As Megatron logs them: the scale, and the steps the scaler skipped for an overflow (DeepSpeed's count,
+            # kept in its checkpoints), which train.max_bad_steps does not count.
             record["loss_scale"] = loss_scale(self.engine.optimizer)
+            record["overflow_steps"] = self.engine.skipped_steps
         self.logger.log(record)
         self.rank0.print(format_log_line(record, cfg.train.max_steps))
 
@@ -339,8 +342,10 @@ def format_log_line(r: dict[str, Any], max_steps: int) -> str:
     grad = f"{r['grad_norm']:.3f}" if r["grad_norm"] is not None else "n/a"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     reserved = f" ({r['mem_reserved_gib']:.2f} reserved)" if r["mem_reserved_gib"] is not None else ""
+    scaler = (f" | loss scale {r['loss_scale']:g} ({r['overflow_steps']} overflows)"
+              if r.get("loss_scale") is not None else "")
     return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {grad} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {r['mem_gib']:.2f} GiB{reserved}")
+            f"{r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {r['mem_gib']:.2f} GiB{reserved}{scaler}")
 
 
 def write_run_files(run_dir: Path, cfg: Config, ds_config: dict[str, Any]) -> None:
