@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from throughput import deepspeed_cmd, ensure_demo_data, launcher_env  # noqa: E402
+from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from throughput import deepspeed_cmd, launcher_env  # noqa: E402
 
 RUNS = {"fp32": ["precision=fp32"],
         "bf16/bf16": ["precision=bf16", "deepspeed.grad_accum_dtype=bf16"],
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--accum", type=int, default=8)
-    p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
+    p.add_argument("--data", default=str(DEMO_SHARDS))
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. deepspeed.zero_stage=2")
     args = p.parse_args()

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.demo_data import DEMO_SHARDS  # noqa: E402
 from dist_train.config import load_config  # noqa: E402
 from dist_train.model.count import count_params  # noqa: E402
 from dist_train.monitor.jsonl import read_metrics  # noqa: E402
@@ -51,7 +52,7 @@ def run_metrics(data: Path, out: Path, stage: int, extra: list[str]) -> list[dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "shakespeare" / "shards")
+    parser.add_argument("--data", type=Path, default=DEMO_SHARDS)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--variants", nargs="+", default=["sync", "async"], choices=["sync", "async"])
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")

@@ -25,10 +25,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.demo_data import DEMO_SHARDS as DATA, ensure_demo_data  # noqa: E402
 from dist_train.config import parse_args_with_overrides  # noqa: E402
 
 TINY = REPO / "configs" / "tiny.yaml"
-DATA = REPO / "data" / "shakespeare" / "shards"
 
 
 def append(results: Path, record: dict[str, Any]) -> None:
@@ -63,7 +63,7 @@ def first_json_object(text: str) -> dict[str, Any] | None:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """A short run of configs/tiny.yaml (or --config) under the deepspeed launcher; its losses, speed, fp16
     loss scales and whether it ended with exit 0."""
-    from throughput import deepspeed_cmd, ensure_demo_data, launcher_env  # imports torch: only where needed
+    from throughput import deepspeed_cmd, launcher_env  # imports torch: only where needed
 
     ensure_demo_data(DATA)
     out = Path(tempfile.mkdtemp(prefix=f"gpu_check_{args.name}_"))

@@ -35,6 +35,7 @@ from dist_train.checkpoint.verify import sha256_of  # noqa: E402
 from dist_train.data.loader import TokenLoader  # noqa: E402
 from dist_train.formats.manifest import read_manifest, write_json_atomic  # noqa: E402
 from dist_train.monitor.jsonl import read_metrics  # noqa: E402
+from bench.demo_data import DEMO_SHARDS  # noqa: E402
 from bench.loss_figure import loss_figure  # noqa: E402
 
 SEQ_LEN = 128
@@ -110,7 +111,7 @@ def plot(with_rollback: Path, without: Path, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "shakespeare" / "shards",
+    parser.add_argument("--data", type=Path, default=DEMO_SHARDS,
                         help="a shard folder (as `make demo` writes it); it is copied, not changed")
     parser.add_argument("--out", type=Path, help="folder for the two runs (default: a temporary one)")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "loss_spike_rollback.png")

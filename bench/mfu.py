@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from throughput import TIMING_WARMUP_STEPS, deepspeed_cmd, ensure_demo_data, launcher_env  # noqa: E402
+from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from throughput import TIMING_WARMUP_STEPS, deepspeed_cmd, launcher_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
+    p.add_argument("--data", default=str(DEMO_SHARDS))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.micro_batch_size=4")
     return p

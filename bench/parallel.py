@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from throughput import ensure_demo_data, ours  # noqa: E402
+from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from throughput import ours  # noqa: E402
 
 
 def free_port() -> int:
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. precision=bf16")
     args = parser.parse_args()
-    shards = REPO / "data" / "shakespeare" / "shards"
+    shards = DEMO_SHARDS
     ensure_demo_data(shards)
     n = args.nproc
     common = [f"data.path={shards}", "train.micro_batch_size=8", f"train.global_batch_size={8 * n}",

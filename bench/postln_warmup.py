@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dist_train.monitor.jsonl import read_metrics  # noqa: E402
+from bench.demo_data import DEMO_SHARDS  # noqa: E402
 from bench.loss_figure import loss_figure  # noqa: E402
 
 WARMUPS = (0, 60)
@@ -84,7 +85,7 @@ def plot(runs: dict[str, Path], table: dict[str, dict[int, float]], out: Path) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "shakespeare" / "shards",
+    parser.add_argument("--data", type=Path, default=DEMO_SHARDS,
                         help="a shard folder of a 2,048-token tokenizer (as `make demo` writes it)")
     parser.add_argument("--out", type=Path, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1])

@@ -39,23 +39,9 @@ from dist_train.config import Config, ModelConfig, load_config  # noqa: E402
 from dist_train.model.count import flops_per_token  # noqa: E402
 from dist_train.monitor.throughput import math_mode, peak_flops  # noqa: E402
 from dist_train.distributed.process_group import configure_matmul_precision  # noqa: E402
+from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
 
 TIMING_WARMUP_STEPS = 5
-
-
-def ensure_demo_data(shards: Path) -> None:
-    """The bundled corpus, tokenized as `make demo` does, if it is not there yet."""
-    if (shards / "manifest.json").exists():
-        return
-    from data_prep.corpora import write_corpus
-    from data_prep.shard import shard_corpus
-    from data_prep.tokenizer import train_tokenizer
-
-    root = shards.parent
-    write_corpus("shakespeare", root)
-    tok = train_tokenizer([str(root / "shakespeare.jsonl")], 2048, root / "tokenizer", progress=False)
-    shard_corpus([str(root / "shakespeare.jsonl")], str(tok), str(shards), val_fraction=0.05, seed=0,
-                 progress=False)
 
 
 def write_llama_config(m: ModelConfig, folder: Path) -> Path:
@@ -139,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     p.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--data", default=str(REPO / "data" / "shakespeare" / "shards"))
+    p.add_argument("--data", default=str(DEMO_SHARDS))
     p.add_argument("--repeats", type=int, default=3, help="rounds of all runs; the median is reported")
     p.add_argument("--skip-hf-model", action="store_true", help="skip ours/hf-model (saves a run)")
     p.add_argument("--runs", help="comma-separated names of the runs to make (default: all), e.g. "
