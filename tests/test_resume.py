@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from distributed_helpers import REPO
 from resume_helpers import (
     EVERY,
@@ -33,6 +34,8 @@ from resume_helpers import (
 )
 
 from dist_train.checkpoint.layout import CLIENT_STATE
+from dist_train.monitor.jsonl import read_metrics
+from dist_train.train.preflight import cpu_runs_fp16
 from dist_train.train.signals import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -46,13 +49,19 @@ def reference(tmp_path_factory, shard_dir):
     return shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, *ZERO2)
 
 
-VARIANTS = {"fp32": (), "bf16": ("precision=bf16",), "num_workers": ("data.num_workers=2",)}
+VARIANTS = {"fp32": (), "bf16": ("precision=bf16",), "num_workers": ("data.num_workers=2",),
+            "fp16": ("precision=fp16", "deepspeed.fp16_initial_scale_power=20")}
 """Runs that must resume bit for bit: the reference's fp32 run, bf16 (DeepSpeed's bf16 optimizer restores the
-fp32 master weights and rebuilds the bf16 ones), and batches prepared ahead by loader workers (those prepared
-but not yet trained on at a save must be neither skipped nor repeated)."""
+fp32 master weights and rebuilds the bf16 ones), batches prepared ahead by loader workers (those prepared but
+not yet trained on at a save must be neither skipped nor repeated), and fp16 with a loss scale that overflows
+in steps 1-3 (2^20, hysteresis 2): resumed from step 2 with the scaler reset, step 3 would not be the same."""
+
+_NO_FP16 = not cpu_runs_fp16() and not torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.skipif(v == "fp16" and _NO_FP16,
+                                                                             reason="no fp16 on this CPU"))
+                                     for v in VARIANTS])
 def test_resume_after_sigkills_matches_uninterrupted_run(reference, tmp_path_factory, shard_dir, tmp_path, variant):
     extra = (*ZERO2, *VARIANTS[variant])
     if variant != "fp32":
@@ -76,6 +85,10 @@ def test_resume_after_sigkills_matches_uninterrupted_run(reference, tmp_path_fac
     assert run(cmd, log) == 0, tail(log)
     assert log.read_text().count("resumed from") >= 1
     assert_same_end(tmp_path, reference)
+    if variant == "fp16":
+        scales = [(r["loss_scale"], r["overflow_steps"]) for r in read_metrics(reference) if "loss" in r]
+        print(f"reference (loss scale, overflows) per step: {scales}")
+        assert scales[1] == (2.0**19, 2) and scales[-1] == (2.0**18, 3), "the scaler must be mid-search at step 2"
 
 
 def test_kill_while_writing_a_checkpoint_leaves_latest_at_the_previous_one(reference, shard_dir, tmp_path):
