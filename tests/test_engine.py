@@ -27,6 +27,7 @@ def test_generated_ds_config_sums_bf16_gradients_in_fp32_and_overlaps_at_zero_1_
     zero = ds["zero_optimization"]
     # DeepSpeed 0.19 refuses bf16 with fp32 accumulation without ZeRO ("unsupported mix"): stage 0 sums in bf16.
     assert ds.get("data_types") == (None if stage == 0 else {"grad_accum_dtype": "fp32"})
+    assert ds.get("communication_data_type") == (None if stage == 0 else "fp32")  # the all-reduce too
     assert zero.get("overlap_comm", False) is (stage in (1, 2))
     if stage in (1, 2):
         assert zero["allgather_bucket_size"] == zero["reduce_bucket_size"] <= OVERLAP_BUCKET
@@ -34,6 +35,7 @@ def test_generated_ds_config_sums_bf16_gradients_in_fp32_and_overlaps_at_zero_1_
     before = deepspeed_config(load_config(TINY, [f"deepspeed.zero_stage={stage}", "precision=bf16",
                                                  "deepspeed.grad_accum_dtype=bf16"]), world_size=2)
     assert "data_types" not in fp32 and "data_types" not in before
+    assert "communication_data_type" not in fp32 and "communication_data_type" not in before
 
 
 def test_offloaded_optimizer_keeps_deepspeeds_cpu_optimizer_check_on() -> None:
@@ -205,3 +207,39 @@ def test_gradient_norm_and_validation_are_read_to_the_host_only_when_needed(shar
     assert set(reads["step in dist_train"]) <= {"optim.py:step", "step.py:reduce_step", "collectives.py:sum_over_ranks"}
     # An evaluation reads its summed loss once, whatever the number of batches.
     assert reads["eval4"] == reads["eval2"]
+
+
+def _reduced_bf16_gradient(rank: int, world_size: int, stage: int, overrides: list[str]) -> float:
+    """One SGD step (lr 1) of a 1-weight bf16 model whose gradient is 1 on rank 0 and 2^-9 on rank 1, under the
+    generated ds_config: the fp32 master weight moves by minus the data-parallel mean gradient as reduced."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    cfg = load_config(TINY, [f"deepspeed.zero_stage={stage}", "precision=bf16", "train.grad_accum_steps=1",
+                             "train.micro_batch_size=1", "train.global_batch_size=2", *overrides])
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=deepspeed_config(cfg, world_size))
+    x = torch.tensor([[1.0 if rank == 0 else 2.0**-9]], dtype=torch.bfloat16)  # d(sum of w x)/dw = x, exact
+    engine.backward(engine(x).float().sum())
+    engine.step()
+    return float(safe_get_full_fp32_param(next(engine.module.parameters())).item())
+
+
+def _reduced_bf16_gradients(rank: int, world_size: int) -> dict:
+    return {f"zero{stage}{'-bf16-accum' if bf16 else ''}": _reduced_bf16_gradient(
+                rank, world_size, stage, ["deepspeed.grad_accum_dtype=bf16"] if bf16 else [])
+            for stage in (1, 2, 3) for bf16 in (False, True)}
+
+
+@pytest.mark.slow
+def test_bf16_gradients_are_averaged_over_ranks_in_fp32_at_zero_1_2_3() -> None:
+    """The fp32 sum of the micro-batches is not rounded back to bf16 for the all-reduce (DeepSpeed's default
+    communication dtype under bf16): the mean of 1 and 2^-9 is 0.5 + 2^-10 in fp32, and 0.5 in bf16, whose 8-bit
+    mantissa cannot hold it. With deepspeed.grad_accum_dtype=bf16 the reduction stays in bf16, as DeepSpeed does."""
+    weights = run_distributed(_reduced_bf16_gradients, 2)[0]
+    print(weights)
+    for stage in (1, 2, 3):
+        assert weights[f"zero{stage}"] == -(0.5 + 2.0**-10), f"ZeRO-{stage} reduced the gradients in bf16"
+        assert weights[f"zero{stage}-bf16-accum"] == -0.5

@@ -191,9 +191,10 @@ class DeepSpeedConfig:
     offload_params: bool = False
     """Keep parameters on the CPU between uses (ZeRO 3 only)."""
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Under precision=bf16 at ZeRO 1-3: the dtype the micro-batches' gradients are summed in. fp32 (Megatron's
-    and torchtitan's choice) keeps every micro-batch's contribution; bf16 (DeepSpeed's default) saves memory but
-    rounds each sum to 8 mantissa bits. At ZeRO-1, fp32 runs DeepSpeed's BF16_Optimizer (an fp32 gradient per
+    """Under precision=bf16 at ZeRO 1-3: the dtype the micro-batches' gradients are summed in, and averaged over
+    the data-parallel ranks in. fp32 (Megatron's and torchtitan's choice) keeps every micro-batch's and every
+    rank's contribution; bf16 (DeepSpeed's default) saves memory and half the gradient traffic but rounds each
+    sum to 8 mantissa bits. At ZeRO-1, fp32 runs DeepSpeed's BF16_Optimizer (an fp32 gradient per
     parameter), and a bf16 ZeRO-1 run cannot resume with another value. ZeRO-0 always sums in bf16 (DeepSpeed
     0.19 has no fp32 accumulation without ZeRO); ignored for fp32 and fp16."""
     fp16_initial_scale_power: int = 16

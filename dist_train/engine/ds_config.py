@@ -71,6 +71,10 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         # small ones. DeepSpeed 0.19 cannot do it at ZeRO-0 (engine._do_optimizer_sanity_check: "unsupported
         # mix"); at ZeRO-1 it switches to its BF16_Optimizer, which keeps an fp32 gradient per parameter.
         ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
+        # And average them over the data-parallel ranks in fp32 (Megatron's grad_reduce_in_fp32, torchtitan's
+        # reduce_dtype): under bf16 DeepSpeed casts the fp32 sum to bf16 for the all-reduce by default, which
+        # rounds it to 8 bits again. Twice the gradient traffic, which the overlap at ZeRO-2 hides.
+        ds_config["communication_data_type"] = "fp32"
     if cfg.parallel.tensor > 1:
         ds_config["tensor_parallel"] = tensor_parallel_section(cfg)
     if load_universal:

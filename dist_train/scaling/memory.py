@@ -253,9 +253,14 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     else:  # ZeRO-1 holds full gradients until the reduce at the accumulation boundary
         backward_transient = p * psi - p * psi // n if stage == 1 and not bf16_optimizer else 0
     step_transient = 4 * psi // (n if sharded_states else 1) if master else 0
+    if bf16_optimizer and n > 1:
+        # After the last backward, before the step: the all-reduce flattens the fp32 gradients into buffers of
+        # up to 5e8 elements (engine.buffered_allreduce_fallback), reduced in fp32 (ds_config
+        # communication_data_type).
+        step_transient = max(step_transient, 4 * min(psi, ALLREDUCE_BUCKET))
 
     # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one bucket at init. The
-    # BF16_Optimizer all-reduces its fp32 gradients in place: no buckets.
+    # BF16_Optimizer keeps no bucket (its all-reduce buffers are a step transient, above).
     bucket_bytes = zero["reduce_bucket_size"] * p * (2 if zero["overlap_comm"] and stage < 3 else 1)
     buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] and not bf16_optimizer else 0
     if stage == 3:
