@@ -1,6 +1,6 @@
-"""How far bf16 training drifts from fp32 with many accumulation steps, with gradients summed in bf16 (DeepSpeed's
-default, what the generated ds_config did before) and in fp32 (`deepspeed.grad_accum_dtype: fp32`, now the
-default).
+"""How far bf16 training drifts from fp32 with many accumulation steps, with gradients summed and all-reduced in
+bf16 (DeepSpeed's default, what the generated ds_config did at first) and in fp32 (`deepspeed.grad_accum_dtype:
+fp32`, now the default, which sets DeepSpeed's data_types.grad_accum_dtype and communication_data_type).
 
 Three runs of the same config, same data, same seed, under the deepspeed launcher (2 CPU processes or GPUs):
   fp32         precision=fp32                                      the reference
