@@ -99,6 +99,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def cpu_to_gpu_resume(args: argparse.Namespace) -> dict[str, Any]:
+    """A ZeRO-1 checkpoint saved by 2 CPU processes (gloo), resumed by 1 process on the GPU: another world size,
+    so through DeepSpeed's universal checkpoint, into a fused CUDA AdamW whose `step` the load left on the CPU
+    (dist_train.checkpoint.reshard.place_loaded_steps moves it). The resumed steps must train."""
+    from throughput import launcher_env
+
+    ensure_demo_data(DATA)
+    out = Path(tempfile.mkdtemp(prefix=f"gpu_check_{args.name}_"))
+    common = [str(REPO / "launch" / "train.py"), "--config", str(TINY), f"data.path={DATA}", f"run.out_dir={out}",
+              "precision=fp32", "deepspeed.zero_stage=1", "train.global_batch_size=8", "train.micro_batch_size=4",
+              "train.log_every=1", "train.eval_every=0", f"checkpoint.every={args.steps}", "wandb.enabled=false"]
+    cpu_env = dict(launcher_env(), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    saved = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "--master_addr=127.0.0.1", f"--master_port={29900 + os.getpid() % 90}", *common,
+                            f"train.max_steps={args.steps}"], cwd=REPO, env=cpu_env, capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, *common, f"train.max_steps={2 * args.steps}"], cwd=REPO,
+                             env=launcher_env(), capture_output=True, text=True)
+    metrics = out / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    after = [losses.get(step) for step in range(args.steps + 1, 2 * args.steps + 1)]
+    record: dict[str, Any] = {"check": args.name, "exit_saved": saved.returncode, "exit_resumed": resumed.returncode,
+                              "resumed": "resumed from" in resumed.stdout + resumed.stderr,
+                              "losses": [losses.get(step) for step in range(1, 2 * args.steps + 1)]}
+    record["ok"] = (saved.returncode == resumed.returncode == 0 and record["resumed"]
+                    and all(x is not None and math.isfinite(x) for x in after))
+    if not record["ok"]:
+        record["stderr_tail"] = (saved.stderr if saved.returncode else resumed.stderr)[-2000:]
+    return record
+
+
 def same_losses(args: argparse.Namespace) -> dict[str, Any]:
     a, b = read(args.results, args.a), read(args.results, args.b)
     la, lb = a.get("losses", []), b.get("losses", [])
@@ -171,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("a")
     s.add_argument("b")
     s.add_argument("--rel", type=float, default=2e-2)
+    c = sub.add_parser("cpu-to-gpu-resume")
+    c.add_argument("name")
+    c.add_argument("--steps", type=int, default=4, help="steps on the CPU, then as many on the GPU")
     k = sub.add_parser("kernels")
     k.add_argument("name")
     pt = sub.add_parser("pytest")
@@ -198,6 +232,8 @@ def main() -> None:
         record = same_losses(args)
     elif args.command == "kernels":
         record = kernels(args)
+    elif args.command == "cpu-to-gpu-resume":
+        record = cpu_to_gpu_resume(args)
     elif args.command == "pytest":
         record = pytest_check(args)
     elif args.command == "record":

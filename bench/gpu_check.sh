@@ -16,6 +16,7 @@
 #   compile-zero2    train.compile=true (engine.compile()) gives the eager losses
 #   zero3-offload    ZeRO-3 with optimizer (DeepSpeedCPUAdam) and parameter offload
 #   memory-estimate  tests/test_scaling.py's CUDA test: the memory estimate against max_memory_allocated
+#   reshard-resume   a ZeRO-1 checkpoint of 2 CPU processes resumed on 1 GPU (universal load, fused CUDA AdamW)
 #   mfu-eager/-compiled  bench/mfu.py on configs/llama-1b.yaml at seq 2048 (MFU against the GPU's bf16 peak)
 #   trainer-vs-hf    bench/throughput.py: our trainer against HF Trainer + DeepSpeed on the same model
 set -u
@@ -77,6 +78,7 @@ $G same-losses compile-vs-eager nccl-1 compile-zero2"
 check zero3-offload 240 "$G train zero3-offload --nproc $NGPU precision=bf16 deepspeed.zero_stage=3 \
 deepspeed.offload_optimizer=true deepspeed.offload_params=true"
 check memory-estimate 240 "$G pytest memory-estimate tests/test_scaling.py -m gpu -k cuda_max_memory"
+check reshard-resume 240 "$G cpu-to-gpu-resume reshard-resume"
 check mfu-eager 240 "$PY bench/mfu.py $LLAMA_1B | $G record mfu-eager"
 check mfu-compiled 360 "$PY bench/mfu.py $LLAMA_1B train.compile=true | $G record mfu-compiled"
 check trainer-vs-hf 360 "$PY bench/throughput.py --config configs/llama-1b.yaml --nproc 1 --steps 20 --repeats 1 \

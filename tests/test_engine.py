@@ -64,6 +64,31 @@ def test_universal_conversion_uses_a_worker_per_rank_file_up_to_the_cpus() -> No
     assert conversion_workers(cpus=1, rank_files=0) == (1, 1)
 
 
+def test_a_universal_load_leaves_adams_step_where_torchs_own_load_puts_it() -> None:
+    """DeepSpeed's universal load assigns the `step` it read to the CPU; a fused AdamW on a GPU reads it on the
+    device. After `place_loaded_steps` each step sits where torch's Optimizer.load_state_dict would put it. The
+    parameters are on the meta device here: a device other than the CPU, as a GPU's are."""
+    from types import SimpleNamespace
+
+    from dist_train.checkpoint.reshard import place_loaded_steps
+
+    params = [torch.nn.Parameter(torch.zeros(3, device="meta")) for _ in range(3)]
+    fused = torch.optim.AdamW([{"params": params[:2]}], fused=True)
+    plain = torch.optim.AdamW([{"params": params[2:]}])
+    for optimizer in (fused, plain):
+        for param in optimizer.param_groups[0]["params"]:  # what the universal load leaves
+            optimizer.state[param] = {"step": torch.tensor(7.0, dtype=torch.float64), "exp_avg": torch.zeros_like(
+                param), "exp_avg_sq": torch.zeros_like(param)}
+        by_torch = type(optimizer)([{"params": optimizer.param_groups[0]["params"]}],
+                                   **({"fused": True} if optimizer is fused else {}))
+        by_torch.load_state_dict(optimizer.state_dict())
+        place_loaded_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=optimizer)))
+        for param in optimizer.param_groups[0]["params"]:
+            ours, theirs = optimizer.state[param]["step"], by_torch.state[param]["step"]
+            assert (ours.device, ours.dtype) == (theirs.device, theirs.dtype)
+    assert fused.state[params[0]]["step"].device.type == "meta" and plain.state[params[2]]["step"].device.type == "cpu"
+
+
 def _overrides(shard_dir: str, out_dir: Path, *extra: str) -> list[str]:
     return [f"data.path={shard_dir}", f"run.out_dir={out_dir}", "model.n_layers=2", f"train.max_steps={STEPS}",
             "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.eval_every=0", "checkpoint.every=0",

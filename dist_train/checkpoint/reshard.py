@@ -104,6 +104,21 @@ def repair_zero3_optimizer(engine: Any, hyperparameters: list[dict[str, Any]]) -
             state["step"] = state["step"].clone()
 
 
+def place_loaded_steps(engine: Any) -> None:
+    """Put each Adam `step` where torch's own `Optimizer.load_state_dict` would: on its parameter's device, as
+    fp32, in a fused or capturable group (a fused CUDA AdamW reads it on the GPU), and where it is in any other
+    (torch keeps it on the CPU there). DeepSpeed's universal load assigns the tensor it read from step.pt, which
+    ds_to_universal wrote from a CPU copy (`map_location="cpu"`), at every ZeRO stage."""
+    optimizer = _base_optimizer(engine)
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
+
 def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 

@@ -226,6 +226,7 @@ class Checkpointer:
                                         load_lr_scheduler_states=True)
             if self.cfg.deepspeed.zero_stage == 3:
                 reshard.repair_zero3_optimizer(self.engine, hyperparameters)
+            reshard.place_loaded_steps(self.engine)
         else:
             self.engine.load_checkpoint(str(plan.path.parent), tag=plan.path.name, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)

@@ -200,9 +200,9 @@ class DeepSpeedConfig:
     fp16_initial_scale_power: int = 16
     """Under precision=fp16: the dynamic loss scale starts at 2 ** this (DeepSpeed's and Megatron's 2 ** 16 by
     default). A step whose scaled gradients overflow is skipped and halves the scale (at ZeRO 1-3 DeepSpeed's
-    hysteresis of 2 spares the first halving); 1000 clean steps double it. Overflows are the scaler at work, not divergence: they
-    are logged as overflow_steps and do not count towards train.max_bad_steps. Ignored for fp32 and bf16; range
-    in [0, 40]."""
+    hysteresis of 2 spares the first halving); 1000 clean steps double it. Overflows are the scaler at work, not
+    divergence: they are logged as overflow_steps and do not count towards train.max_bad_steps. Ignored for fp32
+    and bf16; range in [0, 40]."""
 
 
 @dataclass
