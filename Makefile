@@ -1,8 +1,11 @@
 # The two set-up commands of README.md: `make demo` and `make test`. Nothing else needs installing by hand.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# Processes: one per GPU when nvidia-smi sees any, else 2 CPU processes (gloo).
-NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c "^GPU"); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
+# Processes: one per GPU when nvidia-smi sees any (those CUDA_VISIBLE_DEVICES names, where it is set), else 2 CPU
+# processes (gloo).
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c "^GPU"); \
+	[ "$${n:-0}" -gt 0 ] && [ -n "$${CUDA_VISIBLE_DEVICES+set}" ] && n=$$(echo "$$CUDA_VISIBLE_DEVICES" | tr , '\n' | grep -c .); \
+	[ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
 DATA := data/shakespeare
 RUN := runs/tiny
 # One cache for DeepSpeed's JIT-built ops (the CPU shm op builds once, ~30 s, then is reused).

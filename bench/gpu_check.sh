@@ -41,6 +41,9 @@ if [ "$DRY" = 1 ]; then
     NGPU=${NGPU:-8}
 else
     NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+    if [ "$NGPU" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then  # the GPUs the checks may use
+        NGPU=$(echo "$CUDA_VISIBLE_DEVICES" | tr , '\n' | grep -c .)
+    fi
     if [ "$NGPU" -lt 1 ]; then echo "gpu_check: no GPU (nvidia-smi -L lists none); try --dry-run" >&2; exit 2; fi
     mkdir -p "$(dirname "$RESULTS")"
 fi

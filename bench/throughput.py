@@ -40,6 +40,7 @@ from dist_train.model.count import flops_per_token  # noqa: E402
 from dist_train.monitor.throughput import math_mode, peak_flops  # noqa: E402
 from dist_train.distributed.process_group import configure_matmul_precision  # noqa: E402
 from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from launch.devices import deepspeed_device_args  # noqa: E402
 
 TIMING_WARMUP_STEPS = 5
 
@@ -63,8 +64,8 @@ def launcher_env() -> dict[str, str]:
 
 
 def deepspeed_cmd(nproc: int, port: int, script: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", f"--master_port={port}",
-            str(script), *args]
+    devices = deepspeed_device_args(nproc, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available())
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *devices, f"--master_port={port}", str(script), *args]
 
 
 def run(cmd: list[str], label: str) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train on this machine with the DeepSpeed launcher: N GPUs when CUDA is present, else N CPU processes (gloo).
 #   bash launch/run_local.sh N --config configs/tiny.yaml [key=value ...]
-# Same as `deepspeed --num_gpus N launch/train.py ...`, with the CPU set-up done for you. Training options:
+# Same as `deepspeed --num_gpus N launch/train.py ...`, with the CPU set-up done for you, on the first N GPUs
+# that CUDA_VISIBLE_DEVICES names where it is set. Training options:
 #   python launch/train.py --help
 # One difference: TERM, INT (Ctrl-C) or USR1 to this script makes training save a checkpoint and exit 75,
 # however long the save takes, up to DT_GRACE_S seconds (default 600).
@@ -11,7 +12,7 @@
 # (a Ctrl-C or a group kill never reaches them) with USR1 ignored (which they inherit and keep), and this
 # script turns a stop signal into USR1 to that session: only the trainers act on it.
 set -uo pipefail  # no -e: the script must outlive a failed launcher to pass its exit code on
-usage() { sed -n '2,5s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,6s/^# \{0,1\}//p' "$0"; }
 case "${1:-}" in
     -h|--help) usage; exit 0 ;;
     ''|*[!0-9]*) echo "run_local.sh: the first argument is the number of processes, got '${1:-}'" >&2; usage >&2
@@ -26,13 +27,18 @@ grace=${DT_GRACE_S:-600}
 port=${MASTER_PORT:-$("$python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    devices=(--num_gpus "$nproc")
+else
+    # The GPUs CUDA_VISIBLE_DEVICES names, not 0..N-1 (deepspeed's launcher drops it given --num_gpus).
+    listed=$("$python" -m launch.devices "$nproc") || exit 2
+    mapfile -t devices <<<"$listed"
 fi
 
 # A background subshell is not a process-group leader, so setsid starts the session in place: the launcher's
 # pid is the session's (and process group's) id.
 (
     trap '' USR1
-    exec setsid "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" \
+    exec setsid "$python" -m deepspeed.launcher.runner "${devices[@]}" \
         --master_port "$port" launch/train.py "$@"
 ) &
 launcher=$!

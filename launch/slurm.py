@@ -232,7 +232,9 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-task", type=int, help="CPUs per training process (data loader workers etc.)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="srun",
                    help="srun: one task per GPU, ranks from SLURM (default); "
-                        "deepspeed: one task per node running the deepspeed launcher with --no_ssh")
+                        "deepspeed: one task per node running the deepspeed launcher with --no_ssh, which "
+                        "numbers each node's GPUs from 0: use it where SLURM confines a job to its GPUs "
+                        "(ConstrainDevices=yes in cgroup.conf)")
     p.add_argument("--cpu", action="store_true", help="train on CPUs (gloo), ask for no GPUs")
     p.add_argument("--gpu-memory", type=float, metavar="GIB",
                    help="GiB per GPU of the cluster: refuse a run whose estimated peak needs more")
