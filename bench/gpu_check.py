@@ -162,6 +162,11 @@ def kernels(args: argparse.Namespace) -> dict[str, Any]:
                 sdpa_attention(q, k, v, 0.0).sum().backward()
             torch.cuda.synchronize()
         record["flash_gqa_ms"] = (time.perf_counter() - start) / 10 * 1e3
+        # fp32 with GQA must reach the memory-efficient kernel (which takes no enable_gqa), not only the math one.
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            sdpa_attention(q32, k32, v32, 0.0).sum().backward()
+        record["fp32_gqa_efficient_kernel"] = True
         configure_matmul_precision(device, tf32=True)
         record["tf32_on"] = [torch.get_float32_matmul_precision(), bool(torch.backends.cuda.matmul.allow_tf32)]
         configure_matmul_precision(device, tf32=False)

@@ -12,7 +12,8 @@
 #   nccl-1, nccl-N   bf16 ZeRO-2 training on 1 and N GPUs (NCCL), the same global batch: same losses
 #   fp16-zero0/2     fp16 with dynamic loss scaling: the scale is logged, grad_norm is unscaled, scaler
 #                    overflows are not counted as divergence, and ZeRO-0's losses are ZeRO-2's
-#   kernels          the flash SDPA kernel with grouped-query attention (enable_gqa), bf16, seq 2048; train.tf32
+#   kernels          the flash SDPA kernel with grouped-query attention (enable_gqa), bf16, seq 2048; fp32 GQA
+#                    on the memory-efficient kernel; train.tf32
 #   compile-zero2    train.compile=true (engine.compile()) gives the eager losses
 #   zero3-offload    ZeRO-3 with optimizer (DeepSpeedCPUAdam) and parameter offload
 #   memory-estimate  tests/test_scaling.py's CUDA test: the memory estimate against max_memory_allocated

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dist_train.config import ModelConfig
-from dist_train.model.blocks import SDPA_HAS_GQA, sdpa_attention, use_matmul_attention
+from dist_train.model.blocks import SDPA_HAS_GQA, gqa_in_kernel, sdpa_attention, use_matmul_attention
 from dist_train.model.build import build_model
 from dist_train.model.decoder import Transformer
 
@@ -272,6 +272,15 @@ def test_auto_attention_is_matmul_only_for_16_bit_cpu_tensors_up_to_128_tokens()
     assert not use_matmul_attention("auto", x(torch.float32))  # the CPU flash kernel is faster in fp32
     assert not use_matmul_attention("auto", x(torch.bfloat16, seq=256))  # longer: flash is as fast, less memory
     assert use_matmul_attention("matmul", x(torch.float32)) and not use_matmul_attention("sdpa", x(torch.bfloat16))
+
+
+@pytest.mark.skipif(not SDPA_HAS_GQA, reason="enable_gqa needs torch >= 2.5")
+def test_grouped_query_sdpa_shares_kv_heads_in_the_kernel_except_in_fp32_on_cuda() -> None:
+    """On CUDA only the flash kernel (16-bit) and the math kernel take enable_gqa: fp32 gets repeated K and V, so
+    that the memory-efficient kernel, not the math one, runs (checked on a GPU by bench/gpu_check.py kernels)."""
+    assert gqa_in_kernel("cuda", torch.bfloat16) and gqa_in_kernel("cuda", torch.float16)
+    assert not gqa_in_kernel("cuda", torch.float32)
+    assert gqa_in_kernel("cpu", torch.float32) and gqa_in_kernel("cpu", torch.bfloat16)
 
 
 @pytest.mark.skipif(not SDPA_HAS_GQA, reason="enable_gqa needs torch >= 2.5")

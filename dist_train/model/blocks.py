@@ -121,6 +121,14 @@ SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 the kernel (the flash kernel on CUDA), without copying K and V nh/nkv times in memory."""
 
 
+def gqa_in_kernel(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether SDPA should share the kv heads itself (`enable_gqa`) rather than be given repeated K and V. On CUDA
+    only its flash and math kernels take `enable_gqa` (torch 2.13's documentation), and flash runs in fp16/bf16
+    only: an fp32 (or TF32) run would fall back to the math kernel, which holds a Tq x Tk score matrix per head,
+    where repeated K and V let the memory-efficient kernel run."""
+    return SDPA_HAS_GQA and (device_type != "cuda" or dtype in (torch.float16, torch.bfloat16))
+
+
 def _additive_mask(q: torch.Tensor, k_len: int, causal: bool, bias: torch.Tensor | None) -> torch.Tensor | None:
     """Added to the scores: the position bias (1, nh, Tq, Tk) and/or -inf above the diagonal when causal."""
     if not causal:
@@ -137,7 +145,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
     q: (B, nh, Tq, hd); k, v: (B, nkv, Tk, hd); bias: (1, nh, Tq, Tk) added to the scores. Each kv head serves
     nh/nkv consecutive query heads (HF's repeat_kv layout, which is also SDPA's enable_gqa layout)."""
     rep = q.shape[1] // k.shape[1]
-    if rep > 1 and SDPA_HAS_GQA and bias is None:
+    if rep > 1 and bias is None and gqa_in_kernel(q.device.type, q.dtype):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
                                               enable_gqa=True)  # (B, nh, Tq, hd)
     if rep > 1:
