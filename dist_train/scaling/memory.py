@@ -253,10 +253,7 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     else:  # ZeRO-1 holds full gradients until the reduce at the accumulation boundary
         backward_transient = p * psi - p * psi // n if stage == 1 and not bf16_optimizer else 0
     step_transient = 4 * psi // (n if sharded_states else 1) if master else 0
-    if bf16_optimizer and n > 1:
-        # After the last backward, before the step: the all-reduce flattens the fp32 gradients into buffers of
-        # up to 5e8 elements (engine.buffered_allreduce_fallback), reduced in fp32 (ds_config
-        # communication_data_type).
+    if bf16_optimizer and n > 1:  # before its step, the fp32 all-reduce flattens the gradients in 5e8-element buffers
         step_transient = max(step_transient, 4 * min(psi, ALLREDUCE_BUCKET))
 
     # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one bucket at init. The
