@@ -255,10 +255,10 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     step_transient = 4 * psi // (n if sharded_states else 1) if master else 0
     if bf16_optimizer and n > 1:  # before its step, the fp32 all-reduce flattens the gradients in 5e8-element buffers
         step_transient = max(step_transient, 4 * min(psi, ALLREDUCE_BUCKET))
-
-    # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one bucket at init. The
-    # BF16_Optimizer keeps no bucket (its all-reduce buffers are a step transient, above).
-    bucket_bytes = zero["reduce_bucket_size"] * p * (2 if zero["overlap_comm"] and stage < 3 else 1)
+    # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one at init, in fp32 where it
+    # reduces in fp32 (fp32 sums). The BF16_Optimizer keeps no bucket (its all-reduce buffers: step transient).
+    bucket_bytes = (zero["reduce_bucket_size"] * (g if stage == 3 else p)
+                    * (2 if zero["overlap_comm"] and stage < 3 else 1))
     buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] and not bf16_optimizer else 0
     if stage == 3:
         buffers += 2 * p * _largest_layer(m)  # the gathered layer and its gradient
