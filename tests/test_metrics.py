@@ -172,3 +172,26 @@ def test_mfu_uses_the_peak_of_the_math_the_run_uses():
         assert [math_mode(p) for p in ("bf16", "fp16", "fp32")] == ["half", "half", "tf32"]
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_forward_timer_hooks_run_outside_a_compiled_model_and_never_recompile_it() -> None:
+    """engine.compile() compiles the module's call, hooks included. Traced, the timer's clock readings became
+    dynamo guards: every pass recompiled its hook (up to the limit of 8), and the compiled forward of an 8-layer
+    MLP ran 3x slower on this CPU. Run eagerly, they add no recompilation and time the passes."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    timer = ForwardTimer(model, torch.device("cpu"))
+    model.compile()
+    x = torch.randn(8, 64)
+    model(x)  # compiles
+    timer.take()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        start = time.perf_counter()
+        for _ in range(5):
+            model(x)
+        wall = time.perf_counter() - start
+    seconds, passes = timer.take()
+    assert passes == 5 and 0 < seconds <= wall
+    torch._dynamo.reset()

@@ -42,9 +42,14 @@ class ForwardTimer:
         event.record()
         return event
 
+    # The hooks run eagerly under train.compile (engine.compile() compiles the module's call, hooks included):
+    # traced, each pass's clock reading became a guard and recompiled them up to dynamo's limit of 8, and a CUDA
+    # event recorded inside a graph does not mark the pass's start and end.
+    @torch.compiler.disable
     def _start(self, module: torch.nn.Module, args: Any) -> None:
         self._open = self._now() if module.training else None  # evaluation is not training throughput
 
+    @torch.compiler.disable
     def _stop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self._open is not None:
             self._pairs.append((self._open, self._now()))
