@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallb
 
 from dist_train.config import load_config  # noqa: E402
 from dist_train.data.loader import TokenLoader  # noqa: E402
+from dist_train.distributed.process_group import unlink_shm_workspace  # noqa: E402
 from dist_train.engine.ds_config import deepspeed_config
 
 
@@ -38,10 +39,17 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 class StepTimer(TrainerCallback):
+    """The time each step ends; on the CPU, once training begins, it also removes the names of DeepSpeed's
+    shared-memory all-reduce files, which DeepSpeed never does (see distributed.process_group)."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - HF's callback signature
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - HF's callback signature
+        if not torch.cuda.is_available():  # deepspeed.initialize started its CPU all-reduce: /dev/shm files
+            unlink_shm_workspace()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.times.append(time.perf_counter())
 
 
