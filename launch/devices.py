@@ -35,9 +35,13 @@ def deepspeed_device_args(nproc: int, visible: str | None, cuda: bool) -> list[s
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit() or args[0] == "0" or args[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
+    if args in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+        print(f"usage: python -m launch.devices N (a number of processes >= 1), got {' '.join(args)!r}",
+              file=sys.stderr)
+        return 2
     import torch
 
     try:
