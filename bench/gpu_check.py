@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.demo_data import DEMO_SHARDS as DATA, ensure_demo_data  # noqa: E402
 from dist_train.config import parse_args_with_overrides  # noqa: E402
+from dist_train.monitor.jsonl import read_metrics  # noqa: E402
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -74,9 +75,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True)
     wall_s = time.perf_counter() - start
-    metrics = out / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in read_metrics(out) if "loss" in r]
     record: dict[str, Any] = {
         "check": args.name, "exit": proc.returncode, "nproc": args.nproc, "overrides": args.overrides,
         "wall_s": round(wall_s, 1), "losses": [r["loss"] for r in steps],
@@ -116,9 +115,7 @@ def cpu_to_gpu_resume(args: argparse.Namespace) -> dict[str, Any]:
                             f"train.max_steps={args.steps}"], cwd=REPO, env=cpu_env, capture_output=True, text=True)
     resumed = subprocess.run([sys.executable, *common, f"train.max_steps={2 * args.steps}"], cwd=REPO,
                              env=launcher_env(), capture_output=True, text=True)
-    metrics = out / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    losses = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
     after = [losses.get(step) for step in range(args.steps + 1, 2 * args.steps + 1)]
     record: dict[str, Any] = {"check": args.name, "exit_saved": saved.returncode, "exit_resumed": resumed.returncode,
                               "resumed": "resumed from" in resumed.stdout + resumed.stderr,
