@@ -23,6 +23,26 @@ TRAIN_SCRIPT = REPO / "launch" / "train.py"
 Launcher = Literal["srun", "deepspeed"]
 LAUNCHERS: tuple[Launcher, ...] = ("srun", "deepspeed")
 
+# `--signal=B:USR1@grace` holds the grace in 16 bits (SLURM's proc_args.c: get_signal_opts).
+MAX_GRACE_S = 0xFFFF
+
+# SLURM's time limit syntax (parse_time.c: time_str2secs), as its manual lists it: minutes, minutes:seconds,
+# hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds; 0 or INFINITE / UNLIMITED
+# for no limit. SLURM does not range-check the fields (90 minutes may be written 90 or 1:30:00).
+_TIME_FORMS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_TIME = re.compile(r"(\d+)(?::(\d+))?(?::(\d+))?|(\d+)-(\d+)(?::(\d+))?(?::(\d+))?")
+_NO_LIMIT = {"infinite", "unlimited"}
+
+# A partition or account name as clusters define them: letters, digits, '_', '.', '-' (no whitespace, quote,
+# '#' or '=', which would end the #SBATCH argument or the slurm.conf entry). --partition may list several.
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_NAMES = {"partition": re.compile(rf"{_NAME}(?:,{_NAME})*"), "account": re.compile(_NAME)}
+
+# Characters a path in a #SBATCH line cannot carry as itself: whitespace and quotes end or group the argument,
+# '#' starts a comment, a backslash escapes (and in --output turns off %j), '%' is a --output pattern.
+_UNSAFE_PATH_CHARS = re.compile(r"[\s\x00-\x1f\x7f'\"#%\\]")
+
+
 # After the first task of a step ends, the others get this long before srun kills them: long enough for the
 # last rank to finish writing a checkpoint, short enough that a crashed rank does not leave its peers hanging
 # in a collective until the process-group timeout.
@@ -74,14 +94,20 @@ class JobSpec:
                                "(with --cpu it counts training processes per node)")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise JobSpecError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
-        if self.grace_s < 0:
-            raise JobSpecError(f"--grace must be >= 0 seconds, got {self.grace_s}")
+        if not 0 <= self.grace_s <= MAX_GRACE_S:
+            raise JobSpecError(f"--grace must be 0 to {MAX_GRACE_S} seconds (SLURM's --signal limit), "
+                               f"got {self.grace_s}")
         if self.launcher not in LAUNCHERS:
             raise JobSpecError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
-        for name in ("run_dir", "workdir"):
-            if re.search(r"\s", str(getattr(self, name))):
-                raise JobSpecError(f"{name} {str(getattr(self, name))!r} contains whitespace, which #SBATCH "
-                                   "lines cannot carry; choose a path without spaces")
+        check_names(self.partition, "partition")
+        check_names(self.account, "account")
+        limit_s = time_limit_s(self.time)
+        if limit_s is not None and limit_s <= self.grace_s:
+            raise JobSpecError(f"--time {self.time} ({limit_s} s) is not longer than --grace {self.grace_s}: the "
+                               "save request would come before any training; give a longer --time or a shorter "
+                               "--grace")
+        check_path(self.run_dir, "run.out_dir")
+        check_path(self.workdir, "the working directory")
 
     @property
     def script_path(self) -> Path:
@@ -102,6 +128,46 @@ class JobSpec:
         if self.cpus_per_task is None:
             return None
         return self.cpus_per_task * (self.gpus_per_node // self.tasks_per_node)
+
+
+def _shown(value: str) -> str:
+    """A user's value in a one-line message: quoted, escapes visible, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def time_limit_s(value: str | None) -> int | None:
+    """Seconds of a `--time` in SLURM's syntax; None for no limit (none given, 0, INFINITE, UNLIMITED).
+    Anything else SLURM would refuse, or read as more than one argument, is refused naming --time."""
+    if value is None or value.lower() in _NO_LIMIT:
+        return None
+    match = _TIME.fullmatch(value)
+    if match is None:
+        raise JobSpecError(f"--time {_shown(value)} is not a SLURM time limit: use {_TIME_FORMS} (e.g. 90, "
+                           "24:00:00, 2-00:00:00), or UNLIMITED")
+    numbers = [int(g) for g in match.groups() if g is not None]
+    if match.group(4) is not None:
+        units = (86400, 3600, 60, 1)  # days-hours[:minutes[:seconds]]
+    else:
+        units = (3600, 60, 1) if len(numbers) == 3 else (60, 1)  # hours:minutes:seconds, minutes[:seconds]
+    seconds = sum(n * unit for n, unit in zip(numbers, units))
+    return seconds or None
+
+
+def check_names(value: str | None, flag: str) -> None:
+    """`--partition` (a comma-separated list) or `--account`: one #SBATCH argument of SLURM names."""
+    if value is not None and not _NAMES[flag].fullmatch(value):
+        listed = "a comma-separated list of names" if flag == "partition" else "a name"
+        raise JobSpecError(f"--{flag} {_shown(value)} is not a SLURM {flag}: give {listed} of letters, digits, "
+                           "'_', '.' and '-' (sinfo and sacctmgr show yours)")
+
+
+def check_path(path: Path, what: str) -> None:
+    """A folder written into a #SBATCH line (--chdir, --output) must read back as the same path."""
+    bad = _UNSAFE_PATH_CHARS.search(str(path))
+    if bad:
+        raise JobSpecError(f"{what} {_shown(str(path))} contains {bad.group()!r}, which a #SBATCH line cannot "
+                           "carry; choose a path without whitespace, quotes, '#', '%' or backslashes")
 
 
 def directives(spec: JobSpec) -> list[str]:
@@ -156,10 +222,10 @@ def settings(spec: JobSpec) -> list[str]:
         f"DT_WORKDIR={shlex.quote(str(spec.workdir))}",
         f"DT_SCRIPT={shlex.quote(str(spec.script_path))}",
         f"DT_PYTHON={shlex.quote(spec.python)}",
-        f"DT_LAUNCHER={spec.launcher}",
-        f"DT_PROCS_PER_NODE={spec.gpus_per_node}",
-        f"DT_EXIT_PREEMPTED={EXIT_PREEMPTED}",
-        f"DT_GRACE_S={spec.grace_s}",
+        f"DT_LAUNCHER={shlex.quote(spec.launcher)}",
+        f"DT_PROCS_PER_NODE={spec.gpus_per_node:d}",
+        f"DT_EXIT_PREEMPTED={EXIT_PREEMPTED:d}",
+        f"DT_GRACE_S={spec.grace_s:d}",
         _shell_array("DT_TRAIN", [str(TRAIN_SCRIPT), "--config", str(spec.config), *spec.overrides]),
         _shell_array("DT_SRUN_ARGS", step_options(spec)),
         _shell_array("DT_ALLOC_ARGS", allocation_options(spec)),

@@ -36,7 +36,7 @@ from dist_train.config import (
 )
 from dist_train.formats.atomic_file import current_umask
 from launch.prep import PrepSpec, array_option, write_scripts
-from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, render
+from launch.sbatch import LAUNCHERS, JobSpec, JobSpecError, check_names, check_path, render, time_limit_s
 
 
 class SlurmError(RuntimeError):
@@ -158,6 +158,14 @@ def prep_spec(args: argparse.Namespace) -> PrepSpec:
         raise JobSpecError(f"--tasks must be >= 1, not {args.tasks}")
     if args.nodes is not None and args.nodes < 1:
         raise JobSpecError(f"--nodes must be >= 1, not {args.nodes}")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise JobSpecError(f"--cpus-per-task must be >= 1, not {args.cpus_per_task}")
+    # These go into the #SBATCH lines of both scripts, as in `submit`.
+    check_names(args.partition, "partition")
+    check_names(args.account, "account")
+    time_limit_s(args.time)
+    out = Path(args.out).resolve()
+    check_path(out, "--out")
     shard_args = ["--input", *[str(Path(p).resolve()) for p in args.input],
                   "--tokenizer", str(Path(args.tokenizer).resolve())]
     for option in ("val_fraction", "seed", "num_proc", "text_field", "sample_by", "shard_tokens", "dtype"):
@@ -166,7 +174,7 @@ def prep_spec(args: argparse.Namespace) -> PrepSpec:
             shard_args += [f"--{option.replace('_', '-')}", str(value)]
     if args.streaming:
         shard_args.append("--streaming")
-    return PrepSpec(out=Path(args.out).resolve(), tasks=args.tasks, shard_args=tuple(shard_args), nodes=args.nodes,
+    return PrepSpec(out=out, tasks=args.tasks, shard_args=tuple(shard_args), nodes=args.nodes,
                     partition=args.partition, account=args.account, time=args.time,
                     cpus_per_task=args.cpus_per_task)
 
@@ -206,13 +214,14 @@ def job_status(job_id: str) -> dict[str, Any]:
 
 
 def cancel(job_id: str) -> dict[str, Any]:
-    """TERM to the batch script alone: it asks the trainers to save (USR1, which the launchers ignore), waits
-    up to the job's --grace and then cancels the job. A plain `scancel` would TERM every process, so the
-    deepspeed launcher would SIGKILL its trainers 30 s later and SLURM everything after KillWait, whatever the
-    save still had to write. A job without a running batch script (pending, or `run` without sbatch) is
-    cancelled plainly."""
+    """USR2 to the batch script alone, a signal nothing but this command sends: the script asks the trainers to
+    save (USR1, which the launchers ignore), waits up to the job's --grace, then cancels the job. TERM cannot
+    mean "cancel": SLURM itself TERMs the batch script when it requeues, preempts or times out a job, and a
+    plain `scancel` TERMs every process, so the deepspeed launcher would SIGKILL its trainers 30 s later and
+    SLURM everything after KillWait, whatever the save still had to write. A job without a running batch
+    script (pending, or `run` without sbatch) is cancelled plainly."""
     try:
-        _call("scancel", "--batch", "--signal=TERM", job_id)
+        _call("scancel", "--batch", "--signal=USR2", job_id)
     except SlurmError:
         _call("scancel", job_id)
     return {"job_id": job_id, "cancel_requested": True}
@@ -288,7 +297,14 @@ def _print(result: dict[str, Any], as_json: bool, text: str) -> None:
     print(json.dumps(result, indent=2) if as_json else text)
 
 
+_JOB_ID = re.compile(r"\d+(?:[_+]\d+)?")  # a job, an array element (ID_I) or a heterogeneous component (ID+I)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("status", "cancel") and not _JOB_ID.fullmatch(args.job_id):
+        # It becomes an scontrol/scancel argument: "--user=me" would cancel every job of that user.
+        raise JobSpecError(f"JOBID {args.job_id!r:.60} is not a SLURM job id: give the number `submit` printed "
+                           "(or ID_I for an array element)")
     if args.command == "status":
         s = job_status(args.job_id)
         _print(s, args.json, f"job {s['job_id']} ({s['name']}): {s['state']} (reason {s['reason']}), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,3 +92,12 @@ def latest_checkpoint_step(run_dir: Path) -> int | None:
     if not latest.exists():
         return None
     return int(latest.read_text().strip().removeprefix("step_"))
+
+
+_STEP_LINE = re.compile(r"\bstep (\d+)/\d+ \| loss ")
+
+
+def logged_steps(log: Path) -> list[int]:
+    """Every step rank 0 trained, in order, over all starts of the job (the log is appended to on a requeue,
+    while metrics.jsonl is cut back to the checkpoint on each resume): a step trained twice shows here twice."""
+    return [int(m.group(1)) for m in _STEP_LINE.finditer(log.read_text(errors="replace"))]

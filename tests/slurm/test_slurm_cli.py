@@ -12,6 +12,8 @@ import subprocess
 import pytest
 from slurm_helpers import REPO, TINY, slurm_cli
 
+from launch.sbatch import time_limit_s
+
 
 def sbatch_directives(script: str) -> list[str]:
     return [line.removeprefix("#SBATCH ").strip() for line in script.splitlines() if line.startswith("#SBATCH ")]
@@ -119,3 +121,73 @@ def test_every_subcommand_has_help():
     for command in ("submit", "run", "status", "cancel"):
         proc = slurm_cli(command, "--help")
         assert proc.returncode == 0 and "usage: python -m launch.slurm" in proc.stdout, command
+
+
+def refused_in_one_line(proc: subprocess.CompletedProcess, start: str) -> None:
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert proc.stderr.startswith(f"error: {start}"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == "", "no batch script was printed"
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    # A newline would end #SBATCH parsing here, dropping --requeue and --signal, and run the rest as shell.
+    ("--partition", "gpu\n#SBATCH --output=/tmp/elsewhere"),
+    ("--partition", "gpu debug"),
+    ("--account", "proj42\nrm -rf ~"),
+    ("--account", "proj42#x"),
+    ("--time", "24:00:00\necho injected"),
+    ("--time", "1 day"),
+    ("--time", "12h"),
+    ("--time", "1:2:3:4"),
+])
+def test_a_value_slurm_does_not_read_as_itself_is_refused_naming_its_flag(tmp_path, shard_dir, flag, value):
+    run_dir = tmp_path / "run"
+    proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "1", flag, value,
+                     "--dry-run", f"run.out_dir={run_dir}", f"data.path={shard_dir}")
+    refused_in_one_line(proc, f"{flag} {value!r}")
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--time", "5", "--grace", "300"], "--time 5 (300 s) is not longer than --grace 300"),
+    (["--grace", "70000"], "--grace must be 0 to 65535 seconds"),
+])
+def test_a_time_limit_within_the_grace_or_a_grace_slurm_cannot_signal_is_refused(tmp_path, shard_dir, options,
+                                                                                 message):
+    proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "1", *options,
+                     "--dry-run", f"run.out_dir={tmp_path / 'run'}", f"data.path={shard_dir}")
+    refused_in_one_line(proc, message)
+
+
+@pytest.mark.parametrize("folder", ["a#b", "two words", "100%"])
+def test_a_run_folder_a_sbatch_line_cannot_carry_is_refused(tmp_path, shard_dir, folder):
+    run_dir = tmp_path / folder
+    proc = slurm_cli("submit", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "1", "--dry-run",
+                     f"run.out_dir={run_dir}", f"data.path={shard_dir}")
+    refused_in_one_line(proc, f"run.out_dir {str(run_dir)!r} contains")
+    assert not run_dir.exists()
+
+
+def test_prep_refuses_a_partition_with_a_newline_before_writing_its_scripts(tmp_path):
+    out = tmp_path / "shards"
+    proc = slurm_cli("prep", "--tasks", "2", "--input", str(tmp_path), "--tokenizer", str(tmp_path), "--out",
+                     str(out), "--partition", "cpu\necho injected", "--dry-run")
+    refused_in_one_line(proc, "--partition 'cpu\\necho injected'")
+    assert not out.exists()
+
+
+def test_cancel_refuses_an_option_given_as_the_job_id_before_calling_scancel(tmp_path):
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    # `scancel --batch --signal=USR2 --user=root` would signal every job of that user.
+    proc = slurm_cli("cancel", "--", "--user=root", env={**os.environ, "PATH": str(empty_bin)})
+    refused_in_one_line(proc, "JOBID '--user=root' is not a SLURM job id")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("90", 5400), ("1:30", 90), ("24:00:00", 86400), ("2-12", 216000), ("1-00:30", 88200),
+    ("1-00:00:10", 86410), ("0", None), ("UNLIMITED", None), ("infinite", None), (None, None),
+])
+def test_every_time_limit_form_slurm_documents_is_accepted_and_read_in_seconds(value, seconds):
+    assert time_limit_s(value) == seconds

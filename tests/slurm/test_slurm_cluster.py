@@ -1,6 +1,10 @@
 """Training through real SLURM daemons: sbatch, srun, requeue and scancel on the two-node test cluster
 (tests/slurm/cluster.sh), with real training processes on the CPU.
 
+Who stops a job, and what becomes of it: the time-limit warning (USR1 to the batch shell) saves and requeues;
+SLURM's own TERM (`scontrol requeue`, preemption) saves and leaves the job to SLURM, which requeues it;
+`launch.slurm cancel` (USR2 to the batch shell) saves and cancels.
+
 Each test submits with `python -m launch.slurm` exactly as a user would and then reads the run folder:
 `metrics.jsonl` (one line per step here), `ranks.jsonl` (one line per rank per start), `checkpoints/latest`,
 `summary.json`, and the job's log `RUN_DIR/slurm/JOBID.out`.
@@ -22,6 +26,7 @@ from slurm_helpers import (
     Cluster,
     job_env,
     latest_checkpoint_step,
+    logged_steps,
     read_jsonl,
     slurm_cli,
     tail,
@@ -95,64 +100,92 @@ def test_two_node_job_trains_tiny_config_to_its_last_step_and_completes(slurm_cl
     assert "training exited with code 0" in log.read_text()
 
 
-def test_usr1_checkpoints_requeues_and_resumes_without_training_a_step_twice(slurm_cluster, shard_dir,
-                                                                             tmp_path):
-    max_steps = 16
+def wait_for_restart(cluster: Cluster, job_id: str, run_dir: Path, log: Path, restart: int,
+                     timeout_s: float = 180) -> int:
+    """Wait until every rank of the job's `restart`-th start is up; return the step it resumed from."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ranks = starts(run_dir).get(restart, [])
+        if len(ranks) == 2:
+            resumed_at = {r["start_step"] for r in ranks}
+            assert len(resumed_at) == 1, f"the ranks of start {restart} resumed from different steps: {ranks}"
+            return resumed_at.pop()
+        status = job_status(job_id)
+        if status["state"] not in ACTIVE_STATES:
+            pytest.fail(f"job {job_id} ended ({status['state']}, restarts {status['restarts']}) instead of "
+                        f"starting again; its log:\n{tail(log)}")
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not start again within {timeout_s:.0f} s; its log:\n{tail(log)}")
+
+
+def test_time_limit_warning_and_scontrol_requeue_each_save_and_the_job_resumes_without_training_a_step_twice(
+        slurm_cluster, shard_dir, tmp_path):
+    max_steps = 24
     run_dir = tmp_path / "preempted"
-    # No periodic checkpoints: the only one the first start can leave is the one the signal makes.
+    # No periodic checkpoints: the only ones a start can leave are those the signals make.
     overrides = tiny_run(shard_dir, run_dir, f"train.max_steps={max_steps}", "checkpoint.every=0",
                          "wandb.enabled=true", "wandb.mode=offline")
     job_id, log = submit(run_dir, overrides)
-    seen = wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)
+    seen = [wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)]
     # What `--signal=B:USR1@grace` does when the time limit nears: USR1 to the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    resumed_at = [wait_for_restart(slurm_cluster, job_id, run_dir, log, restart=1)]
+    seen.append(wait_for_step(slurm_cluster, job_id, run_dir, log, step=resumed_at[0] + 2))
+    # What SLURM does to a preempted job on a PreemptMode=REQUEUE partition, and an admin by hand: TERM to
+    # every process of the job (KILL after KillWait), then the job goes back to the queue.
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    resumed_at.append(wait_for_restart(slurm_cluster, job_id, run_dir, log, restart=2))
 
     status = slurm_cluster.wait_for_end(job_id, log)
     text = log.read_text()
     assert status["state"] == "COMPLETED", tail(log)
-    assert status["restarts"] == 1
-    assert "training exited with code 75" in text
-    assert "SLURM_RESTART_COUNT=1" in text
-
-    ranks = starts(run_dir)
-    assert sorted(ranks) == [0, 1], "the job started twice"
-    assert [sorted(r["slurm_node"] for r in ranks[k]) for k in (0, 1)] == [list(NODES)] * 2
-    resumed_at = {r["start_step"] for r in ranks[1]}
-    assert len(resumed_at) == 1
-    resumed_at = resumed_at.pop()
-    # Resuming before a step we saw trained would train that step again; at max_steps nothing was left to do.
-    assert seen <= resumed_at < max_steps
+    assert status["restarts"] == 2
+    assert text.count("training exited with code 75") == 2, tail(log)
+    assert "SLURM_RESTART_COUNT=2" in text
+    # Each start resumed from the checkpoint its predecessor saved when signalled: past every step seen before
+    # the signal (earlier would train a step twice), short of max_steps (nothing left to do otherwise).
+    for before, after in zip(seen, resumed_at):
+        assert before <= after < max_steps
+    assert logged_steps(log) == list(range(1, max_steps + 1)), "every step trained once, over the three starts"
     assert trained_steps(run_dir) == list(range(1, max_steps + 1))
     assert json.loads((run_dir / "summary.json").read_text())["final_step"] == max_steps
 
+    ranks = starts(run_dir)
+    assert sorted(ranks) == [0, 1, 2], "the job started three times"
+    assert [sorted(r["slurm_node"] for r in ranks[k]) for k in (0, 1, 2)] == [list(NODES)] * 3
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2, "one W&B folder per start"
-    assert len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1, "the restart continues the same W&B run"
+    assert len(wandb_runs) == 3, "one W&B folder per start"
+    assert len({p.name.rsplit("-", 1)[-1] for p in wandb_runs}) == 1, "the restarts continue the same W&B run"
 
 
-def test_deepspeed_launcher_mode_checkpoints_on_usr1_and_requeues_the_job(slurm_cluster, shard_dir, tmp_path):
-    run_dir = tmp_path / "deepspeed_launcher"
+def test_requeued_job_cancelled_with_launch_slurm_cancel_saves_and_ends_cancelled(slurm_cluster, shard_dir,
+                                                                                   tmp_path):
+    """Under the deepspeed launcher: SLURM's requeue TERM reaches the launcher and the trainers; the job must stay
+    requeued. The user's cancel of the restarted job then saves and ends the job for good."""
+    run_dir = tmp_path / "requeued_then_cancelled"
     overrides = tiny_run(shard_dir, run_dir, "train.max_steps=100000", "checkpoint.every=0")
     job_id, log = submit(run_dir, overrides, "--launcher", "deepspeed")
     seen = wait_for_step(slurm_cluster, job_id, run_dir, log, step=2)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    resumed_at = wait_for_restart(slurm_cluster, job_id, run_dir, log, restart=1)
+    assert seen <= resumed_at, "the requeue's TERM saved a checkpoint past every step seen before it"
+    wait_for_step(slurm_cluster, job_id, run_dir, log, step=resumed_at + 2)
+    proc = slurm_cli("cancel", job_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"job_id": job_id, "cancel_requested": True}
 
-    deadline = time.monotonic() + 120
-    while job_status(job_id)["restarts"] == 0:
-        assert time.monotonic() < deadline, f"job {job_id} was not requeued; its log:\n{tail(log)}"
-        time.sleep(0.5)
-    # Resuming is the trainer's business and the same under both launchers (the test above); stop here.
-    subprocess.run(["scancel", job_id], check=True)
-    slurm_cluster.wait_for_end(job_id, log)
-
+    status = slurm_cluster.wait_for_end(job_id, log)
+    assert (status["state"], status["restarts"]) == ("CANCELLED", 1), tail(log)
     # The trainers' exit code 75 came back through the deepspeed launcher and srun to the batch script.
     assert "training exited with code 75" in log.read_text(), tail(log)
-    saved = latest_checkpoint_step(run_dir)
-    assert saved is not None and saved >= seen
-    assert saved == trained_steps(run_dir)[-1]
-    ranks = starts(run_dir)[0]
-    assert sorted((r["rank"], r["slurm_node"]) for r in ranks) == [(0, NODES[0]), (1, NODES[1])]
-    assert {r["world_size"] for r in ranks} == {2}
+    steps = logged_steps(log)
+    assert steps == list(range(1, steps[-1] + 1)), "every step trained once, over both starts"
+    assert latest_checkpoint_step(run_dir) == steps[-1] == trained_steps(run_dir)[-1], \
+        "the cancel saved the last step trained"
+    ranks = starts(run_dir)
+    assert sorted(ranks) == [0, 1]
+    assert sorted((r["rank"], r["slurm_node"]) for r in ranks[1]) == [(0, NODES[0]), (1, NODES[1])]
+    assert {r["world_size"] for r in ranks[1]} == {2}
 
 
 SLOW_SAVE_S = 35
