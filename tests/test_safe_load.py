@@ -10,6 +10,7 @@ appear unless the user trusted the checkpoint.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -44,14 +45,15 @@ class Payload:
         return eval, (self.code,)
 
 
-def plant(file: Path, marker: Path) -> None:
+def plant(file: Path, marker: Path, save=torch.save) -> None:
     """Replace `file` by a pickle that writes `marker` when loaded and then returns the original content (kept
-    beside the run folder), so that a trusted load goes on to work: the marker is the only effect."""
+    beside the run folder), so that a trusted load goes on to work: the marker is the only effect. `save(obj,
+    path)` writes it (default: a torch zip file)."""
     original = marker.parent / "originals" / file.name
     original.parent.mkdir(exist_ok=True)
     file.rename(original)
-    torch.save(Payload(f"(__import__('pathlib').Path({str(marker)!r}).write_text('ran'), "
-                       f"__import__('torch').load({str(original)!r}, weights_only=False))[1]"), file)
+    save(Payload(f"(__import__('pathlib').Path({str(marker)!r}).write_text('ran'), "
+                 f"__import__('torch').load({str(original)!r}, weights_only=False))[1]"), file)
 
 
 def tampered_copy(reference: Path, out: Path, last_step: int, files: tuple[str, ...]) -> Path:
@@ -172,6 +174,30 @@ def test_export_evaluate_and_average_refuse_a_planted_file_naming_it(reference, 
         assert "--trust-checkpoint" in err
     assert not (tmp_path / "MARKER").exists()
     assert not (tmp_path / "hf").exists() and not (tmp_path / "avg").exists()
+
+
+NOT_A_TORCH_ZIP = {"legacy-torch-save": lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False),
+                   "plain-pickle": lambda obj, path: path.write_bytes(pickle.dumps(obj))}  # protocol 4: STACK_GLOBAL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save", sorted(NOT_A_TORCH_ZIP))
+def test_a_refusal_names_exactly_the_planted_file_and_its_global(reference, tmp_path, capsys, save):
+    """A planted model-states file that is no torch zip: the refusal names it, with the one global it needs, and
+    no other file (the clean optimizer files need only allowlisted DeepSpeed classes)."""
+    run_dir = tampered_copy(reference, tmp_path / "run", STEPS, ())
+    ckpt = checkpoint(run_dir, STEPS)
+    plant(ckpt / MODEL, tmp_path / "MARKER", NOT_A_TORCH_ZIP[save])
+    write_files_list(ckpt, {})
+    with pytest.raises(safe_load.UnsafeCheckpointError) as refused:
+        safe_load.check_folder(ckpt)
+    assert refused.value.problems == {str(ckpt / MODEL): ["builtins.eval"]}
+    assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert f"export: refused to load a checkpoint that could run code when read: {ckpt / MODEL} needs builtins.eval " \
+           f"(outside the allowlist" in err
+    assert not (tmp_path / "MARKER").exists() and not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow

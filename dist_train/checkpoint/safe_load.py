@@ -13,7 +13,10 @@ replaced, so each of those calls is a `weights_only` load: what is loaded is wha
 read. `python -m dist_train.checkpoint.safe_load -m MODULE ARGS` runs a module (the universal conversion) the
 same way in a process of its own.
 
-A file that needs any other global is refused with `UnsafeCheckpointError`, naming the file and the global.
+A file that needs any other global is refused with `UnsafeCheckpointError`, naming the file and the global. The
+globals a file needs are found by disassembling its pickles (`pickle_globals`: a torch zip's `data.pkl`, or the
+pickles of a legacy `torch.save` or plain pickle file) without running them, so the refusal names every global a
+file needs, and only the files that need one.
 `trust=True` (`--trust-checkpoint`, `checkpoint.trust: true`) loads it as pickle does, after printing which file
 and which globals were trusted. `check_folder` scans the pickles of a checkpoint folder without running them, so
 a tampered checkpoint is refused on every rank before any engine reads it.
@@ -21,20 +24,23 @@ a tampered checkpoint is refused on every rank before any engine reads it.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import contextlib
 import importlib
 import pickle
+import pickletools
 import re
 import runpy
 import sys
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+from torch import _weights_only_unpickler
+from torch.serialization import safe_globals
 
 # pickled name -> (module, attribute) of the object it stands for; resolved only when a load needs them.
 ALLOWED_GLOBALS = {
@@ -77,11 +83,79 @@ def _allowed_objects() -> list[tuple[Any, str]]:
     return objects
 
 
+_LEGACY_PICKLES = 5
+"""Pickles at the start of a legacy (non-zip) `torch.save` file: magic number, protocol, system info, the object,
+its storage keys; the storages' raw bytes follow. A plain pickle file holds one."""
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """The name an unpickler loads for a GLOBAL written by Python 2 or at protocol 2 (`__builtin__.eval` is
+    `builtins.eval`), as pickle's and torch's own unpicklers map it."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _add_globals_of_one_pickle(stream: IO[bytes], found: set[str]) -> None:
+    """Add the globals one pickle names to `found`, as they come (a pickle cut short keeps those before the cut):
+    GLOBAL and INST carry theirs; STACK_GLOBAL (protocol 4+) takes module and name from the two strings pushed
+    before it, which may come from the memo, so string pushes and memo entries are followed (no other value
+    matters). ValueError at the end of the stream or at bytes that are no pickle."""
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # what each op pushed, a string or None
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            found.add(".".join(_python3_name(*arg.split(" "))))
+        elif op.name == "STACK_GLOBAL":
+            module, name = pushed[-2:] if len(pushed) >= 2 else (None, None)
+            found.add(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str)
+                      else "(a global this scan cannot name)")
+        elif op.name.startswith("EXT"):
+            found.add(f"copyreg extension {arg}")
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.stack_after:
+            pushed.append(arg if isinstance(arg, str) else None)
+
+
+def pickle_globals(path: str | Path) -> set[str]:
+    """Every global the pickles of a checkpoint file name, read without running them: a torch zip's data.pkl, or
+    the first pickles of any other file (the rest of a legacy file is raw tensor bytes). Like torch.load, a file is
+    a zip when it starts as one. Bytes that are no pickle end the scan (their reader refuses them)."""
+    found: set[str] = set()
+    with open(path, "rb") as stream:
+        is_zip = stream.read(4) == b"PK\x03\x04"
+        stream.seek(0)
+        if is_zip:
+            with zipfile.ZipFile(stream) as archive:
+                for name in [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"][:1]:
+                    with archive.open(name) as pkl, contextlib.suppress(ValueError):
+                        _add_globals_of_one_pickle(pkl, found)
+            return found
+        for _ in range(_LEGACY_PICKLES):
+            try:
+                _add_globals_of_one_pickle(stream, found)
+            except ValueError:
+                break
+    return found
+
+
+def needed_globals(path: str | Path) -> list[str]:
+    """The globals of `path` outside torch's weights_only set and ALLOWED_GLOBALS (what a safe load would refuse).
+    torch's set is private API, the one its own `get_unsafe_globals_in_checkpoint` compares with."""
+    allowed = set(_weights_only_unpickler._get_allowed_globals()) | set(ALLOWED_GLOBALS)
+    return sorted(pickle_globals(path) - allowed)
+
+
 def _unsafe_globals(file: Any, error: Exception) -> list[str]:
-    """The globals a refused file needs: all of them from a torch zip file, else the one torch's error names."""
-    if isinstance(file, (str, Path)) and zipfile.is_zipfile(file):
-        with safe_globals(_allowed_objects()), contextlib.suppress(Exception):
-            return sorted(get_unsafe_globals_in_checkpoint(file))
+    """The globals a refused file needs: all of them from a file on disk, else the one torch's error names."""
+    if isinstance(file, (str, Path)):
+        with contextlib.suppress(OSError, zipfile.BadZipFile):  # unreadable: its reader says why
+            return needed_globals(file)
     return sorted(set(re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(error))))
 
 
@@ -131,24 +205,17 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def unsafe_files(files: Iterable[Path]) -> dict[str, list[str]]:
-    """{file: globals outside the allowlist} of `files`, found by disassembling their pickles (nothing is run,
-    no tensor is read); a file that is not a torch zip is checked with a `safe_load` (the reads themselves are
-    guarded anyway: this is for an early refusal that names every file)."""
+    """{file: globals outside the allowlist} of exactly the `files` that need some, found by disassembling their
+    pickles (nothing is run, no tensor is read; an unreadable file is left to its reader, whose reads are guarded
+    anyway: this is for an early refusal that names every file)."""
     problems = {}
-    with safe_globals(_allowed_objects()):
-        for file in files:
-            if zipfile.is_zipfile(file):
-                needed = get_unsafe_globals_in_checkpoint(file)
-            else:
-                try:
-                    safe_load(file, map_location="cpu")
-                    needed = []
-                except UnsafeCheckpointError as e:
-                    needed = e.problems[str(file)]
-                except Exception:  # not a checkpoint at all (empty, truncated): its reader will say so
-                    needed = []
-            if needed:
-                problems[str(file)] = sorted(needed)
+    for file in files:
+        try:
+            needed = needed_globals(file)
+        except (OSError, zipfile.BadZipFile):
+            continue
+        if needed:
+            problems[str(file)] = needed
     return problems
 
 
