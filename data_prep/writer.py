@@ -6,6 +6,9 @@ writer's `state()` — finished shards and the token count of the open `.partial
 run's checkpoint (`progress.json`, see `data_prep.shard`) together with the number of documents
 consumed. Resuming truncates `.partial` back to the checkpointed length, so tokens written after the
 last checkpoint are written again, once.
+
+Each shard's manifest entry records its largest token id (`max_token_id`), so that training can refuse ids
+outside the model's vocabulary (a shard from another tokenizer, a wrong dtype) without reading the data.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class SplitWriter:
         self.open_tokens = state["open_tokens"] if state else 0
         self.num_documents = state["num_documents"] if state else 0
         self._hash = hashlib.sha256()
+        self._max_id = -1  # the open shard's largest token id (-1: none yet)
         self._file = None
         self._recover()
 
@@ -76,8 +80,9 @@ class SplitWriter:
         if partial.exists():
             with open(partial, "r+b") as f:
                 f.truncate(open_bytes)
-                while chunk := f.read(1 << 22):
+                while chunk := f.read(1 << 22):  # a multiple of the item size: no token is cut
                     self._hash.update(chunk)
+                    self._max_id = max(self._max_id, int(np.frombuffer(chunk, self.dtype).max()))
 
     def _open(self):
         if self._file is None:
@@ -93,6 +98,7 @@ class SplitWriter:
             take = min(self.shard_tokens - self.open_tokens, data.size)
             chunk = data[:take].tobytes()
             self._open().write(chunk)
+            self._max_id = max(self._max_id, int(data[:take].max()))
             self._hash.update(chunk)
             self.open_tokens += take
             data = data[take:]
@@ -109,8 +115,10 @@ class SplitWriter:
         self._file = None
         name = shard_name(self.split, len(self.shards))
         os.replace(self._path(partial_name(self.split)), self._path(name))
-        self.shards.append({"path": name, "num_tokens": self.open_tokens, "sha256": self._hash.hexdigest()})
+        self.shards.append({"path": name, "num_tokens": self.open_tokens, "sha256": self._hash.hexdigest(),
+                            "max_token_id": self._max_id})
         self._hash = hashlib.sha256()
+        self._max_id = -1
         self.open_tokens = 0
 
     def sync(self) -> None:

@@ -48,13 +48,13 @@ def test_model_shape_zero_stage_and_precision_changes_are_refused(tmp_path):
         assert key in str(err.value)
 
 
-def test_seq_len_change_is_refused_only_for_learned_positions(tmp_path):
+def test_seq_len_change_is_refused_for_rotary_and_learned_positions(tmp_path):
+    """Learned positions change shape; with either, the loader's saved position counts seq_len windows."""
     learned = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu")
-    fake_checkpoint(tmp_path / "rope", 2, config(tmp_path))
-    assert plan_resume(tmp_path / "rope", config(tmp_path, "model.seq_len=64"), PLACE, "latest") is not None
-    fake_checkpoint(tmp_path / "learned", 2, config(tmp_path, *learned))
-    with pytest.raises(ConfigError, match="model.seq_len: 128 -> 64"):
-        plan_resume(tmp_path / "learned", config(tmp_path, *learned, "model.seq_len=64"), PLACE, "latest")
+    for name, kind in (("rope", ()), ("learned", learned)):
+        fake_checkpoint(tmp_path / name, 2, config(tmp_path, *kind))
+        with pytest.raises(ConfigError, match="with this config: model.seq_len: 128 -> 64. Restore"):
+            plan_resume(tmp_path / name, config(tmp_path, *kind, "model.seq_len=64"), PLACE, "latest")
 
 
 def test_lr_and_max_steps_changes_are_allowed_and_reported(tmp_path):

@@ -104,6 +104,7 @@ def test_manifest_token_counts_equal_sum_of_document_tokens_plus_eos(shard_dir, 
     for entry in train["shards"] + val["shards"]:
         assert file_sha256(shard_dir / entry["path"]) == entry["sha256"]
         assert (shard_dir / entry["path"]).stat().st_size == 2 * entry["num_tokens"]
+        assert entry["max_token_id"] == np.fromfile(shard_dir / entry["path"], dtype=np.uint16).max()
 
 
 def test_decoding_the_shards_gives_back_every_document_once_in_order(shard_dir, tokenizer_dir, corpus_file):
@@ -189,6 +190,18 @@ def test_split_writer_resumes_after_a_shard_was_renamed_but_not_checkpointed(tmp
     resumed.write(tokens[700:])
     assert resumed.close() == expected
     assert folder_bytes(tmp_path / "b") == folder_bytes(tmp_path / "a")
+
+
+def test_each_shard_records_its_largest_token_id_also_when_resumed_from_its_open_part(tmp_path):
+    tokens = np.arange(2500, dtype=np.uint32)[::-1]  # each shard's largest id is its first token
+    writer = SplitWriter(tmp_path, "train", "uint16", 1000)
+    writer.write(tokens[:700])
+    writer.sync()
+    checkpoint = writer.state()  # 700 tokens open, among them the open shard's largest id
+    writer.write(tokens[700:1500])  # then "killed" before the next checkpoint
+    resumed = SplitWriter(tmp_path, "train", "uint16", 1000, checkpoint)
+    resumed.write(tokens[700:])
+    assert [s["max_token_id"] for s in resumed.close()["shards"]] == [2499, 1499, 499]
 
 
 # --- other input formats and tokenizers -----------------------------------------------------------

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed_helpers import REPO, launch_training
 from resume_helpers import STEPS, TINY, overrides, shared_run
@@ -88,6 +91,133 @@ def test_resume_from_a_folder_that_does_not_exist_is_refused_listing_the_checkpo
     code, err = run_train(["--resume", "none", *overrides(shard_dir, finished_run, ZERO2)], capsys)
     assert code == 2 and "already holds checkpoints" in err and f"run.out_dir={finished_run}-2" in err
     assert folder_bytes(finished_run) == before
+
+
+def another_dataset(shard_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the shard folder whose manifest lists one train shard fewer: another dataset."""
+    other = tmp_path / "other_shards"
+    shutil.copytree(shard_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    train["num_tokens"] -= train["shards"].pop()["num_tokens"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    return other
+
+
+@pytest.mark.slow
+def test_a_changed_seed_seq_len_or_dataset_is_refused_before_any_process_group_with_config_yaml_unchanged(
+        finished_run, shard_dir, tmp_path):
+    """Refused late they crashed rank 0 in the data loader (exit 1, a traceback suggesting
+    load_state_dict(strict=False)) after config.yaml had been rewritten with the new values."""
+    other = another_dataset(shard_dir, tmp_path)
+    before = folder_bytes(finished_run)
+    config_yaml = (finished_run / "config.yaml").read_bytes()
+    checkpoint = finished_run / "checkpoints" / "step_00000006"
+    for change, named in (("train.seed=7", "train.seed: 1234 -> 7"), ("model.seq_len=64", "model.seq_len: 128 -> 64"),
+                          (f"data.path={other}", f"data.path: {str(shard_dir)!r} -> {str(other)!r} (another "
+                                                 f"dataset: its manifest lists other shards)")):
+        proc = launch_training(TINY, overrides(shard_dir, finished_run, ZERO2, "train.max_steps=8", change),
+                               nproc=1, launcher="python")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert (f"config error: {checkpoint} cannot be resumed with this config: {named}. Restore these settings, "
+                f"or start a new run in its own folder (run.out_dir={finished_run}-2)") in proc.stderr
+        assert "Traceback" not in proc.stderr and "init_process_group" not in proc.stderr + proc.stdout
+        assert (finished_run / "config.yaml").read_bytes() == config_yaml
+        assert folder_bytes(finished_run) == before
+
+
+def test_a_moved_copy_of_the_data_resumes_and_data_that_cannot_be_compared_is_refused(finished_run, shard_dir,
+                                                                                        tmp_path):
+    from dist_train.checkpoint.resume import check_before_launch
+    from dist_train.config import ConfigError, load_config
+
+    moved = tmp_path / "moved_shards"
+    shutil.copytree(shard_dir, moved)
+
+    def config(data_path: Path):
+        return load_config(TINY, overrides(data_path, finished_run, ZERO2, "train.max_steps=8"))
+
+    assert check_before_launch(finished_run, config(moved), "latest") is None  # the same shards elsewhere
+    meta_file = finished_run / "checkpoints" / "step_00000006" / "client_state.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["data"]["path"] = str(tmp_path / "gone")  # trained on a folder that was deleted since
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'gone'} no longer holds a shard folder, so nothing shows "
+                                          f"that {moved} holds the same data; if it is a moved copy, keep the old "
+                                          f"path with a symlink there to the copy"):
+        check_before_launch(finished_run, config(moved), "latest")
+    (tmp_path / "gone").symlink_to(moved)
+    assert check_before_launch(finished_run, config(tmp_path / "gone"), "latest") is None
+
+
+def shard_copy(shard_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    return copy, json.loads((copy / "manifest.json").read_text())
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_shard_with_token_ids_outside_the_vocabulary_is_refused_before_launch_naming_it(shard_dir, tmp_path,
+                                                                                          capsys):
+    """Trained on, the first such id crashed the run mid-way (IndexError on the CPU, a device-side assert on a
+    GPU). The manifest records each shard's largest id; three small reads per shard check it."""
+    data, manifest = shard_copy(shard_dir, tmp_path)
+    shard = data / manifest["splits"]["train"]["shards"][2]["path"]
+    ids = np.random.default_rng(0).integers(0, 50257, shard.stat().st_size // 2)  # another tokenizer's ids
+    ids.astype(np.uint16).tofile(shard)  # same size: the manifest still matches it
+    run = tmp_path / "run"
+    code, err = run_train(overrides(data, run), capsys)
+    assert code == 2
+    assert re.search(rf"config error: data.path: shard {shard} holds token id \d+, outside the vocabulary of 2048 "
+                     rf"ids \(vocab_size in {data / 'manifest.json'}\): it was made by another tokenizer", err), err
+    assert "Traceback" not in err and not run.exists()
+
+
+def test_a_shard_of_an_old_manifest_is_scanned_for_its_largest_id(shard_dir, tmp_path, capsys):
+    from dist_train.config import load_config
+    from dist_train.train.preflight import check_data
+
+    data, manifest = shard_copy(shard_dir, tmp_path)
+    for entry in manifest["splits"]["train"]["shards"]:
+        del entry["max_token_id"]  # written before the field existed
+    write_manifest(data, manifest)
+    shard = data / manifest["splits"]["train"]["shards"][1]["path"]
+    tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
+    tokens[123_457] = 2048  # one id, far from the start, middle and end
+    tokens.flush()
+    code, err = run_train(overrides(data, tmp_path / "run"), capsys)
+    assert code == 2 and f"shard {shard} holds token id 2048, outside the vocabulary of 2048 ids" in err
+    tokens[123_457] = 7
+    tokens.flush()
+    check_data(load_config(TINY, overrides(data, tmp_path / "run")))  # passes: the scan found the largest id
+
+
+def test_a_wrong_manifest_dtype_is_refused_by_the_shard_sizes_or_the_token_ids(shard_dir, tmp_path, capsys):
+    data, manifest = shard_copy(shard_dir, tmp_path)
+    first = data / manifest["splits"]["train"]["shards"][0]["path"]
+    write_manifest(data, {**manifest, "dtype": "uint32"})  # uint16 data read as uint32
+    code, err = run_train(overrides(data, tmp_path / "run"), capsys)
+    assert code == 2 and f"shard {first} is truncated: 1000000 bytes, the manifest says 2000000" in err
+    wide = tmp_path / "wide"  # uint32 data read as uint16
+    shutil.copytree(data, wide)
+    for entry in manifest["splits"]["train"]["shards"]:
+        np.fromfile(data / entry["path"], dtype=np.uint16).astype(np.uint32).tofile(wide / entry["path"])
+    write_manifest(wide, manifest)
+    code, err = run_train(overrides(wide, tmp_path / "run"), capsys)
+    assert code == 2 and f"shard {wide / first.name} is too long: 2000000 bytes, the manifest says 1000000" in err
+    for entry in manifest["splits"]["train"]["shards"]:  # a hand-made manifest counting uint32 tokens in uint16 data
+        path = data / entry["path"]
+        entry["num_tokens"] //= 2
+        os.truncate(path, 4 * entry["num_tokens"])
+        del entry["max_token_id"]
+    manifest["splits"]["train"]["num_tokens"] = sum(e["num_tokens"] for e in manifest["splits"]["train"]["shards"])
+    write_manifest(data, {**manifest, "dtype": "uint32"})
+    code, err = run_train(overrides(data, tmp_path / "run"), capsys)
+    assert code == 2 and re.search(rf"shard {first} holds token id \d{{6,}}, outside the vocabulary of 2048", err)
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 def test_sources_made_by_different_tokenizers_are_refused_before_anything_is_written(shard_dir, tmp_path, capsys):

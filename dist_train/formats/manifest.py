@@ -5,7 +5,8 @@
       "sources": [{"path": "/abs/corpus.jsonl", "format": "json", "bytes": 5334777, "mtime_ns": ...}],
       "splits": {
         "train": {"num_tokens": N, "num_documents": D,
-                  "shards": [{"path": "train_00000.bin", "num_tokens": n, "sha256": "..."}, ...]},
+                  "shards": [{"path": "train_00000.bin", "num_tokens": n, "sha256": "...",
+                              "max_token_id": 2047}, ...]},
         "val":   {...}
       },
       "prep": {"text_field": "text", "sample_by": "line", "val_fraction": 0.05, "seed": 0,
@@ -14,7 +15,8 @@
 
 A shard is a flat little-endian array of `dtype` token ids: the split's documents in input order, each
 followed by EOS, cut every `shard_tokens` tokens (a document may continue in the next shard). Shard
-paths are relative to the folder. `prep` records the settings, so that re-running a command on a
+paths are relative to the folder. `max_token_id` is the shard's largest token id (absent from manifests
+written before it was recorded). `prep` records the settings, so that re-running a command on a
 folder can tell "same dataset" from "different dataset". The manifest is written last and atomically.
 """
 
@@ -88,6 +90,9 @@ def _validate_split(split: dict, name: str, where: Path) -> None:
                  f"{skey}.num_tokens", "must be a positive integer")
         _require(isinstance(shard.get("sha256"), str) and bool(_SHA256.match(shard["sha256"])), where,
                  f"{skey}.sha256", "must be 64 lowercase hex digits")
+        max_id = shard.get("max_token_id", 0)
+        _require(isinstance(max_id, int) and not isinstance(max_id, bool) and max_id >= 0, where,
+                 f"{skey}.max_token_id", "must be a non-negative integer")
         total += shard["num_tokens"]
     _require(total == split["num_tokens"], where, f"{key}.num_tokens",
              f"is {split['num_tokens']} but its shards hold {total} tokens")
@@ -155,3 +160,39 @@ def check_shards(folder: str | os.PathLike, manifest: dict, splits: tuple[str, .
             if checksums and file_sha256(path) != shard["sha256"]:
                 raise ManifestError(f"shard {path} is corrupted: its sha256 differs from the manifest's; "
                                     f"{_REBUILD}")
+
+
+SPOT_TOKENS = 4096
+"""Tokens read at the start, middle and end of a shard whose manifest records its largest id."""
+_SCAN_TOKENS = 1 << 24  # 32-64 MiB per numpy max over the memory map
+
+
+def _largest_id(path: Path, dtype: np.dtype, recorded: int | None) -> int:
+    """A shard's largest token id as far as it can be known cheaply. With the id the writer recorded: that id,
+    or a larger one found in three small reads (a shard replaced by another tokenizer's, or read with the wrong
+    dtype, shows it in any of them). Without one (a manifest written before `max_token_id`): a full scan."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if recorded is None:
+        return max(int(tokens[i:i + _SCAN_TOKENS].max()) for i in range(0, len(tokens), _SCAN_TOKENS))
+    middle = max(0, len(tokens) // 2 - SPOT_TOKENS // 2)
+    spots = (tokens[:SPOT_TOKENS], tokens[middle:middle + SPOT_TOKENS], tokens[-SPOT_TOKENS:])
+    return max(recorded, *(int(spot.max()) for spot in spots))
+
+
+def check_token_ids(folder: str | os.PathLike, manifest: dict, splits: tuple[str, ...] = SPLITS) -> None:
+    """Refuse a shard holding a token id outside the manifest's vocabulary: the model would index its embedding
+    table out of range mid-run (an IndexError on the CPU, a device-side assert on a GPU). Shard sizes must have
+    been checked (`check_shards`)."""
+    folder, vocab = Path(folder), manifest["vocab_size"]
+    dtype = DTYPES[manifest["dtype"]]
+    if vocab > np.iinfo(dtype).max:  # every id the dtype can hold is in the vocabulary
+        return
+    for split in splits:
+        for shard in manifest["splits"][split]["shards"]:
+            path = folder / shard["path"]
+            largest = _largest_id(path, dtype, shard.get("max_token_id"))
+            if largest >= vocab:
+                raise ManifestError(
+                    f"shard {path} holds token id {largest}, outside the vocabulary of {vocab} ids (vocab_size in "
+                    f"{folder / MANIFEST_NAME}): it was made by another tokenizer than {manifest['tokenizer']}, or "
+                    f"its dtype is not {manifest['dtype']}; {_REBUILD} and the tokenizer the run trains with")

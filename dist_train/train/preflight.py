@@ -14,31 +14,27 @@ import torch
 from dist_train.config import Config, ConfigError, data_parallel_size, resolve_grad_accum
 from dist_train.config.validation import check_parallel_heads
 from dist_train.data.span_corruption import sentinel_room_message, span_lengths
-from dist_train.formats.manifest import read_manifest
+from dist_train.formats.manifest import ManifestError, check_shards, check_token_ids, read_manifest
 from dist_train.model.hf import load_hf_config
 from dist_train.model.build import model_vocab_size
 
 
 def check_data(cfg: Config) -> list[dict[str, Any]]:
-    """Every data source exists, fits the model's vocabulary, and holds at least one sequence."""
+    """Every data source exists, fits the model's vocabulary, holds at least one sequence, and its shards have
+    their sizes and only token ids of its vocabulary."""
+    key = "data.path" if cfg.data.path else "data.sources"
+    model_vocab, vocab_key = model_vocab_size(cfg)
+    splits = ("train", "val") if cfg.train.eval_every else ("train",)  # the splits the run reads
     manifests = []
     for path, _ in cfg.data.weighted_paths():
-        key = "data.path" if cfg.data.path else "data.sources"
-        if not Path(path).is_dir():
-            raise ConfigError(f"{key}: {path} does not exist; make it with `python -m data_prep.shard "
-                              f"--input ... --tokenizer ... --out {path}`")
-        try:
-            manifest = read_manifest(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{key}: {e}") from None
-        model_vocab, key = model_vocab_size(cfg)
+        manifest = _read_source(path, key)
         if manifest["vocab_size"] > model_vocab:
             raise ConfigError(
-                f"{key} ({model_vocab}) is smaller than the tokenizer's vocabulary "
-                f"({manifest['vocab_size']}, from {path}/manifest.json); set {key}="
+                f"{vocab_key} ({model_vocab}) is smaller than the tokenizer's vocabulary "
+                f"({manifest['vocab_size']}, from {path}/manifest.json); set {vocab_key}="
                 f"{_round_up(manifest['vocab_size'], 64)} (rounded up to a multiple of 64)")
         if cfg.model.arch == "encoder_decoder":
-            check_sentinel_room(cfg, manifest["vocab_size"], model_vocab, key)
+            check_sentinel_room(cfg, manifest["vocab_size"], model_vocab, vocab_key)
         for split in ("train", "val"):
             tokens = manifest["splits"].get(split, {}).get("num_tokens", 0)
             if split == "val" and tokens == 0 and cfg.train.eval_every == 0:
@@ -47,9 +43,24 @@ def check_data(cfg: Config) -> list[dict[str, Any]]:
                 raise ConfigError(
                     f"model.seq_len ({cfg.model.seq_len}) is longer than the {split} split of {path} "
                     f"({tokens} tokens); lower model.seq_len or add data")
+        try:  # sizes by one stat per shard; ids by the manifest's record and three small reads per shard
+            check_shards(path, manifest, splits)
+            check_token_ids(path, manifest, splits)
+        except ManifestError as e:
+            raise ConfigError(f"{key}: {e}") from None
         manifests.append(manifest)
     check_same_tokenizer(cfg.data.weighted_paths(), manifests)
     return manifests
+
+
+def _read_source(path: str, key: str) -> dict[str, Any]:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}: {path} does not exist; make it with `python -m data_prep.shard "
+                          f"--input ... --tokenizer ... --out {path}`")
+    try:
+        return read_manifest(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _tokenizer_identity(manifest: dict[str, Any]) -> tuple[Any, ...]:
