@@ -1,9 +1,10 @@
 """Where a resume starts and what it may change.
 
 `--resume latest` (the default; nothing to resume starts fresh), `none`, or a checkpoint folder. A config that
-changes the tensors (model shape keys, and seq_len for learned positions), the ZeRO stage or the precision is
-refused before any engine starts; any other change (lr, max_steps, ...) is allowed and printed. A resume on
-another world size goes through universal checkpoints (`dist_train.checkpoint.reshard`).
+changes the tensors (model shape keys), the ZeRO stage, the precision or the training sample stream (seed, seq_len,
+the data: `dist_train.data.stream`) is refused before any engine starts; any other change (lr, max_steps, ...) is
+allowed and printed. A resume on another world size goes through universal checkpoints
+(`dist_train.checkpoint.reshard`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state, read_l
 from dist_train.checkpoint.verify import CORRUPT_DIR, CorruptCheckpoint, quarantine
 from dist_train.checkpoint.verify import check as verify_checkpoint
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
+from dist_train.data.stream import stream_changes
 from dist_train.distributed.collectives import all_gather_objects
 from dist_train.distributed.environment import ProcessPlace
 from dist_train.distributed.rank0 import Rank0
@@ -161,6 +163,7 @@ def _sibling(run_dir: Path) -> str:
 
 def refuse_breaking_changes(run_dir: Path, path: Path, meta: dict[str, Any], cfg: Config) -> None:
     broken = breaking_changes(meta["config"], cfg.to_dict())
+    broken += [c for c in stream_changes(meta["config"], cfg) if c not in broken]  # seq_len may be in both
     if broken:
         raise ConfigError(f"{path} cannot be resumed with this config: {'; '.join(broken)}. Restore these "
                           f"settings, or start a new run in its own folder (run.out_dir="

@@ -166,7 +166,6 @@ class Run:
         check_shared_run_dir(run_dir, place)  # before any rank reads checkpoints or writes its part of one
         plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before files change
         ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
-        rank0.run(write_run_files, run_dir, cfg, ds_config)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_partitioned_model(cfg, ds_config, deepspeed)
@@ -194,6 +193,8 @@ class Run:
             train_data.load_state_dict(loader_state)
             retarget_scheduler(scheduler, t)  # the checkpoint restored the old run's lr; the config's wins
             rank0.print(plan.describe())
+        # Only now, with the checkpoint and the loader position accepted: a refused resume leaves the old config.
+        rank0.run(write_run_files, run_dir, cfg, ds_config)
         if cfg.data.num_workers:
             train_data = Prefetcher(train_data, depth=2 * cfg.data.num_workers, pin_memory=device.type == "cuda")
         log_process_places(run_dir, place, rank0, state.step)
