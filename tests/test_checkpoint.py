@@ -172,6 +172,7 @@ def test_reshard_of_a_missing_folder_is_refused_naming_the_checkpoints_there_and
     from dist_train.checkpoint.reshard import main as reshard_main
 
     (tmp_path / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000005" / CLIENT_STATE).write_text("{}")  # a checkpoint, of stage 0
     assert reshard_main(["--checkpoint", str(tmp_path / "checkpoints" / "step_7")]) == 2
     err = capsys.readouterr().err
     assert "step_7 does not exist" in err and "step_00000005" in err

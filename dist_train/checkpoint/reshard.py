@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint import safe_load
-from dist_train.checkpoint.layout import tag_for
+from dist_train.checkpoint.layout import CLIENT_STATE, tag_for
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 
 UNIVERSAL_TAG = "universal"
@@ -123,18 +123,28 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _steps_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("step_*") if p.is_dir()) if folder.is_dir() else []
+
+
 def _existing_checkpoint(path: Path) -> Path | None:
     """`path`, or `step_00000200` for a `step_200` that does not exist; None (with the reason on stderr) when
-    there is no such folder: a missing folder is no stage-0 checkpoint."""
-    if path.is_dir():
-        return path
-    if path.name.startswith("step_") and path.name[5:].isdigit():
+    there is no such folder or it is no checkpoint (a published one always holds client_state.json): a folder
+    without ZeRO files is a stage-0 checkpoint only when it is a checkpoint at all."""
+    if not path.is_dir() and path.name.startswith("step_") and path.name[5:].isdigit():
         padded = path.with_name(tag_for(int(path.name[5:])))
-        if padded.is_dir():
-            return padded
-    here = sorted(p.name for p in path.parent.glob("step_*") if p.is_dir()) if path.parent.is_dir() else []
-    print(f"reshard: checkpoint folder {path} does not exist"
-          + (f"; {path.parent} has {', '.join(here)}" if here else ""), file=sys.stderr)
+        path = padded if padded.is_dir() else path
+    if (path / CLIENT_STATE).is_file():
+        return path
+    if not path.is_dir():
+        here = _steps_in(path.parent)
+        reason = "does not exist" + (f"; {path.parent} has {', '.join(here)}" if here else "")
+    else:
+        checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        here = _steps_in(checkpoints)
+        reason = (f"is no checkpoint folder (it has no {CLIENT_STATE}, which every published checkpoint holds)"
+                  + (f"; pass one of {checkpoints}/{{{', '.join(here)}}}" if here else ""))
+    print(f"reshard: --checkpoint {path} {reason}", file=sys.stderr)
     return None
 
 
@@ -145,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     safe_load.add_trust_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    deepspeed_logs_to_stderr()
     args.checkpoint = _existing_checkpoint(args.checkpoint)
     if args.checkpoint is None:
         return 2
+    deepspeed_logs_to_stderr()
     # DeepSpeed logs to stdout (on import too), which carries --json: its lines go to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         try:

@@ -9,11 +9,13 @@ publishing (`universal/`, made on a resume with another world size) are not list
 
 A resume of `latest` that finds it corrupt moves it to `checkpoints/corrupt/` (kept for inspection, no longer seen
 by `latest`, pruning or averaging) and falls back to the newest checkpoint that verifies; an explicit
-`--resume PATH` that fails is refused (`CorruptCheckpoint`). Nothing that fails is ever loaded.
+`--resume PATH` that fails is refused (`CorruptCheckpoint`), and so is a checkpoint that export, evaluate or average
+would read (`refuse_if_corrupt`; `--no-verify-hashes` checks the sizes only). Nothing that fails is ever loaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -27,6 +29,7 @@ from dist_train.formats.atomic_file import write_text_atomic
 FILES_LIST = "files.json"
 CORRUPT_DIR = "corrupt"
 _CHUNK_BYTES = 8 << 20
+VerifyMode = Literal["full", "sizes"]
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -68,7 +71,7 @@ def write_files_list(folder: Path, known: dict[str, dict[str, Any]]) -> None:
     write_text_atomic(folder / FILES_LIST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1) + "\n")
 
 
-def check(folder: Path, mode: Literal["full", "sizes"] = "full") -> Problem | None:
+def check(folder: Path, mode: VerifyMode = "full") -> Problem | None:
     """The first problem of `folder` against its files.json (sizes, and sha256 when `mode` is full), or None."""
     listing = folder / FILES_LIST
     if not folder.is_dir():
@@ -94,6 +97,22 @@ def check(folder: Path, mode: Literal["full", "sizes"] = "full") -> Problem | No
                 return Problem(folder / rel, f"sha256 differs from the one written at save ({want['sha256'][:16]}"
                                              f"...): the bytes changed on disk (bit rot or a bad copy)")
     return None
+
+
+def refuse_if_corrupt(folder: Path, mode: VerifyMode = "full") -> None:
+    """Raise CorruptCheckpoint naming the first file of `folder` that fails `check`; nothing is moved (a tool that
+    reads a checkpoint refuses it; only a resume sets `latest` aside)."""
+    problem = check(folder, mode)
+    if problem is not None:
+        raise CorruptCheckpoint(f"refused, the checkpoint {folder} is corrupt: {problem}. Use another checkpoint, "
+                                f"or put back an intact copy of this one")
+
+
+def add_verify_argument(parser: argparse.ArgumentParser) -> None:
+    """`--no-verify-hashes`, worded the same in every tool that reads checkpoints; sets `verify` to full or sizes."""
+    parser.add_argument("--no-verify-hashes", dest="verify", action="store_const", const="sizes", default="full",
+                        help="check the checkpoint's files against the sizes in its files.json but not their "
+                             "sha256 (skips reading every byte once; misses bit rot)")
 
 
 def quarantine(folder: Path, problem: Problem) -> Path:

@@ -24,6 +24,7 @@ import torch
 from dist_train.checkpoint.layout import read_client_state, resolve_checkpoint
 from dist_train.checkpoint.tensor_shards import tensor_parallel_ranks, tensor_parallel_state
 from dist_train.checkpoint.safe_load import check_folder, checkpoint_reads
+from dist_train.checkpoint.verify import VerifyMode, refuse_if_corrupt
 from dist_train.config import Config, config_from_dict, load_config
 from dist_train.formats.atomic_file import apply_umask_modes
 
@@ -129,9 +130,11 @@ def _bf16_optimizer_state(path: Path) -> dict[str, torch.Tensor]:
                                                       exclude_frozen_parameters=False)
 
 
-def checkpoint_weights(path: Path, trust: bool = False) -> Weights:
-    """The weights of checkpoint folder `path`; a folder with a file that could run code when read is refused
+def checkpoint_weights(path: Path, trust: bool = False, verify: VerifyMode = "full") -> Weights:
+    """The weights of checkpoint folder `path`, checked against its files.json first (`verify`: full or sizes;
+    CorruptCheckpoint names the file); a folder with a file that could run code when read is refused
     (UnsafeCheckpointError) unless `trust`."""
+    refuse_if_corrupt(path, verify)
     meta = read_client_state(path)
     cfg = config_from_dict(meta["config"])
     check_folder(path, trust)
@@ -159,29 +162,24 @@ def folder_weights(path: Path) -> Weights:
 
 
 def open_weights(run: Path | None = None, step: int | None = None, weights: Path | None = None,
-                 trust: bool = False) -> Weights:
+                 trust: bool = False, verify: VerifyMode = "full") -> Weights:
     """A weights folder, or the checkpoint of `step` (default: the latest) of a run folder (see
-    `checkpoint_weights` for `trust`)."""
+    `checkpoint_weights` for `trust` and `verify`)."""
     if weights is not None:
         return folder_weights(Path(weights))
     if run is None:
         raise ValueError("give a run folder (--run) or a weights folder (--weights)")
-    return checkpoint_weights(resolve_checkpoint(Path(run), step), trust)
+    return checkpoint_weights(resolve_checkpoint(Path(run), step), trust, verify)
 
 
 def save_weights_folder(out: Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any]) -> None:
-    """Write a weights folder atomically (into OUT.tmp, then renamed); `tensors` holds no tied alias."""
-    import shutil
-
+    """Write the files of a weights folder into `out` (made if missing); `tensors` holds no tied alias.
+    `dist_train.average` writes it through `dist_train.tools.output_folder`, which makes it atomic and never
+    replaces a folder it did not write."""
     from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / "config.yaml").write_text(cfg.to_yaml())
-    (tmp / WEIGHTS_META).write_text(json.dumps(meta, indent=2) + "\n")
-    apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    (out / WEIGHTS_META).write_text(json.dumps(meta, indent=2) + "\n")
+    apply_umask_modes(out)  # safetensors writes 0600 whatever the umask

@@ -7,6 +7,9 @@ averaged steps) that `python -m dist_train.evaluate --weights DIR` evaluates and
 --weights DIR` exports. The mean is accumulated in float64, one checkpoint at a time, and rounded to fp32 once,
 so averaging K copies of one checkpoint returns it bit for bit. Memory: the float64 sums plus one
 checkpoint's weights (about three fp32 copies of the model); Adam's moments are never loaded.
+
+Every checkpoint is checked against its files.json before any is read (`--no-verify-hashes`: sizes only), and --out
+is a new folder or one average wrote before (`dist_train.tools.output_folder`: anything else is refused).
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import torch
 
 from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
+from dist_train.checkpoint.verify import CorruptCheckpoint, VerifyMode, add_verify_argument, refuse_if_corrupt
 from dist_train.checkpoint.weights import checkpoint_weights, save_weights_folder
 from dist_train.config import Config
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
+from dist_train.tools.output_folder import check_output_folder, output_folder
+
+TOOL = "dist_train.average"
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -30,13 +37,17 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / CLIENT_STATE).exists())
 
 
-def average_checkpoints(paths: list[Path], trust: bool = False) -> tuple[dict[str, torch.Tensor], list[int], Config]:
-    """Element-wise mean of the fp32 weights of `paths`; returns it, the averaged steps and the last config."""
+def average_checkpoints(paths: list[Path], trust: bool = False, verify: VerifyMode = "full"
+                        ) -> tuple[dict[str, torch.Tensor], list[int], Config]:
+    """Element-wise mean of the fp32 weights of `paths`; returns it, the averaged steps and the last config. Every
+    checkpoint is verified (`verify`) before the first is read, so a corrupt one costs no averaging."""
+    for path in paths:
+        refuse_if_corrupt(path, verify)
     sums: dict[str, torch.Tensor] = {}
     steps: list[int] = []
     shape_hash = None
     for path in paths:
-        weights = checkpoint_weights(path, trust)  # one checkpoint held at a time
+        weights = checkpoint_weights(path, trust, "sizes")  # hashed above; one checkpoint held at a time
         if shape_hash is None:
             shape_hash = weights.config.model_hash()
         elif weights.config.model_hash() != shape_hash:
@@ -53,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run folder")
     parser.add_argument("--last", type=int, required=True, help="average the K most recent checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="output weights folder (replaced when complete)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output weights folder: a new one, or one average wrote before (replaced when complete)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_trust_argument(parser)
+    add_verify_argument(parser)
     args = parser.parse_args(argv)
-    deepspeed_logs_to_stderr()
     available = complete_checkpoints(args.run)
     if args.last < 1 or args.last > len(available):
         print(f"average: --last must be between 1 and the {len(available)} complete checkpoints in "
@@ -65,14 +77,17 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint.keep_last to keep more", file=sys.stderr)
         return 2
     paths = available[-args.last:]
+    deepspeed_logs_to_stderr()
     try:
-        tensors, steps, cfg = average_checkpoints(paths, args.trust_checkpoint)
-    except (ValueError, UnsafeCheckpointError) as e:
+        check_output_folder(args.out, TOOL)  # before any checkpoint is read
+        tensors, steps, cfg = average_checkpoints(paths, args.trust_checkpoint, args.verify)
+        meta = {"averaged_steps": steps, "run": str(args.run.resolve()),
+                "tokens": read_client_state(paths[-1])["train_state"]["tokens"]}
+        with output_folder(args.out, TOOL) as tmp:
+            save_weights_folder(tmp, tensors, cfg, meta)
+    except (ValueError, UnsafeCheckpointError, CorruptCheckpoint) as e:
         print(f"average: {e}", file=sys.stderr)
         return 2
-    meta = {"averaged_steps": steps, "run": str(args.run.resolve()),
-            "tokens": read_client_state(paths[-1])["train_state"]["tokens"]}
-    save_weights_folder(args.out, tensors, cfg, meta)
     result = {"out": str(args.out), **meta}
     print(json.dumps(result) if args.json else f"averaged steps {steps} of {args.run} into {args.out}")
     return 0

@@ -18,6 +18,8 @@ Encoder-decoders (model.arch=encoder_decoder) are evaluated on the same span cor
 is the unigram model of the targets: of the Ld label positions of an example, one is each of the `spans`
 sentinels, one is EOS and `noise` are masked corpus tokens, so it predicts sentinel k and EOS with 1/Ld each on
 top of (noise/Ld) x the training split's token frequencies.
+
+The checkpoint is checked against its files.json before it is read (`--no-verify-hashes`: sizes only).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
+from dist_train.checkpoint.verify import CorruptCheckpoint, add_verify_argument
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import Config
 from dist_train.data.build import build_loader
@@ -159,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="training tokens per source counted for the unigram baseline")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_trust_argument(parser)
+    add_verify_argument(parser)
     args = parser.parse_args(argv)
-    deepspeed_logs_to_stderr()
     if args.run is None and not args.weights:
         parser.error("give --run RUN and/or --weights DIR")
     if args.step is not None and args.run is None:
         parser.error("--step needs --run")
+    for flag, value in (("--max-samples", args.max_samples), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            print(f"evaluate: {flag} must be at least 1, not {value}", file=sys.stderr)
+            return 2
+    deepspeed_logs_to_stderr()
     try:
-        sources = (([open_weights(args.run, args.step, trust=args.trust_checkpoint)] if args.run else [])
-                   + [open_weights(weights=w) for w in args.weights])
-    except (FileNotFoundError, ValueError, UnsafeCheckpointError) as e:
+        sources = (([open_weights(args.run, args.step, trust=args.trust_checkpoint, verify=args.verify)]
+                    if args.run else []) + [open_weights(weights=w) for w in args.weights])
+    except (FileNotFoundError, ValueError, UnsafeCheckpointError, CorruptCheckpoint) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

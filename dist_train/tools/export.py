@@ -17,13 +17,15 @@ repeated for GPT-2 (which only has multi-head attention), and GPT-2's Conv1D wei
 
 Memory: the weights are consolidated one tensor at a time (`dist_train.weights`, lazy even from ZeRO-3
 shards) and written one output shard at a time, so at most one shard of converted tensors is held.
+
+--out is a new folder or one export wrote before (`dist_train.tools.output_folder`: anything else is refused),
+and the checkpoint is checked against its files.json before it is read (`--no-verify-hashes`: sizes only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +34,19 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
+from dist_train.checkpoint.verify import CorruptCheckpoint, add_verify_argument
 from dist_train.checkpoint.weights import Weights, open_weights
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.model.hf import load_hf_config
 from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
+from dist_train.tools.output_folder import check_output_folder, output_folder
 
 LLAMA = ("rmsnorm", "rope", "swiglu")
 GPT2 = ("layernorm", "learned", "gelu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOOL = "dist_train.export"
 
 
 def family(m: ModelConfig) -> str:
@@ -189,12 +194,20 @@ def hf_model_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
 # Writing.
 
 def parse_size(text: str) -> int:
-    """'2GB' / '500MB' / '1024' -> bytes."""
+    """'2GB' / '500MB' / '1024' -> bytes (at least 1); anything else is a ValueError naming --max-shard-size."""
     units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, factor in units.items():
+    number, factor = text, 1
+    for unit, unit_factor in units.items():
         if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+            number, factor = text[: -len(unit)], unit_factor
+            break
+    try:
+        size = int(float(number) * factor)
+    except (ValueError, OverflowError):  # not a number, nan, inf
+        raise ValueError(f"--max-shard-size {text!r} is not a size: give e.g. 2GB, 500MB or 1000000 (bytes)") from None
+    if size < 1:
+        raise ValueError(f"--max-shard-size must be at least 1 byte, not {text!r}: give e.g. 2GB or 500MB")
+    return size
 
 
 def write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], max_shard_bytes: int,
@@ -261,7 +274,8 @@ def save_tokenizer(tokenizer_dir: Path, out: Path, seq_len: int) -> int | None:
 
 def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str = "fp32",
            max_shard_bytes: int = 2 * 10**9) -> Path:
-    """Write the HF folder into OUT.tmp and rename it to OUT when complete."""
+    """Write the HF folder into OUT.tmp and rename it to OUT when complete (`output_folder`: OUT is new or a
+    previous export, anything else is refused with OutputFolderError)."""
     m = w.config.model
     kind = family(m)
     if tokenizer_dir is not None and tokenizer_dir.is_file():
@@ -270,26 +284,21 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"cannot find the tokenizer of {w.source} (the manifest of data.path names "
                                 f"{tokenizer_dir}); pass --tokenizer DIR")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    eos = save_tokenizer(tokenizer_dir, tmp, m.seq_len)
-    config = hf_config(m, eos)
-    # As a string, which every transformers version serialises ("dtype" is the name from 4.56 on, which
-    # `from_pretrained` reads back as a torch.dtype; pyproject declares the version the tests run with).
-    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
-    config.save_pretrained(str(tmp))
-    from transformers import GenerationConfig
+    with output_folder(out, TOOL) as tmp:
+        eos = save_tokenizer(tokenizer_dir, tmp, m.seq_len)
+        config = hf_config(m, eos)
+        # As a string, which every transformers version serialises ("dtype" is the name from 4.56 on, which
+        # `from_pretrained` reads back as a torch.dtype; pyproject declares the version the tests run with).
+        config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+        config.save_pretrained(str(tmp))
+        from transformers import GenerationConfig
 
-    GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-    tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "t5": t5_tensors, "bart": bart_tensors,
-               "hf": hf_model_tensors}[kind](w)
-    write_shards(tmp, tensors, max_shard_bytes, DTYPES[dtype])
-    (tmp / "dist_train.json").write_text(json.dumps({"source": w.source, **w.meta, "family": kind}, indent=2))
-    apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+        tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "t5": t5_tensors, "bart": bart_tensors,
+                   "hf": hf_model_tensors}[kind](w)
+        write_shards(tmp, tensors, max_shard_bytes, DTYPES[dtype])
+        (tmp / "dist_train.json").write_text(json.dumps({"source": w.source, **w.meta, "family": kind}, indent=2))
+        apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask
     return out
 
 
@@ -299,20 +308,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, help="run folder (its checkpoints/latest unless --step)")
     parser.add_argument("--step", type=int, help="export the checkpoint of this step")
     parser.add_argument("--weights", type=Path, help="export a weights folder (from dist_train.average)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (replaced when complete)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder: a new one, or one export wrote before (replaced when complete)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the one in the run's manifest)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_trust_argument(parser)
+    add_verify_argument(parser)
     args = parser.parse_args(argv)
-    deepspeed_logs_to_stderr()
     if args.weights is not None and args.step is not None:
         parser.error("--step and --weights exclude each other")
+    try:  # the cheap refusals first, before DeepSpeed is imported or any checkpoint read
+        max_shard_bytes = parse_size(args.max_shard_size)
+        check_output_folder(args.out, TOOL)
+    except ValueError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    deepspeed_logs_to_stderr()
     try:
-        w = open_weights(args.run, args.step, args.weights, trust=args.trust_checkpoint)
-        out = export(w, args.out, args.tokenizer, args.dtype, parse_size(args.max_shard_size))
-    except (ConfigError, FileNotFoundError, ValueError, UnsafeCheckpointError) as e:
+        w = open_weights(args.run, args.step, args.weights, trust=args.trust_checkpoint, verify=args.verify)
+        out = export(w, args.out, args.tokenizer, args.dtype, max_shard_bytes)
+    except (ConfigError, FileNotFoundError, ValueError, UnsafeCheckpointError, CorruptCheckpoint) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
     result = {"out": str(out), "source": w.source, "family": family(w.config.model), **w.meta}
