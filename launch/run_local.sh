@@ -15,8 +15,10 @@ set -uo pipefail  # no -e: the script must outlive a failed launcher to pass its
 usage() { sed -n '2,6s/^# \{0,1\}//p' "$0"; }
 case "${1:-}" in
     -h|--help) usage; exit 0 ;;
-    ''|*[!0-9]*) echo "run_local.sh: the first argument is the number of processes, got '${1:-}'" >&2; usage >&2
-                 exit 2 ;;
+    ''|*[!0-9]*|0*)  # not a whole number, 0 (deepspeed's launcher answered it with a traceback) or 0-padded
+        echo "run_local.sh: the first argument is the number of processes, got '${1:-}': give a whole" \
+             "number >= 1, e.g. bash launch/run_local.sh 2 --config configs/tiny.yaml (--help for more)" >&2
+        exit 2 ;;
 esac
 nproc=$1; shift
 cd "$(dirname "$0")/.."

@@ -86,3 +86,13 @@ def test_plot_names_the_folder_without_metrics(tmp_path: Path, capsys) -> None:
     assert plot.main([str(tmp_path / "good"), str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert f"{tmp_path / 'empty'} has no metrics.jsonl" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_plot_reads_a_run_whose_last_line_was_cut_by_a_kill_as_resume_does(tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "run", steps=10, lr=1e-3, loss0=5.0)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "loss": 4.1, "l')  # the kill came mid-write
+    out = tmp_path / "c.png"
+    assert plot.main([str(tmp_path / "run"), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in plot.load_run(tmp_path / "run")["train"]] == list(range(1, 11))
+    assert png_size(out) == (1500, 450)

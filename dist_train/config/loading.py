@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from pathlib import Path
@@ -15,24 +14,10 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_train.config.quote import clip, quote
 from dist_train.config.schema import Config, ConfigError
 from dist_train.config.validation import validate
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users write it as a number."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-               |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.VERBOSE),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
+from dist_train.config.yaml_reader import YamlRefused, parse_yaml
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -52,36 +37,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {quote(value)} matches none of {tp}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{key}: {quote(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {quote(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {quote(value)}")
         return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {quote(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {quote(value)}")
+        if not -2**63 <= value < 2**63:  # no size, step or seed is larger, and later messages quote the value
+            raise ConfigError(f"{key}: {quote(value)} does not fit in a 64-bit integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {quote(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {quote(value)}")
         return value
     raise TypeError(f"unsupported config annotation {tp} at {key}")
 
@@ -90,7 +77,7 @@ def _unknown_key_error(prefix: str, name: str, valid: list[str]) -> ConfigError:
     full = f"{prefix}.{name}" if prefix else name
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(valid)})")
+    return ConfigError(f"unknown config key {quote(full)}{hint} (valid keys here: {', '.join(valid)})", (full,))
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -113,19 +100,22 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Apply one dotted `key=value` override in place; the value is parsed as YAML (`4`, `true`, `[a, b]`)."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} is not of the form key=value (e.g. train.max_steps=100)")
+        raise ConfigError(f"override {quote(override)} is not of the form key=value (e.g. train.max_steps=100)")
     dotted, raw = override.split("=", 1)
     parts = dotted.strip().split(".")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+            raise ConfigError(f"override {quote(override)}: {quote(part)} is not a section")
     try:
         node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
+    except YamlRefused as e:
+        raise ConfigError(f"override {clip(override)}: {e.problem}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {override}: the value is not valid YAML ({_yaml_problem(e)}); e.g. "
-                          f"{dotted}=4, {dotted}=true, {dotted}='[a, b]' (quoted for the shell)") from None
+        key = clip(dotted)
+        raise ConfigError(f"override {clip(override)}: the value is not valid YAML ({_yaml_problem(e)}); e.g. "
+                          f"{key}=4, {key}=true, {key}='[a, b]' (quoted for the shell)") from None
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,12 +155,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}{_yaml_place(e)} is not valid YAML: {_yaml_problem(e)}") from None
+        tree = _parse_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
     for override in overrides:
@@ -182,6 +167,28 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return config_from_dict(tree)
     except ConfigError as e:
         raise ConfigError(f"{_error_source(e, path, overrides)}{e}", e.keys) from None
+
+
+def _parse_file(path: Path) -> Any:
+    """The YAML document in `path`; every way it can fail is a ConfigError naming the file (and the line)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"config file {path}, line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}): "
+                          f"save it as UTF-8") from None
+    try:
+        return parse_yaml(text)
+    except YamlRefused as e:
+        raise ConfigError(f"config file {path}{_yaml_place(e)}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}{_yaml_place(e)} is not valid YAML: {_yaml_problem(e)}") from None
 
 
 def default_out_dir(path: Path | None) -> str:
@@ -210,5 +217,5 @@ def _error_source(error: ConfigError, path: Path | None, overrides: list[str] | 
         key = override.split("=", 1)[0].strip()
         if (message.startswith(f"{key}:") or f"'{key}'" in message
                 or any(k == key or k.startswith((f"{key}.", f"{key}[")) for k in error.keys)):
-            return f"override {override}: "
+            return f"override {clip(override)}: "
     return f"{path}: " if path is not None else ""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_train.config.quote import quote
 from dist_train.config.schema import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 
 
@@ -26,8 +27,8 @@ class Range:
     """Wording of the range when the interval notation reads badly (e.g. `0, 1, 2 or 3`)."""
 
     def contains(self, value: float) -> bool:
-        if isinstance(value, float) and math.isnan(value):
-            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False  # nan compares false to everything; inf is no learning rate, weight or ratio
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
@@ -95,20 +96,21 @@ def check_ranges(cfg: Config) -> None:
     for dotted, allowed in RANGES.items():
         for key, value in _lookup(cfg, dotted):
             if value is not None:
-                _require(allowed.contains(value), f"{key} must be {allowed.describe()}, got {value}", key)
+                _require(allowed.contains(value), f"{key} must be {allowed.describe()}, got {quote(value)}", key)
 
 
 def _validate_model(m: ModelConfig) -> None:
     if m.hf_config is not None:
         _require(Path(m.hf_config).exists(), f"model.hf_config: {m.hf_config} does not exist", "model.hf_config")
-    _require(m.d_model % m.n_heads == 0,
-             f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
-             f"e.g. set model.n_heads={_nearest_divisor(m.d_model, m.n_heads)}", "model.d_model", "model.n_heads")
-    if m.n_kv_heads is not None:
-        _require(m.n_heads % m.n_kv_heads == 0,
-                 f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
-                 f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}",
-                 "model.n_heads", "model.n_kv_heads")
+    # The suggestions are searched for only when a check fails: the search is the one costly part of a check.
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
+                          f"e.g. set model.n_heads={_nearest_divisor(m.d_model, m.n_heads)}", ("model.d_model",
+                                                                                               "model.n_heads"))
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
+                          f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}",
+                          ("model.n_heads", "model.n_kv_heads"))
     if m.pos == "relative":
         _require(m.arch == "encoder_decoder", "model.pos=relative (T5's relative attention bias) is built for "
                  "model.arch=encoder_decoder only; use pos=rope or pos=learned", "model.pos")
@@ -118,9 +120,15 @@ def _validate_model(m: ModelConfig) -> None:
                  "model.n_heads")
 
 
+DIVISOR_SEARCH = 100_000
+"""Trial divisions a suggestion may cost (a few ms); a config's sizes are far below its square (10^10)."""
+
+
 def _nearest_divisor(n: int, near: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: abs(d - near))
+    """The divisor of `n` closest to `near` (the smaller on a tie), from the divisor pairs (d, n // d) with d up
+    to DIVISOR_SEARCH: exact for n below DIVISOR_SEARCH², a divisor still (if maybe not the closest) above."""
+    divisors = [x for d in range(1, min(math.isqrt(n), DIVISOR_SEARCH) + 1) if n % d == 0 for x in (d, n // d)]
+    return min(divisors, key=lambda d: (abs(d - near), d))
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -186,6 +194,10 @@ def validate(cfg: Config) -> None:
              "or data.sources=[{path, weight}, ...]", "data.path", "data.sources")
     _require(not (d.path and d.sources), "set either data.path or data.sources, not both", "data.path",
              "data.sources")
+    total_weight = sum(s.weight for s in d.sources or [])
+    _require(math.isfinite(total_weight),
+             "data.sources weights add up to more than the largest float (the sum is inf): they are relative "
+             "shares, so scale them all down (e.g. 1e308 and 1e308 -> 1 and 1)", "data.sources")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

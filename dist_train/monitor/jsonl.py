@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dist_train.config.quote import quote
 from dist_train.formats.atomic_file import write_text_atomic
 
 
@@ -65,8 +66,29 @@ def truncate_after(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+class MetricsFileError(ValueError):
+    """A `metrics.jsonl` with a line that is not a JSON object, other than a last line cut by a kill."""
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl ([] without one). A last line cut by a kill is skipped, as a resume
+    drops it (`truncate_after`); any other line that is not a JSON object is refused, naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == last:
+                break  # the line being written when the run was killed
+            record = None
+        if not isinstance(record, dict):
+            raise MetricsFileError(f"{path}, line {i + 1} is not a JSON object: {quote(line)}")
+        records.append(record)
+    return records

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_train.monitor.jsonl import read_metrics
+from dist_train.monitor.jsonl import MetricsFileError, read_metrics
 
 
 class PlotError(ValueError):
@@ -29,7 +29,10 @@ def load_run(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     if not (run_dir / "metrics.jsonl").exists():
         raise PlotError(f"{run_dir} has no metrics.jsonl: is it a run folder (run.out_dir) that has logged "
                         f"at least one step?")
-    records = read_metrics(run_dir)
+    try:
+        records = read_metrics(run_dir)
+    except MetricsFileError as e:
+        raise PlotError(str(e)) from None
     train = sorted((r for r in records if r.get("loss") is not None), key=lambda r: r["step"])
     val = sorted((r for r in records if r.get("val_loss") is not None), key=lambda r: r["step"])
     if not train and not val:

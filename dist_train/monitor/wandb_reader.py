@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dist_train.config.quote import quote
 
 MAGIC = b":W&B"
 HEADER = struct.Struct("<4sHB")  # magic, 0xBEE1, version
@@ -40,11 +43,11 @@ class WandbFileError(ValueError):
 def iter_payloads(path: str | Path) -> Iterator[bytes]:
     """The payload of every complete record in a `.wandb` file, in order."""
     data = Path(path).read_bytes()
+    if data[:HEADER.size] != HEADER.pack(MAGIC, 0xBEE1, 0)[:len(data)]:
+        raise WandbFileError(f"{path} is not a W&B run file (it starts {quote(data[:HEADER.size])}, not "
+                             f":W&B and 0xBEE1)")
     if len(data) < HEADER.size:
-        return
-    magic, ident, version = HEADER.unpack_from(data)
-    if magic != MAGIC or ident != 0xBEE1 or version != 0:
-        raise WandbFileError(f"{path} is not a W&B run file (header {data[:HEADER.size]!r})")
+        return  # killed before its header was written
     pos, pieces = HEADER.size, []
     while pos + RECORD_HEADER.size <= len(data):
         block_left = BLOCK_BYTES - pos % BLOCK_BYTES
@@ -180,9 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", action="store_true", help="print the run summary instead of the history")
     parser.add_argument("--json", action="store_true", help="JSON lines (one per row, or one summary object)")
     args = parser.parse_args(argv)
+    try:
+        _print_runs(args)
+    except (WandbFileError, OSError) as e:
+        print(f"wandb_reader: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_runs(args: argparse.Namespace) -> None:
     files = [f for p in args.paths for f in run_files(p, args.run_id)]
     if not files:
-        parser.error(f"no run-*.wandb files under {' '.join(args.paths)}")
+        raise WandbFileError(f"no run-*.wandb files under {' '.join(args.paths)}"
+                             f"{f' for run id {args.run_id}' if args.run_id else ''}: give a run folder, its wandb/ "
+                             f"folder or a .wandb file")
     for f in sorted(files, key=_start_time):
         run = read_run_file(f)
         if args.summary:
@@ -193,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {f}: run {run.run_id} ({run.name}), {len(run.history)} rows")
         for row in run.history:
             print(json.dumps(row) if args.json else _format_row(row))
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if sum(budget) != 1:
         raise ValueError("give exactly one budget: --compute C, --params N, --tokens D, or --gpus G --hours H "
                          "(with --peak-tflops and --mfu)")
+    _check_plan_numbers(args)
+    if args.write_config and args.config and _same_file(args.write_config, args.config):
+        raise ValueError(f"--write-config {args.write_config} is the --config it plans from, which it would "
+                         f"overwrite: write the plan to a new file (e.g. --write-config "
+                         f"{Path(args.write_config).with_suffix('')}-planned.yaml)")
     compute = args.compute
     if args.hours is not None:
         compute = compute_from_hardware(args.gpus, args.hours, args.peak_tflops, args.mfu)
@@ -182,6 +188,25 @@ def cmd_plan(args: argparse.Namespace) -> None:
         r["max_steps"] = out.train.max_steps
         r["out_dir"] = out.run.out_dir
     _emit(r, args.json, _plan_text(r))
+
+
+def _check_plan_numbers(args: argparse.Namespace) -> None:
+    """Every number of a plan positive and finite (a zero budget divided by zero, a negative one made the laws'
+    powers complex, nan went through), the MFU a fraction."""
+    for flag, value in (("--compute", args.compute), ("--params", args.params), ("--tokens", args.tokens),
+                        ("--hours", args.hours), ("--gpus", args.gpus), ("--peak-tflops", args.peak_tflops)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number, got {value:g}")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu is a fraction of peak in (0, 1], got {args.mfu:g}")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through links and `..` too)."""
+    try:
+        return Path(a).samefile(b)
+    except OSError:  # one of them does not exist yet
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _gib(n: int) -> str:

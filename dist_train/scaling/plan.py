@@ -93,11 +93,17 @@ def allocations(compute: float | None = None, params: float | None = None,
         raise ValueError("give exactly one of compute, params or tokens")
     rows = []
     for law in LAWS.values():
-        if compute is None:
-            c = law.compute_for_params(params) if params is not None else law.compute_for_tokens(tokens)
-        else:
-            c = compute
-        rows.append(law.allocation(c))
+        try:
+            if compute is None:
+                c = law.compute_for_params(params) if params is not None else law.compute_for_tokens(tokens)
+            else:
+                c = compute
+            rows.append(law.allocation(c))
+        except OverflowError:  # a power of a budget past ~1e154
+            given = next(f"{name} {v:g}" for name, v in (("compute", compute), ("params", params),
+                                                         ("tokens", tokens)) if v is not None)
+            raise ValueError(f"{given}: the compute-optimal allocation of this budget overflows a float; "
+                             f"size a smaller run") from None
     return rows
 
 
