@@ -53,13 +53,13 @@ def _val_tokens(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> list[
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    runs = {d: load_run(d) for d in run_dirs}  # refuses a bad run before the slow import of matplotlib
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    runs = {d: load_run(d) for d in run_dirs}
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
     for i, (run_dir, run) in enumerate(runs.items()):
         color, name = f"C{i % 10}", run_dir.resolve().name

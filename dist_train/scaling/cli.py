@@ -25,8 +25,6 @@ from dist_train.config import (
     parse_args_with_overrides,
 )
 from dist_train.config.loading import default_out_dir
-from dist_train.model.count import count_params, flops_per_token
-from dist_train.monitor.throughput import PEAKS
 
 NO_DATA = "<not needed for sizing>"
 
@@ -55,6 +53,8 @@ def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
 
 
 def count_report(cfg: Config, tokens: int | None) -> dict[str, Any]:
+    from dist_train.model.count import count_params, flops_per_token
+
     m = cfg.model
     pc = count_params(m)
     per_token = flops_per_token(m, cfg.data.noise_density, cfg.data.mean_noise_span_length)
@@ -135,6 +135,17 @@ def _data_text(r: dict[str, Any]) -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    budget = [x is not None for x in (args.compute, args.params, args.tokens, args.hours)]
+    if sum(budget) != 1:
+        raise ValueError("give exactly one budget: --compute C, --params N, --tokens D, or --gpus G --hours H "
+                         "(with --peak-tflops and --mfu)")
+    _check_plan_numbers(args)
+    if args.write_config and args.config and _same_file(args.write_config, args.config):
+        raise ValueError(f"--write-config {args.write_config} is the --config it plans from, which it would "
+                         f"overwrite: write the plan to a new file (e.g. --write-config "
+                         f"{Path(args.write_config).with_suffix('')}-planned.yaml)")
+    # Refused above before torch is imported (by the parameter count below): a refusal answers at once.
+    from dist_train.monitor.throughput import PEAKS
     from dist_train.scaling.laws import compute_from_hardware
     from dist_train.scaling.plan import (
         data_sources,
@@ -145,15 +156,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         write_config,
     )
 
-    budget = [x is not None for x in (args.compute, args.params, args.tokens, args.hours)]
-    if sum(budget) != 1:
-        raise ValueError("give exactly one budget: --compute C, --params N, --tokens D, or --gpus G --hours H "
-                         "(with --peak-tflops and --mfu)")
-    _check_plan_numbers(args)
-    if args.write_config and args.config and _same_file(args.write_config, args.config):
-        raise ValueError(f"--write-config {args.write_config} is the --config it plans from, which it would "
-                         f"overwrite: write the plan to a new file (e.g. --write-config "
-                         f"{Path(args.write_config).with_suffix('')}-planned.yaml)")
+    if args.peak_tflops is None:
+        args.peak_tflops = PEAKS["H100"].half
     compute = args.compute
     if args.hours is not None:
         compute = compute_from_hardware(args.gpus, args.hours, args.peak_tflops, args.mfu)
@@ -236,6 +240,7 @@ def _memory_text(r: dict[str, Any]) -> str:
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
+    from dist_train.model.count import count_params
     from dist_train.scaling.memory import estimate_memory, with_overrides
 
     cfg = with_overrides(load_sizing_config(args.config, overrides_from(args)), zero_stage=args.zero_stage,
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, help="wall-clock hours on --gpus GPUs (derives C with --peak-tflops, "
                                                "--mfu)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
-    p.add_argument("--peak-tflops", type=float, default=PEAKS["H100"].half,
+    p.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s per GPU (default H100 SXM dense bf16, 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
     p.add_argument("--method", default="besiroglu",
