@@ -39,6 +39,12 @@ place = ProcessPlace(rank=0, local_rank=0, world_size=1, host="h", slurm_node=No
                      slurm_restart_count=0)
 logger = build_logger(cfg, Path(cfg.run.out_dir), place, state, resumed=spec["resume_step"] > 0)
 for step in range(spec["resume_step"] + 1, spec["last_step"] + 1):
+    if step == spec["term_service_at"]:
+        # What SLURM's TERM on a requeue does to the W&B service process (every process of the job gets it).
+        import psutil
+        for child in psutil.Process().children(recursive=True):
+            child.terminate()
+        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
     logger.log({"step": step, "loss": 10.0 / step, "lr": 1e-3, "tokens": 100 * step, "tokens_per_s": 5.0})
     if step % 4 == 0:
         logger.log({"step": step, "tokens": 100 * step, "val_loss": 20.0 / step, "val_ppl": 2.0})
@@ -51,10 +57,12 @@ logger.close()
 
 
 def job(run_dir: Path, resume_step: int, last_step: int, state_id: str | None = None, kill: bool = False,
-        mode: str = "offline", env: dict[str, str] | None = None) -> tuple[str, subprocess.CompletedProcess]:
+        mode: str = "offline", env: dict[str, str] | None = None,
+        term_service_at: int | None = None) -> tuple[str, subprocess.CompletedProcess]:
     spec = {"overrides": [f"run.out_dir={run_dir}", f"data.path={run_dir}", "wandb.enabled=true",
                           f"wandb.mode={mode}"],
-            "resume_step": resume_step, "last_step": last_step, "state_id": state_id, "kill": kill}
+            "resume_step": resume_step, "last_step": last_step, "state_id": state_id, "kill": kill,
+            "term_service_at": term_service_at}
     proc = subprocess.run([sys.executable, "-c", JOB, json.dumps(spec)], check=False, cwd=REPO,
                           env=cpu_env(env), capture_output=True, text=True, timeout=180)
     assert proc.returncode == (-9 if kill else 0), proc.stderr
@@ -112,6 +120,22 @@ def test_an_unreadable_wandb_file_never_stops_training_on_resume(tmp_path: Path)
     assert f"W&B: could not read the files of run {first_id}" in proc.stdout
     (new,) = [f for f in run_dir.glob("wandb/*run-*/run-*.wandb") if f != corrupt]
     assert [row["_step"] for row in wandb_reader.read_run_file(new).history] == [5, 6]
+
+
+def test_a_wandb_service_killed_by_slurms_term_never_stops_training_and_the_next_start_catches_up(
+        tmp_path: Path) -> None:
+    """A requeue TERMs every process of the job, wandb-core too, while training saves and stops: the trainer
+    must still reach its save (a W&B exception killed rank 0 mid-requeue), and the next start sends W&B the
+    rows it lacks from metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    first_id, proc = job(run_dir, resume_step=0, last_step=8, term_service_at=5)  # exit code 0: job() checks
+    assert "W&B: logging step 5 failed" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count("W&B logging stops for this start") == 1, "said once, not once per record"
+    assert sorted(rows_by_step(read_metrics(run_dir))) == list(range(1, 9)), "metrics.jsonl has every step"
+
+    job(run_dir, resume_step=8, last_step=10, state_id=first_id)
+
+    assert [r["_step"] for r in wandb_reader.read_history(run_dir, first_id)] == list(range(1, 11))
 
 
 def test_fresh_start_after_a_run_without_checkpoint_starts_a_new_wandb_run(tmp_path: Path) -> None:

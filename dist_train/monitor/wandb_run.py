@@ -22,25 +22,41 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 
 class WandbBackend:
-    """Logs each record to a W&B run at `step=record["step"]`; records of one step merge into one row."""
+    """Logs each record to a W&B run at `step=record["step"]`; records of one step merge into one row.
+
+    A dashboard must never stop a training job: when W&B fails (its service process died - SLURM's TERM on a
+    requeue or preemption reaches every process of the job, wandb-core included - or its disk filled), the
+    failure is said once and W&B is left alone for the rest of this start; metrics.jsonl has every record, and
+    the next start re-sends what the W&B files lack."""
 
     def __init__(self, run: Any, first_new_step: int):
-        self.run = run
+        self.run: Any | None = run
         self.first_new_step = first_new_step
         """Steps below this are already in the W&B run (logged before a kill): W&B keeps the first row of a
         step and refuses to go back, so they are not sent again."""
         self.last_step = first_new_step - 1
 
+    def _call(self, what: str, fn: Any) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(self.run)
+        except Exception as e:  # noqa: BLE001 - a dashboard must never stop a training job
+            self.run = None
+            print(f"W&B: {what} failed ({type(e).__name__}: {e}); W&B logging stops for this start, "
+                  f"metrics.jsonl has every record and the next start sends W&B what it lacks", flush=True)
+
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        if step < self.first_new_step:
+        if step < self.first_new_step or self.run is None:
             return
-        self.run.log(_row(record), step=step)
+        self._call(f"logging step {step}", lambda run: run.log(_row(record), step=step))
         self.last_step = step
 
     def event(self, record: dict[str, Any]) -> None:
         """At the run's current step when the event's is older (W&B drops rows that go back): it happened now."""
-        self.run.log(_row(record), step=max(record["step"], self.last_step))
+        step = max(record["step"], self.last_step)
+        self._call(f"logging event {record['event']!r}", lambda run: run.log(_row(record), step=step))
 
     def rewind(self, step: int) -> None:
         """W&B cannot take rows for steps it already has: the retrained steps up to the last logged one are not
@@ -48,10 +64,10 @@ class WandbBackend:
         self.first_new_step = max(self.first_new_step, self.last_step + 1)
 
     def summary(self, summary: dict[str, Any]) -> None:
-        self.run.summary.update(summary)
+        self._call("writing the summary", lambda run: run.summary.update(summary))
 
     def close(self) -> None:
-        self.run.finish()
+        self._call("finishing the run", lambda run: run.finish())
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
