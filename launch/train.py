@@ -1,13 +1,14 @@
 """Train a model: `deepspeed launch/train.py --config configs/tiny.yaml [key=value ...]`.
 
 Also runs under `torchrun --nproc_per_node N launch/train.py ...`, `srun` and plain `python launch/train.py`.
-Exit codes: 0 done, 2 bad config (refused before any process group starts), a `--resume PATH` checkpoint
-that fails verification (the message names the file) or a checkpoint refused because a file of it could run code
-when read (before any rank reads one; `--trust-checkpoint` loads it), 3 stopped after train.max_bad_steps
+Exit codes: 0 done, 2 bad config (refused before any process group starts), a `--resume PATH` checkpoint that fails
+verification (the message names the file), a checkpoint refused because a file of it could run code when read
+(before any rank reads one; `--trust-checkpoint` loads it) or a run folder that another training run holds (its
+lock names the host, PID and start time; nothing in the folder is written), 3 stopped after train.max_bad_steps
 non-finite losses in a row (the last good checkpoint is intact), 74 a checkpoint save found the disk full, the
-quota exceeded or the file-size limit reached (ENOSPC / EDQUOT / EFBIG: the partial checkpoint is removed,
-`latest` still names the previous one, intact; free space and re-run the same command to resume), 75 stopped by
-SIGTERM or SIGUSR1 after saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
+quota exceeded or the file-size limit reached (ENOSPC / EDQUOT / EFBIG: the partial checkpoint is removed, `latest`
+still names the previous one, intact; free space and re-run the same command to resume), 75 stopped by SIGTERM or
+SIGUSR1 after saving a checkpoint (requeue and re-run the same command to resume), 1 anything else.
 """
 
 import argparse
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides_from(args) + (["checkpoint.trust=true"] if args.trust_checkpoint
                                                                 else []))
+        from dist_train import distributed
         from dist_train.checkpoint.safe_load import UnsafeCheckpointError
+        from dist_train.train.run_lock import RunFolderLocked
         from dist_train.train.trainer import train
 
         try:
@@ -50,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         except UnsafeCheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             if e.every_rank:  # else the launcher stops the ranks that did not refuse
-                from dist_train import distributed
-
                 distributed.shutdown()
+            return 2
+        except RunFolderLocked as e:  # raised on every rank together
+            if e.report:
+                print(f"error: {e}", file=sys.stderr)
+            distributed.shutdown()
             return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

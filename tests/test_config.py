@@ -203,9 +203,9 @@ def field_docstrings() -> dict[str, str]:
     return docs
 
 
-SECTION_CLASSES = {"model": "ModelConfig", "data.sources": "SourceConfig", "data": "DataConfig",
-                   "train": "TrainConfig", "deepspeed": "DeepSpeedConfig", "checkpoint": "CheckpointConfig",
-                   "parallel": "ParallelConfig"}
+SECTION_CLASSES = {"model": "ModelConfig", "model.moe": "MoEConfig", "data.sources": "SourceConfig",
+                   "data": "DataConfig", "train": "TrainConfig", "deepspeed": "DeepSpeedConfig",
+                   "checkpoint": "CheckpointConfig", "parallel": "ParallelConfig"}
 
 
 def test_every_numeric_field_has_a_range_that_its_docstring_states():

@@ -99,7 +99,7 @@ def _train_a_few_steps(cfg, place) -> dict:  # noqa: ANN001
     from dist_train.train.signals import StopRequest
     from dist_train.train.trainer import Run
 
-    run = Run.set_up(cfg, place, "none")
+    run = Run.set_up(cfg, place, torch.device("cpu"), "none")  # run_distributed started the process group
     draw = torch.rand(4).tolist()  # the first draw of this rank's stream (dropout would take it)
     engine = run.engine
     out = {"rng_draw": draw, "compiled": engine.is_compiled, "optimizer": type(engine.optimizer).__name__,
@@ -204,7 +204,7 @@ def _host_reads(rank: int, world_size: int, shard_dir: str, root: str) -> dict:
 
     cfg = load_config(TINY, _overrides(shard_dir, Path(root) / "zero0", "deepspeed.zero_stage=0",
                                        "precision=fp32"))
-    run = Run.set_up(cfg, distributed.discover(), "none")
+    run = Run.set_up(cfg, distributed.discover(), torch.device("cpu"), "none")
     reads = {}
     for measure in (False, True, False):
         with HostReads() as seen:

@@ -6,7 +6,8 @@ Layout under RUN/checkpoints/:
         client_state.json     step, tokens, skipped steps, W&B run id, config, model hash (rank 0)
         files.json            size and sha256 of every file above (rank 0, written last; see verify.py)
         universal/            the same state cut per parameter, made on a resume with another world size
-    latest                    text file naming the newest *complete* checkpoint; written last, atomically
+    latest                    text file naming the newest *complete* checkpoint; written last, atomically. Only a
+                              `step_NNNNNNNN` name is followed; anything else is a broken pointer, never a path
     corrupt/                  checkpoints that failed verification on a resume (moved here, never loaded)
     abandoned/                checkpoints after the step a resume or a loss-spike rollback went back to
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,37 +56,81 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+LATEST = "latest"
+_STEP_NAME = re.compile(r"step_[0-9]{8}")
+_LATEST_READ_BYTES = 256
+"""A pointer is a folder name of 13 characters: read no more of a `latest` that holds something else."""
+
+
+def is_step_name(name: str) -> bool:
+    """A checkpoint folder's name, `step_NNNNNNNN`. Nothing else in `latest` is followed: not a path (absolute, or
+    through `..`), not an empty line, which joined to checkpoints/ would name a folder outside the checkpoints."""
+    return _STEP_NAME.fullmatch(name) is not None
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len("step_"):])
+
+
+def step_folders(checkpoint_dir: Path) -> list[Path]:
+    """The `step_NNNNNNNN` folders directly in `checkpoint_dir` (complete or not), oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.iterdir() if is_step_name(p.name) and p.is_dir())
+
+
 def read_latest_name(checkpoint_dir: Path) -> str | None:
-    """The folder name `latest` holds (it may be missing or incomplete), or None without a `latest`."""
-    latest = checkpoint_dir / "latest"
-    return latest.read_text().strip() if latest.exists() else None
+    """What `latest` holds, stripped, or None without a `latest`. Only a name that `is_step_name` accepts is a
+    pointer; anything else is a broken one (`broken_latest`)."""
+    latest = checkpoint_dir / LATEST
+    if not latest.exists():
+        return None
+    with open(latest, "rb") as f:
+        return f.read(_LATEST_READ_BYTES).decode("utf-8", errors="replace").strip()
+
+
+def broken_latest(checkpoint_dir: Path, text: str) -> str:
+    """What is wrong with a `latest` holding `text` (not a checkpoint folder name); the text is cut short."""
+    shown = repr(text[:200]) + ("..." if len(text) > 200 else "")
+    return (f"{checkpoint_dir / LATEST} holds {shown}, not the name of a checkpoint folder in {checkpoint_dir} "
+            f"(step_NNNNNNNN): a broken pointer")
 
 
 def read_latest(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
-    latest = checkpoint_dir / "latest"
+    """The checkpoint folder `latest` names, or None without a `latest`. FileNotFoundError for a broken pointer
+    or a folder that is missing or incomplete."""
     name = read_latest_name(checkpoint_dir)
     if name is None:
         return None
+    if not is_step_name(name):
+        raise FileNotFoundError(broken_latest(checkpoint_dir, name))
     path = checkpoint_dir / name
     if not (path / CLIENT_STATE).exists():
-        raise FileNotFoundError(f"{latest} names {path.name}, which is missing or incomplete; "
-                                f"point --resume at another checkpoint folder")
+        raise FileNotFoundError(f"{checkpoint_dir / LATEST} names {path.name}, which is missing or incomplete")
     return path
+
+
+def complete_steps(checkpoint_dir: Path) -> list[int]:
+    """Steps of the checkpoint folders that hold a client_state.json (published, though not verified here)."""
+    return [step_of(p) for p in step_folders(checkpoint_dir) if (p / CLIENT_STATE).exists()]
 
 
 def resolve_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     """The checkpoint of `step`, or the latest one; errors say which run and which steps exist."""
     checkpoint_dir = run_dir / "checkpoints"
     if step is None:
-        path = read_latest(checkpoint_dir)
+        try:
+            path = read_latest(checkpoint_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; pass --step N, one of the complete checkpoints of {run_dir}: steps "
+                                    f"{complete_steps(checkpoint_dir)}") from None
         if path is None:
             raise FileNotFoundError(f"{run_dir} has no checkpoint yet ({checkpoint_dir}/latest is missing)")
         return path
     path = checkpoint_dir / tag_for(step)
     if not (path / CLIENT_STATE).exists():
-        steps = sorted(int(p.name[5:]) for p in checkpoint_dir.glob("step_*") if (p / CLIENT_STATE).exists())
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step}; it has steps {steps}")
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step}; it has steps "
+                                f"{complete_steps(checkpoint_dir)}")
     return path
 
 

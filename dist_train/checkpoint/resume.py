@@ -12,12 +12,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from dist_train.checkpoint import reshard, safe_load
-from dist_train.checkpoint.layout import CLIENT_STATE, read_client_state, read_latest, read_latest_name, tag_for
+from dist_train.checkpoint.layout import (
+    CLIENT_STATE,
+    LATEST,
+    broken_latest,
+    is_step_name,
+    read_client_state,
+    read_latest,
+    read_latest_name,
+    step_folders,
+    step_of,
+    tag_for,
+)
 from dist_train.checkpoint.verify import CORRUPT_DIR, CorruptCheckpoint, quarantine
 from dist_train.checkpoint.verify import check as verify_checkpoint
 from dist_train.config import SHAPE_KEYS, Config, ConfigError
@@ -101,8 +113,9 @@ def global_batch(cfg: dict[str, Any], world_size: int) -> int:
 def find_checkpoint(run_dir: Path, resume: str, place: ProcessPlace, verify: VerifyMode = "full",
                     events: list[dict[str, Any]] | None = None) -> Path | None:
     """`latest` (if any), `none`, or an explicit checkpoint folder, verified against its files.json; first removes
-    what a kill interrupted. A corrupt `latest` is moved to checkpoints/corrupt/ and the newest checkpoint that
-    verifies is taken instead (each such move is appended to `events`); a corrupt explicit folder is refused."""
+    what a kill interrupted. A corrupt `latest` is moved to checkpoints/corrupt/, a broken one (not a step_NNNNNNNN
+    name) is ignored, and the newest checkpoint that verifies is taken instead (each such event is appended to
+    `events`); a corrupt explicit folder is refused."""
     checkpoint_dir = run_dir / "checkpoints"
     rank0 = Rank0(place)
     rank0.run_while_others_wait(remove_interrupted_writes, checkpoint_dir)
@@ -131,21 +144,25 @@ def resume_target(run_dir: Path, resume: str) -> Path | None:
     checkpoints exist (starting over would mix two runs' checkpoints, and averages of them)."""
     checkpoint_dir = run_dir / "checkpoints"
     if resume == "none":
-        existing = read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
+        existing = read_latest_name(checkpoint_dir) if checkpoint_dir.exists() else None
         if existing is not None:
-            raise ConfigError(f"--resume none: {run_dir} already holds checkpoints (latest {existing.name}); "
+            shown = f"latest {existing}" if is_step_name(existing) else "its latest is a broken pointer"
+            raise ConfigError(f"--resume none: {run_dir} already holds checkpoints ({shown}); "
                               f"start the new run in its own folder (run.out_dir={_sibling(run_dir)}), or "
                               f"delete {checkpoint_dir} to start over here")
         return None
     if resume == "latest":
         try:
             return read_latest(checkpoint_dir) if checkpoint_dir.exists() else None
-        except FileNotFoundError:  # a half-synced copy: set aside for the newest good one when the run starts
-            return None
+        except FileNotFoundError:
+            # A broken pointer or a half-synced copy: the run starts from the newest checkpoint that verifies
+            # (decided by `newest_verified`, which reads every byte); the newest complete one is the likely one.
+            complete = [p for p in step_folders(checkpoint_dir) if (p / CLIENT_STATE).exists()]
+            return complete[-1] if complete else None
     path = Path(resume)
     if not (path / CLIENT_STATE).exists():
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {CLIENT_STATE})"
-        steps = sorted(p for p in checkpoint_dir.glob("step_*") if (p / CLIENT_STATE).exists())
+        steps = [p for p in step_folders(checkpoint_dir) if (p / CLIENT_STATE).exists()]
         hint = (f"checkpoints of {run_dir}: {', '.join(str(p) for p in steps)}" if steps
                 else f"{run_dir} has no checkpoint yet")
         raise ConfigError(f"--resume {resume}: {path} {what}; pass a checkpoint folder ({hint}), "
@@ -219,35 +236,49 @@ def check_quietly(path: Path, verify: VerifyMode) -> str | None:
 def newest_verified(checkpoint_dir: Path, verify: VerifyMode, before_step: int | None
                     ) -> tuple[Path | None, list[dict[str, Any]], str | None]:
     """Rank 0: `latest` if it verifies, else the newest `step_*` that does (`latest` is pointed at it); with
-    `before_step`, the newest verified checkpoint of a step below it instead. Corrupt ones met on the way are
-    moved to corrupt/. Returns (the checkpoint or None, one event per move, a refusal when checkpoints existed
-    but none verifies)."""
+    `before_step`, the newest verified checkpoint of a step below it instead. Only `step_NNNNNNNN` folders inside
+    `checkpoint_dir` are candidates: a `latest` holding anything else (empty, a path) is a broken pointer, said so
+    and skipped. Corrupt candidates are moved to corrupt/. Returns (the checkpoint or None, one event per broken
+    pointer or move, a refusal when checkpoints existed but none verifies)."""
     if not checkpoint_dir.exists():
         return None, [], None
     latest_name = read_latest_name(checkpoint_dir)
-    steps = sorted((p for p in checkpoint_dir.glob("step_*") if p.is_dir()), reverse=True)
+    steps = step_folders(checkpoint_dir)[::-1]  # newest first
+    events: list[dict[str, Any]] = []
     if before_step is not None:
-        candidates = [p for p in steps if int(p.name[5:]) < before_step]
+        candidates = [p for p in steps if step_of(p) < before_step]
     elif latest_name is None:
         return None, [], None
-    else:  # what `latest` names first (even a missing folder: a half-synced copy), then older ones
-        named = checkpoint_dir / latest_name
-        candidates = [named, *(p for p in steps if p.name < latest_name)]
-    events = []
+    elif is_step_name(latest_name):  # what `latest` names first (even a missing folder: a half-synced copy)
+        candidates = [checkpoint_dir / latest_name, *(p for p in steps if p.name < latest_name)]
+    else:
+        events.append(_skip_broken_latest(checkpoint_dir, latest_name))
+        candidates = steps
     for path in candidates:
         problem = verify_checkpoint(path, verify)
         if problem is None:
             if before_step is None and path.name != latest_name:
-                write_text_atomic(checkpoint_dir / "latest", path.name + "\n")
+                write_text_atomic(checkpoint_dir / LATEST, path.name + "\n")
             return path, events, None
         moved = quarantine(path, problem)
         events.append({"event": "corrupt_checkpoint", "checkpoint": path.name, "file": str(problem.file),
                        "reason": problem.reason, "moved_to": str(moved)})
-    if before_step is None:
-        return None, events, (f"no checkpoint in {checkpoint_dir} verifies (corrupt ones were moved to "
-                              f"{checkpoint_dir / CORRUPT_DIR}); copy good checkpoints back, or start a new run "
-                              f"in another run.out_dir")
-    return None, events, None
+    if before_step is not None:
+        return None, events, None
+    if not candidates:
+        return None, events, (f"{broken_latest(checkpoint_dir, latest_name)}, and there is no checkpoint folder "
+                              f"to resume from instead: delete {checkpoint_dir / LATEST} to start this run over, or "
+                              f"restore its checkpoints")
+    return None, events, (f"no checkpoint in {checkpoint_dir} verifies (corrupt ones were moved to "
+                          f"{checkpoint_dir / CORRUPT_DIR}); copy good checkpoints back, or start a new run "
+                          f"in another run.out_dir")
+
+
+def _skip_broken_latest(checkpoint_dir: Path, text: str) -> dict[str, Any]:
+    """Say loudly that `latest` is ignored (it is rewritten once a checkpoint verifies); the event to log."""
+    print(f"warning: {broken_latest(checkpoint_dir, text)}; ignored (nothing it names is read, moved or "
+          f"deleted), resuming from the newest checkpoint folder that verifies", file=sys.stderr, flush=True)
+    return {"event": "broken_latest", "latest": text[:200]}
 
 
 def remove_interrupted_writes(checkpoint_dir: Path) -> None:
@@ -262,7 +293,7 @@ def remove_interrupted_writes(checkpoint_dir: Path) -> None:
 def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[Path]:
     """A resume from an earlier step (a roll-back past a loss spike) abandons the later checkpoints: move them
     to `checkpoints/abandoned/` (kept, but no longer seen by `latest`, pruning or averaging)."""
-    later = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and int(p.name[5:]) > start_step)
+    later = [p for p in step_folders(checkpoint_dir) if step_of(p) > start_step]
     if not later:
         return []
     aside = checkpoint_dir / "abandoned"
@@ -277,9 +308,9 @@ def set_aside_later_checkpoints(checkpoint_dir: Path, start_step: int) -> list[P
         moved.append(target)
     start = checkpoint_dir / tag_for(start_step)
     if (start / CLIENT_STATE).exists():
-        write_text_atomic(checkpoint_dir / "latest", start.name + "\n")
+        write_text_atomic(checkpoint_dir / LATEST, start.name + "\n")
     else:
-        (checkpoint_dir / "latest").unlink(missing_ok=True)
+        (checkpoint_dir / LATEST).unlink(missing_ok=True)
     print(f"resuming from step {start_step}: moved later checkpoints to {aside}: "
           f"{', '.join(p.name for p in moved)}", flush=True)
     return moved

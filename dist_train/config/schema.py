@@ -24,6 +24,36 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    num_experts: int = 0
+    """Experts per Mixture-of-Experts MLP (DeepSpeed's MoE layer); 0 = a dense model. Each expert is an MLP of
+    model.d_ff (the model's mlp kind); range >= 0, and 1 is refused (a router over one expert is a dense MLP)."""
+    top_k: int = 2
+    """Experts each token is routed to; their outputs are weighted by the router's softmax renormalised over the
+    k chosen (Mixtral's routing); at most num_experts; range > 0."""
+    every: int = 1
+    """An MoE MLP in every k-th block (blocks k-1, 2k-1, ...; 1 = every block, 2 = alternate dense and MoE as
+    GShard and Switch do); the other blocks keep the dense MLP; range > 0."""
+    capacity_factor: float = 0.0
+    """0 = dropless (every token reaches its k experts, the default); else each expert takes at most
+    capacity_factor x k x tokens / num_experts tokens of a micro-batch and drops the rest, as GShard and Switch do
+    (a dropped token skips the MLP through the residual); range >= 0."""
+    aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss (Switch/GShard: num_experts x sum of token share x mean router
+    probability per expert, summed over MoE layers) added to the loss; range >= 0."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss (ST-MoE: mean over tokens of logsumexp(router logits)^2, summed over MoE
+    layers) added to the loss: it keeps the router logits small; range >= 0."""
+    shared_experts: int = 0
+    """Always-on experts (DeepSeekMoE): a dense MLP of shared_experts x d_ff beside the routed experts, whose
+    output is added to theirs; range >= 0."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["decoder", "encoder_decoder"] = "decoder"
     """`decoder`: a causal LM trained on next-token prediction; `encoder_decoder`: an encoder (bidirectional) and a
@@ -83,6 +113,8 @@ class ModelConfig:
     """Path to a `transformers` config (folder or config.json): train that architecture instead (built with
     `AutoModelForCausalLM.from_config`, or `AutoModelForSeq2SeqLM` for model.arch=encoder_decoder; no download).
     The shape fields above are then ignored."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts MLPs (model.moe.num_experts > 0), with expert parallelism over parallel.expert ranks."""
 
     @property
     def kv_heads(self) -> int:
@@ -214,6 +246,10 @@ class ParallelConfig:
     """Sequence-parallel size (DeepSpeed-Ulysses): each sequence is cut into this many contiguous slices, one per
     consecutive rank, and attention trades the slices for heads by all-to-all. seq_len, n_heads and n_kv_heads
     must divide by it. The data-parallel size is world size / (tensor x sequence); range > 0."""
+    expert: int = 1
+    """Expert-parallel size (DeepSpeed MoE): each MoE layer's experts are split over this many consecutive
+    data-parallel ranks, which trade tokens by all-to-all; it divides model.moe.num_experts and the
+    data-parallel size. Expert weights are averaged over the data-parallel size / expert ranks; range > 0."""
 
 
 @dataclass
@@ -241,6 +277,9 @@ class RunConfig:
     config file> (runs/my_run for my_run.yaml), so each config trains into its own folder."""
     name: str | None = None
     """Human-readable run name (default: the run folder's name)."""
+    lock: bool = True
+    """Lock the run folder (flock on RUN/run.lock, rank 0) while training, so that a second run into it is refused.
+    false only where the filesystem has no flock (Lustre without -o flock): then nothing stops a second run."""
 
 
 @dataclass

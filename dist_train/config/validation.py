@@ -67,7 +67,10 @@ RANGES: dict[str, Range] = {
     "train.spike_steps": POSITIVE,
     "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
     "deepspeed.fp16_initial_scale_power": Range(0, 40),
-    "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE,
+    "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE, "parallel.expert": POSITIVE,
+    "model.moe.num_experts": NON_NEGATIVE, "model.moe.top_k": POSITIVE, "model.moe.every": POSITIVE,
+    "model.moe.capacity_factor": NON_NEGATIVE, "model.moe.aux_loss_coef": NON_NEGATIVE,
+    "model.moe.z_loss_coef": NON_NEGATIVE, "model.moe.shared_experts": NON_NEGATIVE,
     "checkpoint.every": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
 }
 """Every numeric config field (dotted key; `data.sources.weight` is each source's weight) and its range. A
@@ -176,12 +179,45 @@ def _validate_parallel(cfg: Config) -> None:
              "deepspeed.zero_stage")
 
 
+def _validate_moe(cfg: Config) -> None:
+    """Mixture-of-Experts through DeepSpeed's MoE layer, in our own decoder, at ZeRO 0-2, data and expert
+    parallel only (what DeepSpeed 0.19.8's native MoE runs)."""
+    moe, p = cfg.model.moe, cfg.parallel
+    if not moe.enabled:
+        _require(p.expert == 1, f"parallel.expert={p.expert} needs a Mixture-of-Experts model: set "
+                 f"model.moe.num_experts (e.g. 8), or parallel.expert=1", "parallel.expert")
+        return
+    keys = ("model.moe.num_experts",)
+    _require(moe.num_experts >= 2, "model.moe.num_experts=1: a router over one expert is a dense MLP; use 0 "
+             "(dense) or at least 2 experts", *keys)
+    _require(moe.top_k <= moe.num_experts, f"model.moe.top_k ({moe.top_k}) is more than model.moe.num_experts "
+             f"({moe.num_experts}): each token goes to top_k distinct experts", "model.moe.top_k", *keys)
+    _require(moe.every <= cfg.model.n_layers, f"model.moe.every ({moe.every}) is more than model.n_layers "
+             f"({cfg.model.n_layers}): no block would get an MoE MLP", "model.moe.every")
+    _require(cfg.model.hf_config is None, "model.moe with model.hf_config: a transformers MoE architecture "
+             "(Mixtral, Qwen3-MoE) brings its own router from its config; remove model.moe", "model.moe.num_experts",
+             "model.hf_config")
+    _require(cfg.model.arch == "decoder", "model.moe is built for the decoder-only model (model.arch=decoder)",
+             "model.moe.num_experts", "model.arch")
+    _require(moe.num_experts % p.expert == 0, f"parallel.expert ({p.expert}) does not divide "
+             f"model.moe.num_experts ({moe.num_experts}): each expert-parallel rank holds num_experts / "
+             f"parallel.expert whole experts", "parallel.expert", *keys)
+    _require(p.tensor == 1 and p.sequence == 1, f"model.moe with parallel.tensor={p.tensor}, parallel.sequence="
+             f"{p.sequence}: dist_train runs DeepSpeed's MoE with data and expert parallelism only; shard the "
+             f"experts with parallel.expert and the rest with deepspeed.zero_stage 1 or 2", "parallel.tensor",
+             "parallel.sequence")
+    _require(cfg.deepspeed.zero_stage <= 2, "model.moe with deepspeed.zero_stage=3: DeepSpeed's native MoE is not "
+             "supported with ZeRO-3 (it asserts); use deepspeed.zero_stage=2 (gradients and optimizer states "
+             "sharded) or 1, and spread the experts with parallel.expert", "deepspeed.zero_stage", *keys)
+
+
 def validate(cfg: Config) -> None:
     """Checks that need only the config; raise ConfigError naming the key and the fix."""
     check_ranges(cfg)
     _validate_model(cfg.model)
     _validate_train(cfg.train)
     _validate_parallel(cfg)
+    _validate_moe(cfg)
     ds = cfg.deepspeed
     _require(not ds.offload_optimizer or ds.zero_stage >= 1,
              "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1", "deepspeed.offload_optimizer",
@@ -208,7 +244,12 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
              f"the world size ({world_size} processes) is not divisible by parallel.tensor ({p.tensor}) x "
              f"parallel.sequence ({p.sequence}) = {model_ranks}; launch a multiple of {model_ranks} processes or "
              f"change parallel.tensor / parallel.sequence", "parallel.tensor", "parallel.sequence")
-    return world_size // model_ranks
+    dp = world_size // model_ranks
+    _require(dp % p.expert == 0,
+             f"parallel.expert ({p.expert}) does not divide the data-parallel size ({dp} of {world_size} processes): "
+             f"experts are spread over groups of parallel.expert data-parallel ranks; launch a multiple of "
+             f"{p.expert * model_ranks} processes or set parallel.expert to a divisor of {dp}", "parallel.expert")
+    return dp
 
 
 def resolve_grad_accum(cfg: Config, world_size: int) -> int:

@@ -11,13 +11,14 @@ from dist_train.config import Config
 from dist_train.model.build import build_model
 
 
-def build_partitioned_model(cfg: Config, ds_config: dict[str, Any], deepspeed: Any) -> torch.nn.Module:
+def build_partitioned_model(cfg: Config, ds_config: dict[str, Any], deepspeed: Any, rank: int = 0) -> torch.nn.Module:
     """The model; at ZeRO-3 each module's weights are partitioned as soon as it is built, so no rank ever holds
     the whole model (a 7B model would otherwise take 27 GB of host memory per process). Our Transformer is built
     inside zero.Init and initialises its weights through gathered_for_init; transformers does both itself for
-    an hf_config model when given the config."""
+    an hf_config model when given the config. `rank`: this process's, which places its experts."""
     if cfg.deepspeed.zero_stage != 3:
-        return build_model(cfg.model)
+        # DeepSpeed's expert-parallel groups are consecutive data-parallel ranks (MoE runs without TP and SP).
+        return build_model(cfg.model, expert_parallel=(cfg.parallel.expert, rank % cfg.parallel.expert))
     if cfg.model.hf_config:
         return build_model(cfg.model, zero3_config=ds_config)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):

@@ -267,7 +267,7 @@ class Block(nn.Module):
         pre-norm   x + f(norm(x))
         post-norm  norm(x + f(x))     the original "Add & Norm" (Vaswani et al. 2017)."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, mlp: nn.Module | None = None):
         super().__init__()
         self.post_norm = cfg.norm_position == "post"
         self.attn_norm = make_norm(cfg)
@@ -276,7 +276,7 @@ class Block(nn.Module):
             self.cross_norm = make_norm(cfg)
             self.cross_attn = Attention(cfg, causal=False)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp if mlp is not None else MLP(cfg)  # given: a Mixture-of-Experts MLP (model.moe)
         on = cfg.layerscale_init is not None
         self.attn_scale = LayerScale(cfg.d_model, cfg.layerscale_init) if on else nn.Identity()
         if cross:

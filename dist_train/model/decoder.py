@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from dist_train.config import ModelConfig
 from dist_train.model.blocks import Block, RotaryEmbedding, init_weights, make_norm
 from dist_train.model.loss import IGNORE_INDEX, lm_loss
+from dist_train.model.moe import MoEMLP, RouterRecord, RouterWindow, is_expert_parameter, router_losses
 
 if TYPE_CHECKING:
     from dist_train.model.sequence_parallel import SequenceParallel
@@ -40,23 +41,44 @@ __all__ = ["IGNORE_INDEX", "Transformer", "lm_loss"]
 class Transformer(nn.Module):
     """forward(input_ids (B, T), labels (B, T) | None) -> fp32 mean loss if labels else logits (B, T, V)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, expert_parallel: tuple[int, int] = (1, 0)):
+        """expert_parallel: (size, this rank's index) of the expert-parallel group, for an MoE model."""
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.router_records: list[RouterRecord] = []
+        """What each MoE layer's router did in the last forward (filled by the layers, emptied per forward)."""
+        self.router_window = RouterWindow()
+        self.blocks = nn.ModuleList(Block(cfg, mlp=self._moe_mlp(i, expert_parallel)) for i in range(cfg.n_layers))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.sequence_parallel: SequenceParallel | None = None
         """Set by `model.sequence_parallel.enable`: this rank holds one slice of each sequence."""
-        self.apply(lambda module: init_weights(module, cfg))
+        for module in self.modules():  # experts apart: each is drawn from its own generator (init_experts)
+            if not any(is_expert_parameter(p) for p in module.parameters(recurse=False)):
+                init_weights(module, cfg)
+        for block in self.blocks:
+            if isinstance(block.mlp, MoEMLP):
+                block.mlp.init_experts(cfg, torch.initial_seed())
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
+    def _moe_mlp(self, layer: int, expert_parallel: tuple[int, int]) -> MoEMLP | None:
+        """An MoE MLP for every model.moe.every-th block (the last of each group of `every`), else None."""
+        moe = self.cfg.moe
+        if not moe.enabled or (layer + 1) % moe.every:
+            return None
+        return MoEMLP(self.cfg, layer, self.router_records, *expert_parallel)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The routers' weighted losses of the last forward, added to the loss for the backward (None: dense)."""
+        return router_losses(self.router_records, self.cfg)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.router_records.clear()  # a recompute (grad checkpointing) appends again in the backward: not read
         T = input_ids.shape[1]  # under sequence parallelism: this rank's slice, which starts at `start`
         start = self.sequence_parallel.start(T) if self.sequence_parallel else 0
         x = self.tok_emb(input_ids)  # (B, T, C)
@@ -79,6 +101,8 @@ class Transformer(nn.Module):
         if self.cfg.norm_position == "pre":
             x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, V)
+        if self.router_records and self.training:
+            self.router_window.add(self.router_records)
         if labels is None:
             return logits
         return self.sequence_parallel.loss(logits, labels) if self.sequence_parallel else lm_loss(logits, labels)

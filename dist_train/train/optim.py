@@ -34,10 +34,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3-partitioned parameter is flat: use its real shape
         (no_decay if ndim < 2 or id(p) in embedding_params else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if any(getattr(p, "allreduce", True) is False for p in decay + no_decay):
+        # Expert weights (DeepSpeed MoE) in groups of their own, which ZeRO reduces over the expert-data-parallel
+        # ranks (those holding the same experts) instead of all data-parallel ranks.
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        for group, name in zip(groups, ("decay", "no_decay")):
+            group["name"] = name
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 class Skippable:

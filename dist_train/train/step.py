@@ -57,7 +57,8 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
         batch = data.next_batch()
         loss = engine(*(t.to(device, non_blocking=True) for t in batch))
         loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
-        backward(engine, loss)
+        router_loss = auxiliary_loss(engine.module)  # MoE: logged apart, the logged loss stays the LM's
+        backward(engine, loss if router_loss is None else loss + router_loss)
         if micro == accum - 1:
             # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
             # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
@@ -72,6 +73,12 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
     if measure_grad_norm:
         flags.grad_norm = _finite_or_none(stage0_norm) if stage0_norm is not None else _engine_grad_norm(engine)
     return flags
+
+
+def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor | None:
+    """The load-balancing and z-losses of a Mixture-of-Experts model's last forward (None for a dense model)."""
+    losses = getattr(model, "auxiliary_loss", None)
+    return losses() if losses is not None else None
 
 
 _scaling_checked = False

@@ -39,6 +39,7 @@ from dist_train.monitor.metrics import MetricsLogger, build_logger
 from dist_train.monitor.throughput import ForwardTimer, gather_rank_throughput, math_mode, peak_flops
 from dist_train.train.optim import Skippable, build_optimizer, build_scheduler, retarget_scheduler
 from dist_train.train.preflight import preflight
+from dist_train.train.run_lock import run_folder_lock
 from dist_train.train.signals import EXIT_PREEMPTED, StopRequest, fail_writes_over_the_file_size_limit
 from dist_train.train.spikes import Spike, SpikeDetector
 from dist_train.train.step import (
@@ -66,18 +67,20 @@ def train(cfg: Config, resume: str = "latest") -> int:
     preflight(cfg, place.world_size)
     stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the process
     fail_writes_over_the_file_size_limit()
-    run = Run.set_up(cfg, place, resume)
-    try:
-        exit_code = train_loop(run, stop)
-        run.checkpointer.finish()  # a background save still being written
-        return run.close(exit_code)
-    except SaveFailed as e:
-        if not e.disk_full:
-            raise
-        run.rank0.run(print, f"error: {e}. Stopping with exit code {EXIT_DISK_FULL}: free space (or raise the "
-                             f"quota or file-size limit) under {run.checkpointer.dir}, then re-run the same command "
-                             f"to resume from the latest checkpoint.", file=sys.stderr, flush=True)
-        return run.close(EXIT_DISK_FULL)
+    device = distributed.init(place)
+    with run_folder_lock(Path(cfg.run.out_dir), place, cfg.run.lock):  # before anything in the folder is written
+        run = Run.set_up(cfg, place, device, resume)
+        try:
+            exit_code = train_loop(run, stop)
+            run.checkpointer.finish()  # a background save still being written
+            return run.close(exit_code)
+        except SaveFailed as e:
+            if not e.disk_full:
+                raise
+            run.rank0.run(print, f"error: {e}. Stopping with exit code {EXIT_DISK_FULL}: free space (or raise the "
+                                 f"quota or file-size limit) under {run.checkpointer.dir}, then re-run the same "
+                                 f"command to resume from the latest checkpoint.", file=sys.stderr, flush=True)
+            return run.close(EXIT_DISK_FULL)
 
 
 def train_loop(run: Run, stop: StopRequest) -> int:
@@ -157,8 +160,7 @@ class Run:
     """Loss-spike detection, when train.max_rollbacks > 0."""
 
     @classmethod
-    def set_up(cls, cfg: Config, place: ProcessPlace, resume: str) -> Run:
-        device = distributed.init(place)
+    def set_up(cls, cfg: Config, place: ProcessPlace, device: torch.device, resume: str) -> Run:
         configure_matmul_precision(device, cfg.train.tf32)
         deepspeed = distributed.import_deepspeed()
         rank0 = Rank0(place)
@@ -168,7 +170,7 @@ class Run:
         ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_partitioned_model(cfg, ds_config, deepspeed)
+        model = build_partitioned_model(cfg, ds_config, deepspeed, place.rank)
         layout = ParallelLayout.of(cfg, place.rank, place.world_size)
         mpu = set_up_parallel(cfg, model)
         optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
@@ -246,6 +248,9 @@ class Run:
         }
         tokens_per_forward = cfg.train.micro_batch_size * cfg.model.seq_len // self.layout.sequence  # a slice
         record.update(gather_rank_throughput(self.forward_timer, tokens_per_forward))
+        router_window = getattr(self.engine.module, "router_window", None)
+        if router_window is not None:  # MoE: router losses, expert load and dropped tokens of the window
+            record.update(router_window.take())
         if cfg.precision == "fp16":
             # As Megatron logs them: the scale, and the steps the scaler skipped for an overflow (DeepSpeed's count,
             # kept in its checkpoints), which train.max_bad_steps does not count.
