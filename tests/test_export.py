@@ -83,6 +83,19 @@ def test_a_model_no_transformers_class_computes_is_refused():
         family(cfg.model)
 
 
+@pytest.mark.parametrize("override, reason", [
+    ("model.moe.every=2", "an MoE MLP in every block"),
+    ("model.moe.capacity_factor=1.25", "dropless"),
+    ("model.moe.shared_experts=1", "no shared experts"),
+    ("model.moe.top_k=1", "renormalises it to 1"),
+    ("model.mlp=gelu", "rmsnorm/rope/swiglu"),
+])
+def test_an_moe_layout_mixtral_does_not_compute_is_refused_at_export_with_the_reason(override, reason):
+    cfg = load_config(REPO / "configs" / "moe-tiny.yaml", ["data.path=unused", override])
+    with pytest.raises(ConfigError, match=reason):
+        family(cfg.model)
+
+
 def val_batch(shard_dir, seq_len: int) -> torch.Tensor:
     from dist_train.data.loader import TokenLoader
 

@@ -78,6 +78,8 @@ class Weights:
 def _zero_state(path: Path) -> dict[str, Any]:
     """Lazy fp32 state dict of a ZeRO 1-3 checkpoint (values have `.contiguous()`), or of a stage-0 one. Called
     inside `checkpoint_reads`: every file is read by a weights_only load, zero_to_fp32's reads included."""
+    if list(path.glob(EXPERT_FILES)):
+        return _moe_module_state(path)
     if not list(path.glob("*_optim_states.pt")):
         # ZeRO stage 0: the module's own state dict is the whole model (fp32 unless trained in bf16/fp16).
         sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=True)
@@ -88,6 +90,23 @@ def _zero_state(path: Path) -> dict[str, Any]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name, lazy_mode=True)
+
+
+EXPERT_FILES = "layer_*_expert_*_mp_rank_*_model_states.pt"
+"""DeepSpeed MoE: each expert's weights in a file of its own (layer = the MoE layer's index among MoE layers)."""
+
+
+def _moe_module_state(path: Path) -> dict[str, torch.Tensor]:
+    """The module's weights of a Mixture-of-Experts checkpoint: the dense ones from `mp_rank_00_model_states.pt`,
+    each expert's from its own file, saved under its global expert id (so the names are those of a model holding
+    every expert). zero_to_fp32 cannot read these (expert parameter groups are partitioned over other ranks than
+    the rest), so the weights are the module's own, in the training precision: exact for fp32 runs; for bf16 and
+    fp16 runs the weights the model computed with, not the fp32 masters of the optimizer."""
+    state = dict(torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True,
+                            weights_only=True)["module"])
+    for file in sorted(path.glob(EXPERT_FILES)):
+        state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+    return state
 
 
 BF16_OPTIMIZER_PREFIX = "bf16_zero_pp_rank_"

@@ -13,6 +13,7 @@ from torch import nn
 
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.formats.custom_code import custom_code_classes
+from dist_train.model.hf_router import HFRouterWindow, router_aux_loss_coef
 from dist_train.model.loss import lm_loss
 
 
@@ -64,26 +65,60 @@ class HFCausalLM(nn.Module):
     """Any `transformers` causal LM behind our forward signature (labels already shifted, see module doc).
 
     Given a ZeRO-3 DeepSpeed config, transformers builds the model under `deepspeed.zero.Init` and initialises
-    each module through its gathered partitions: no rank ever holds the whole model."""
+    each module through its gathered partitions: no rank ever holds the whole model. An MoE model (Mixtral,
+    Qwen-MoE, ...) trains with its routers' load-balancing loss (`auxiliary_loss`) and logs it (`router_window`),
+    as our MoE Transformer does."""
 
     def __init__(self, cfg: ModelConfig, zero3_config: dict[str, Any] | None = None):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        self.model = _build(AutoModelForCausalLM, _read_config(cfg), cfg, zero3_config)
+        hf_cfg = _read_config(cfg)
+        self.model = _build(AutoModelForCausalLM, hf_cfg, cfg, zero3_config)
         self.sequence_parallel: Any = None
         """Set by `model.sequence_parallel.enable_hf`: this rank holds one slice of each sequence."""
+        self.aux_loss_coef = router_aux_loss_coef(hf_cfg)
+        """MoE: the weight of the routers' load-balancing loss (None: a dense model)."""
+        self.router_window = HFRouterWindow(hf_cfg.num_experts_per_tok) if self.aux_loss_coef is not None else None
+        self._aux_loss: torch.Tensor | None = None  # of the last forward, when it was a training one
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """MoE: the weighted load-balancing loss of the last forward, added to the loss for the backward (None for
+        a dense model, or after an eval or no-grad forward)."""
+        return None if self._aux_loss is None else self.aux_loss_coef * self._aux_loss
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.sequence_parallel is None:
-            logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
-            return logits if labels is None else lm_loss(logits, labels)
-        # This rank's slice of each sequence: positions are global (ALST all-gathers them for the mask).
-        T = input_ids.shape[1]
-        start = self.sequence_parallel.start(T)
-        positions = torch.arange(start, start + T, device=input_ids.device).expand(input_ids.shape[0], T)
-        logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits  # (B, T, V)
-        return logits if labels is None else self.sequence_parallel.loss(logits, labels)
+        self._aux_loss = None
+        kwargs: dict[str, Any] = {}
+        routed = self.router_window is not None and self.training and torch.is_grad_enabled()
+        if self.router_window is not None:  # explicit: a config may turn it on for every forward
+            kwargs["output_router_logits"] = routed
+        if self.sequence_parallel is not None:
+            # This rank's slice of each sequence: positions are global (ALST all-gathers them for the mask).
+            T = input_ids.shape[1]
+            start = self.sequence_parallel.start(T)
+            kwargs["position_ids"] = torch.arange(start, start + T, device=input_ids.device).expand(
+                input_ids.shape[0], T)
+        out = self.model(input_ids=input_ids, use_cache=False, **kwargs)
+        if routed:
+            self._keep_aux_loss(out)
+        logits = out.logits  # (B, T, V)
+        if labels is None:
+            return logits
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.loss(logits, labels)
+        return lm_loss(logits, labels)
+
+    def _keep_aux_loss(self, out: Any) -> None:
+        if not isinstance(out.aux_loss, torch.Tensor):  # transformers returns 0 when it recorded no router logits
+            raise RuntimeError(f"model.hf_config: {type(self.model).__name__} returned no router logits with "
+                               f"output_router_logits=True, so its load-balancing loss cannot be trained; use a "
+                               f"transformers version that records them for this architecture")
+        self.router_window.add(out.aux_loss, out.router_logits)
+        # Under sequence parallelism each rank's loss is over its slice of the tokens and DeepSpeed sums the
+        # gradients of the group's ranks: 1/P of each keeps the mean of the slices' losses.
+        slices = 1 if self.sequence_parallel is None else self.sequence_parallel.size
+        self._aux_loss = out.aux_loss / slices
 
 
 class HFSeq2SeqLM(nn.Module):

@@ -2,12 +2,13 @@
 
     python -m dist_train.export --run RUN --out DIR [--step N | --weights DIR] [--dtype fp32|bf16]
 
-rmsnorm + rope + swiglu models become `LlamaForCausalLM`, layernorm + learned positions + gelu ones
-`GPT2LMHeadModel`; encoder-decoders (model.arch=encoder_decoder) become `T5ForConditionalGeneration` (pre-norm,
-T5 v1.1's layout) or `BartForConditionalGeneration` (post-norm) and load with `AutoModelForSeq2SeqLM`
-(`dist_train.tools.export_seq2seq`); a model trained from `model.hf_config` keeps its own architecture. The folder holds
-`config.json`, `generation_config.json`, safetensors weights (sharded above --max-shard-size, with
-`model.safetensors.index.json`) and the run's tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and
+rmsnorm + rope + swiglu models become `LlamaForCausalLM` (`MixtralForCausalLM` with model.moe, where the layout
+matches: `dist_train.tools.export_moe`), layernorm + learned positions + gelu ones `GPT2LMHeadModel`;
+encoder-decoders (model.arch=encoder_decoder) become `T5ForConditionalGeneration` (pre-norm, T5 v1.1's layout) or
+`BartForConditionalGeneration` (post-norm) and load with `AutoModelForSeq2SeqLM` (`dist_train.tools.export_seq2seq`);
+a model trained from `model.hf_config` keeps its own architecture. The folder holds `config.json`,
+`generation_config.json`, safetensors weights (sharded above --max-shard-size, with `model.safetensors.index.json`)
+and the run's tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` both work.
 
 The tensors are pure renamings of ours (see `dist_train.model`) except where the HF model has no place for
@@ -40,6 +41,7 @@ from dist_train.config import ConfigError, ModelConfig
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.model.hf import load_hf_config
+from dist_train.tools.export_moe import check_mixtral, mixtral_config, mixtral_tensors
 from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
 from dist_train.tools.output_folder import check_output_folder, output_folder
 
@@ -50,9 +52,13 @@ TOOL = "dist_train.export"
 
 
 def family(m: ModelConfig) -> str:
-    """`llama`, `gpt2`, `t5`, `bart` or `hf` (a model.hf_config model); refuse a mix no HF class computes."""
+    """`llama`, `gpt2`, `mixtral`, `t5`, `bart` or `hf` (a model.hf_config model); refuse a mix no HF class
+    computes."""
     if m.hf_config:
         return "hf"
+    if m.moe.enabled:
+        check_mixtral(m)
+        return "mixtral"
     if m.arch == "encoder_decoder":
         return seq2seq_family(m)
     if m.norm_position == "post":
@@ -84,6 +90,8 @@ def hf_config(m: ModelConfig, eos_token_id: int | None) -> Any:
         return cfg
     if family(m) in ("t5", "bart"):
         return seq2seq_config(m, eos_token_id)
+    if family(m) == "mixtral":
+        return mixtral_config(m, eos_token_id)
     if family(m) == "llama":
         cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                           num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
@@ -295,7 +303,7 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
 
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "t5": t5_tensors, "bart": bart_tensors,
-                   "hf": hf_model_tensors}[kind](w)
+                   "hf": hf_model_tensors, "mixtral": mixtral_tensors}[kind](w)
         write_shards(tmp, tensors, max_shard_bytes, DTYPES[dtype])
         (tmp / "dist_train.json").write_text(json.dumps({"source": w.source, **w.meta, "family": kind}, indent=2))
         apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask
