@@ -35,7 +35,7 @@ def test_tiny_config_loads_with_typed_overrides():
     assert cfg.wandb.tags == ["a", "b"]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "llama-7b"])
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "llama-1b", "llama-7b", "moe-tiny", "mixtral-8x1b"])
 def test_every_preset_loads(preset):
     cfg = load_config(CONFIGS / f"{preset}.yaml", ["data.path=somewhere"])
     assert cfg.model.d_model % cfg.model.n_heads == 0
