@@ -7,7 +7,7 @@
 # $OUT/gpu_check.jsonl, else runs/gpu_check/gpu_check.jsonl); those lines become the BENCHMARKS.md rows.
 # --dry-run prints every command instead of running it, quoted as a shell would run it, for a node of NGPU GPUs
 # (default 8; no GPU needed). --only runs the named checks.
-# Checks, on 1 GPU and on all of them where there are several (about 9 minutes on one H100-class GPU):
+# Checks, on 1 GPU and on all of them where there are several (about 12 minutes on one H100-class GPU):
 #   env              torch, DeepSpeed, GPUs
 #   nccl-1, nccl-N   bf16 ZeRO-2 training on 1 and N GPUs (NCCL), the same global batch: same losses
 #   fp16-zero0/2     fp16 with dynamic loss scaling: the scale is logged, grad_norm is unscaled, scaler
@@ -20,6 +20,8 @@
 #   reshard-resume   a ZeRO-1 checkpoint of 2 CPU processes resumed on 1 GPU (universal load, fused CUDA AdamW)
 #   mfu-eager/-compiled  bench/mfu.py on configs/llama-1b.yaml at seq 2048 (MFU against the GPU's bf16 peak)
 #   trainer-vs-hf    bench/throughput.py: our trainer against HF Trainer + DeepSpeed on the same model
+#   moe              bench/moe.py: top-2-of-8 MoE against the dense model of the same active parameters (expert
+#                    parallel over the GPUs where there are several), and the MoE layer's memory at 2k-32k tokens
 set -u
 cd "$(dirname "$0")/.."
 
@@ -88,6 +90,9 @@ check mfu-compiled 360 "$PY bench/mfu.py $LLAMA_1B train.compile=true | $G recor
 check trainer-vs-hf 360 "$PY bench/throughput.py --config configs/llama-1b.yaml --nproc 1 --steps 20 --repeats 1 \
 --runs ours/own-model,hf-trainer --json model.n_layers=8 model.grad_checkpointing=false train.micro_batch_size=4 \
 train.global_batch_size=4 wandb.enabled=false | $G record trainer-vs-hf"
+check moe 300 "$PY bench/moe.py --nproc $NGPU --steps 20 --repeats 1 --json precision=bf16 deepspeed.zero_stage=2 \
+model.n_layers=8 model.d_model=1024 model.n_heads=16 model.n_kv_heads=8 model.d_ff=2816 model.seq_len=1024 \
+wandb.enabled=false | $G record moe"
 if [ "$DRY" = 0 ]; then
     echo "results: $RESULTS" >&2
     $PY -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; \

@@ -17,7 +17,7 @@ from distributed_helpers import REPO
 from dist_train.config import load_config
 
 CHECKS = ["env", "nccl-1", "nccl-N", "fp16-zero0", "fp16-zero2", "kernels", "compile-zero2", "zero3-offload",
-          "memory-estimate", "reshard-resume", "mfu-eager", "mfu-compiled", "trainer-vs-hf"]
+          "memory-estimate", "reshard-resume", "mfu-eager", "mfu-compiled", "trainer-vs-hf", "moe"]
 
 
 def test_gpu_check_dry_run_prints_every_command_it_would_run(tmp_path):
@@ -39,6 +39,7 @@ def test_gpu_check_dry_run_prints_every_command_it_would_run(tmp_path):
         assert "bench/mfu.py --config configs/llama-1b.yaml" in commands[name]
     assert "bench/throughput.py" in commands["trainer-vs-hf"] and "hf-trainer" in commands["trainer-vs-hf"]
     assert "-k cuda_max_memory" in commands["memory-estimate"]
+    assert "bench/moe.py" in commands["moe"] and "--json" in commands["moe"]
     assert not results.exists(), "a dry run must not run or record anything"
 
 
@@ -149,4 +150,4 @@ def test_every_gpu_check_command_is_accepted_by_its_script_and_its_config(tmp_pa
     assert checked == {"bench/gpu_check.py train", "bench/gpu_check.py same-losses", "bench/gpu_check.py kernels",
                        "bench/gpu_check.py pytest", "bench/gpu_check.py record",
                        "bench/gpu_check.py cpu-to-gpu-resume", "bench/mfu.py",
-                       "bench/throughput.py"}
+                       "bench/throughput.py", "bench/moe.py"}
