@@ -96,7 +96,7 @@ def cluster_preflight(cfg: Config, args: argparse.Namespace) -> float:
     if args.cpu and cfg.precision == "fp16":
         raise ConfigError("precision=fp16 needs CUDA GPUs, and --cpu asks for none: use precision=bf16 or fp32")
     preflight(cfg, args.nodes * args.gpus_per_node, this_machine=False)
-    finished = check_before_launch(Path(cfg.run.out_dir), cfg, "latest")
+    finished = check_before_launch(Path(cfg.run.out_dir), cfg, "latest", args.nodes * args.gpus_per_node)
     if finished:
         raise ConfigError(finished.replace("nothing to do, nothing changed", "nothing to submit"))
     est = estimate_memory(cfg, args.nodes * args.gpus_per_node)

@@ -37,12 +37,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="resume from checkpoint files that need globals outside the safe allowlist (they may "
                              "run code when read): only for a checkpoint whose source you trust "
                              "(same as checkpoint.trust=true)")
+    parser.add_argument("--resume-weights-only", action="store_true",
+                        help="where the checkpoint's optimizer state cannot be loaded by this run (an MoE checkpoint "
+                             "of another parallel.expert, or on another world size at parallel.expert > 1): load "
+                             "its weights, step, data position and lr schedule and start the optimizer state fresh "
+                             "(same as checkpoint.resume_weights_only=true)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     add_override_arguments(parser)
     args = parse_args_with_overrides(parser, argv)
     try:
-        cfg = load_config(args.config, overrides_from(args) + (["checkpoint.trust=true"] if args.trust_checkpoint
-                                                                else []))
+        flags = [key for key, on in (("checkpoint.trust=true", args.trust_checkpoint),
+                                     ("checkpoint.resume_weights_only=true", args.resume_weights_only)) if on]
+        cfg = load_config(args.config, overrides_from(args) + flags)
         from dist_train import distributed
         from dist_train.checkpoint.safe_load import UnsafeCheckpointError
         from dist_train.train.run_lock import RunFolderLocked

@@ -131,7 +131,7 @@ def test_readers_before_launch_and_the_tools_never_follow_a_broken_latest(refere
     assert resume_target(run_dir, "latest") == checkpoint(run_dir, 6)
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml",
                       overrides(shard_dir, run_dir, *ZERO2))
-    assert check_before_launch(run_dir, cfg, "latest") is None, "not finished: `latest` does not name step 6"
+    assert check_before_launch(run_dir, cfg, "latest", 2) is None, "not finished: `latest` does not name step 6"
     with pytest.raises(ConfigError, match="already holds checkpoints .its latest is a broken pointer."):
         resume_target(run_dir, "none")
     with pytest.raises(FileNotFoundError, match=r"holds '../x', not the name of a checkpoint folder .*: a broken "

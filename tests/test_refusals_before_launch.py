@@ -80,6 +80,15 @@ def test_a_shape_change_names_a_new_folder_not_resume_none(finished_run, shard_d
     assert folder_bytes(finished_run) == before
 
 
+def test_turning_a_dense_checkpoint_into_a_mixture_of_experts_is_refused_as_a_shape_change(finished_run, shard_dir,
+                                                                                            capsys):
+    before = folder_bytes(finished_run)
+    code, err = run_train([*overrides(shard_dir, finished_run, ZERO2), "model.moe.num_experts=4"], capsys)
+    assert code == 2
+    assert "cannot be resumed with this config: model.moe.num_experts: 0 -> 4" in err
+    assert folder_bytes(finished_run) == before
+
+
 def test_resume_from_a_folder_that_does_not_exist_is_refused_listing_the_checkpoints(finished_run, shard_dir,
                                                                                       capsys):
     before = folder_bytes(finished_run)
@@ -137,7 +146,7 @@ def test_a_moved_copy_of_the_data_resumes_and_data_that_cannot_be_compared_is_re
     def config(data_path: Path):
         return load_config(TINY, overrides(data_path, finished_run, ZERO2, "train.max_steps=8"))
 
-    assert check_before_launch(finished_run, config(moved), "latest") is None  # the same shards elsewhere
+    assert check_before_launch(finished_run, config(moved), "latest", 2) is None  # the same shards elsewhere
     meta_file = finished_run / "checkpoints" / "step_00000006" / "client_state.json"
     meta = json.loads(meta_file.read_text())
     meta["config"]["data"]["path"] = str(tmp_path / "gone")  # trained on a folder that was deleted since
@@ -145,9 +154,9 @@ def test_a_moved_copy_of_the_data_resumes_and_data_that_cannot_be_compared_is_re
     with pytest.raises(ConfigError, match=f"{tmp_path / 'gone'} no longer holds a shard folder, so nothing shows "
                                           f"that {moved} holds the same data; if it is a moved copy, keep the old "
                                           f"path with a symlink there to the copy"):
-        check_before_launch(finished_run, config(moved), "latest")
+        check_before_launch(finished_run, config(moved), "latest", 2)
     (tmp_path / "gone").symlink_to(moved)
-    assert check_before_launch(finished_run, config(tmp_path / "gone"), "latest") is None
+    assert check_before_launch(finished_run, config(tmp_path / "gone"), "latest", 2) is None
 
 
 def shard_copy(shard_dir: Path, tmp_path: Path) -> tuple[Path, dict]:

@@ -35,8 +35,10 @@ UNIVERSAL_TAG = "universal"
 
 
 def is_zero_checkpoint(path: Path) -> bool:
-    """ZeRO 1-3 checkpoints have per-rank optimizer shards; stage 0 keeps the optimizer whole."""
-    return any(path.glob("*_optim_states.pt"))
+    """ZeRO 1-3 checkpoints have per-rank optimizer shards (`[bf16_]zero_pp_rank_*`); stage 0 keeps the optimizer
+    whole (an MoE model's in one `expp_rank_*_optim_states.pt` per expert-parallel rank, which any world size of
+    the same parallel.expert loads as it is)."""
+    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
 def universal_path(path: Path) -> Path:

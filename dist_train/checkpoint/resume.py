@@ -4,7 +4,9 @@
 changes the tensors (model shape keys), the ZeRO stage, the precision or the training sample stream (seed, seq_len,
 the data: `dist_train.data.stream`) is refused before any engine starts; any other change (lr, max_steps, ...) is
 allowed and printed. A resume on another world size goes through universal checkpoints
-(`dist_train.checkpoint.reshard`).
+(`dist_train.checkpoint.reshard`). An MoE checkpoint whose optimizer state DeepSpeed cannot re-cut for this run
+(another `parallel.expert`, or another world size at parallel.expert > 1 under ZeRO 1-2) is refused too, unless
+`checkpoint.resume_weights_only` (`--resume-weights-only`) asks for its weights and training state alone.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         # optimizer of bf16 accumulation cannot load, nor the other way round.
         keys.append(("deepspeed", "grad_accum_dtype"))
     changed = []
+    # The MoE tensors: how many experts, in which blocks, the shared MLP's width (absent before model.moe existed).
+    for key, default in (("num_experts", 0), ("every", 1), ("shared_experts", 0)):
+        before = old["model"].get("moe", {}).get(key, default)
+        after = new["model"].get("moe", {}).get(key, default)
+        if before != after:
+            changed.append(f"model.moe.{key}: {before!r} -> {after!r}")
     for section, key in keys:
         before = old.get(section) if key is None else old.get(section, {}).get(key)
         after = new.get(section) if key is None else new.get(section, {}).get(key)
@@ -92,12 +100,17 @@ class ResumePlan:
     global_batch: tuple[int, int]
     """Sequences per optimizer step (saved run, this run)."""
     events: list[dict[str, Any]] = field(default_factory=list)
-    """Corrupt checkpoints set aside on the way (for metrics.jsonl and W&B)."""
+    """Corrupt checkpoints set aside on the way, a weights-only resume (for metrics.jsonl and W&B)."""
+    weights_only: list[str] = field(default_factory=list)
+    """The layout changes that keep the optimizer state from loading (`optimizer_layout_changes`); when any, only
+    the weights, the step, the data position and the lr schedule are loaded (checkpoint.resume_weights_only)."""
 
     def describe(self) -> str:
         step, world = self.meta["train_state"]["step"], self.meta["world_size"]
         text = f"resumed from {self.path} at step {step}"
-        if self.world_changed:
+        if self.weights_only:
+            text += f" (weights only, the optimizer state starts fresh: {'; '.join(self.weights_only)})"
+        elif self.world_changed:
             text += f" (saved by {world} processes, re-sharded{' via the universal format' if self.universal else ''})"
         if self.global_batch[0] != self.global_batch[1]:
             text += (f"; global batch {self.global_batch[0]} -> {self.global_batch[1]} sequences: the data continues "
@@ -187,11 +200,44 @@ def refuse_breaking_changes(run_dir: Path, path: Path, meta: dict[str, Any], cfg
                           f"{_sibling(run_dir)})")
 
 
-def check_before_launch(run_dir: Path, cfg: Config, resume: str) -> str | None:
-    """What a resume would do, decided from the files alone before any process group starts, so that a
-    refusal leaves the run folder as it was. Refuses a missing `--resume` folder, a config that breaks the
-    checkpoint, and a `train.max_steps` the run has already passed. Returns a message when the run is
-    finished (its summary is written at that step): re-running it is then a no-op."""
+def optimizer_layout_changes(path: Path, meta: dict[str, Any], cfg: Config, world_size: int) -> list[str]:
+    """What keeps the optimizer state of checkpoint `path` from loading into this run (empty: nothing). DeepSpeed
+    cuts an MoE model's expert optimizer state per expert-parallel rank: another parallel.expert regroups it, and
+    at parallel.expert > 1 under ZeRO 1-2 another world size re-partitions it over the expert-data-parallel ranks,
+    which the universal conversion cannot do for MoE (ds_to_universal merges the ranks' local expert ids). At
+    parallel.expert=1 (ZeRO shards cut as a dense model's) or ZeRO-0 (whole state per expert-parallel rank) a
+    world-size change keeps the optimizer state."""
+    old = meta["config"]
+    if not old["model"].get("moe", {}).get("num_experts"):
+        return []
+    old_ep, new_ep, old_world = old.get("parallel", {}).get("expert", 1), cfg.parallel.expert, meta["world_size"]
+    changes = [f"parallel.expert: {old_ep} -> {new_ep}"] if old_ep != new_ep else []
+    if old_world != world_size and (changes or (old_ep > 1 and reshard.is_zero_checkpoint(path))):
+        changes.append(f"world size: {old_world} -> {world_size} processes")
+    return changes
+
+
+def weights_only_changes(run_dir: Path, path: Path, meta: dict[str, Any], cfg: Config, world_size: int
+                         ) -> list[str]:
+    """`optimizer_layout_changes`, refused unless checkpoint.resume_weights_only accepts a weights-only resume."""
+    changes = optimizer_layout_changes(path, meta, cfg, world_size)
+    if changes and not cfg.checkpoint.resume_weights_only:
+        old_ep = meta["config"].get("parallel", {}).get("expert", 1)
+        raise ConfigError(f"{path} cannot be resumed with its optimizer state: {'; '.join(changes)} (DeepSpeed cuts "
+                          f"the experts' optimizer state per expert-parallel rank and cannot re-cut it). Restore "
+                          f"parallel.expert={old_ep} on {meta['world_size']} processes, start a new run in its own "
+                          f"folder (run.out_dir={_sibling(run_dir)}), or pass --resume-weights-only "
+                          f"(checkpoint.resume_weights_only=true) to load the weights (experts re-split), step, data "
+                          f"position and lr schedule and start the optimizer state fresh", ("parallel.expert",))
+    return changes
+
+
+def check_before_launch(run_dir: Path, cfg: Config, resume: str, world_size: int) -> str | None:
+    """What a resume on `world_size` processes would do, decided from the files alone before any process group
+    starts, so that a refusal leaves the run folder as it was. Refuses a missing `--resume` folder, a config that
+    breaks the checkpoint, an MoE layout its optimizer state cannot follow (unless weights only), and a
+    `train.max_steps` the run has already passed. Returns a message when the run is finished (its summary is
+    written at that step): re-running it is then a no-op."""
     path = resume_target(run_dir, resume)
     if path is None:
         return None
@@ -203,6 +249,7 @@ def check_before_launch(run_dir: Path, cfg: Config, resume: str) -> str | None:
                           f"folder (run.out_dir={_sibling(run_dir)}); to continue this one, set "
                           f"train.max_steps above {step}", ("train.max_steps",))
     refuse_breaking_changes(run_dir, path, meta, cfg)
+    weights_only_changes(run_dir, path, meta, cfg, world_size)
     summary = _read_summary(run_dir)
     if step == max_steps and summary.get("final_step") == step and _is_latest(run_dir, path):
         val_loss = summary.get("val_loss")
@@ -335,6 +382,7 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
     refuse_unsafe_files(path, place, cfg.checkpoint.trust)
     meta = read_client_state(path)
     refuse_breaking_changes(run_dir, path, meta, cfg)
+    weights_only = weights_only_changes(run_dir, path, meta, cfg, place.world_size)
     world_changed = meta["world_size"] != place.world_size
     parallel = cfg.parallel.tensor * cfg.parallel.sequence
     if world_changed and parallel > 1:
@@ -343,10 +391,23 @@ def plan_resume(run_dir: Path, cfg: Config, place: ProcessPlace, resume: str) ->
                           f"{cfg.parallel.sequence} a resume must keep the world size (re-sharding tensor- or "
                           f"sequence-parallel checkpoints is not supported here); launch {meta['world_size']} "
                           f"processes, or start a new run (another run.out_dir, or --resume none)")
-    universal = world_changed and reshard.is_zero_checkpoint(path)
+    universal = world_changed and not weights_only and reshard.is_zero_checkpoint(path)
     if universal:
         Rank0(place).run_while_others_wait(reshard.convert_to_universal, path, cfg.checkpoint.trust)
+    if weights_only:
+        events.append(warn_weights_only(path, meta, weights_only, place))
     return ResumePlan(path=path, meta=meta, changes=allowed_changes(meta["config"], cfg.to_dict()),
                       world_changed=world_changed, universal=universal,
                       global_batch=(global_batch(meta["config"], meta["world_size"]),
-                                    global_batch(cfg.to_dict(), place.world_size)), events=events)
+                                    global_batch(cfg.to_dict(), place.world_size)), events=events,
+                      weights_only=weights_only)
+
+
+def warn_weights_only(path: Path, meta: dict[str, Any], changes: list[str], place: ProcessPlace) -> dict[str, Any]:
+    """Say loudly (rank 0) that the optimizer state is dropped; the event to log."""
+    Rank0(place).run(print, f"warning: WEIGHTS-ONLY RESUME of {path} ({'; '.join(changes)}; "
+                            f"checkpoint.resume_weights_only): the weights (experts re-split), step "
+                            f"{meta['train_state']['step']}, data position and lr schedule are loaded, the OPTIMIZER "
+                            f"STATE IS RESET (Adam's moments start from zero): expect the loss to wobble for a few "
+                            f"steps", file=sys.stderr, flush=True)
+    return {"event": "weights_only_resume", "checkpoint": path.name, "changes": changes}

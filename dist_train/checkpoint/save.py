@@ -24,7 +24,12 @@ from typing import Any
 from dist_train.checkpoint import reshard
 from dist_train.checkpoint.client_file import client_file, client_payload, load_client_file
 from dist_train.checkpoint.layout import CLIENT_STATE, TrainState, read_client_state, read_latest_name, tag_for
-from dist_train.checkpoint.resume import ResumePlan, newest_verified, set_aside_later_checkpoints
+from dist_train.checkpoint.resume import (
+    ResumePlan,
+    newest_verified,
+    optimizer_layout_changes,
+    set_aside_later_checkpoints,
+)
 from dist_train.checkpoint.rng import seed_rank_streams, set_rng_state
 from dist_train.checkpoint.safe_load import checkpoint_reads
 from dist_train.checkpoint.verify import write_files_list
@@ -190,12 +195,15 @@ class Checkpointer:
     # -- resume ----------------------------------------------------------------------------------------
     def load_before(self, step: int) -> tuple[tuple[TrainState, dict[str, Any]] | None, list[dict[str, Any]]]:
         """For a rollback: load the newest checkpoint of a step below `step` that verifies and was saved by this
-        world size (corrupt ones are moved to corrupt/, later ones to abandoned/). Returns what `load` does (None
-        without such a checkpoint) and one event per corrupt checkpoint set aside."""
+        world size and expert-parallel layout (corrupt ones are moved to corrupt/, later ones to abandoned/).
+        Returns what `load` does (None without such a checkpoint) and one event per corrupt checkpoint set aside."""
         self.finish()
         found, corrupt, _ = self.rank0.share(newest_verified, self.dir, self.cfg.checkpoint.verify, step)
         meta = read_client_state(found) if found is not None else None
-        if meta is None or meta["world_size"] != self.place.world_size:  # another world size: universal only
+        # Another world size loads through a universal conversion only, another MoE layout without its optimizer
+        # state (a weights-only resume): a rollback restores the whole state or none.
+        if (meta is None or meta["world_size"] != self.place.world_size
+                or optimizer_layout_changes(found, meta, self.cfg, self.place.world_size)):
             return None, corrupt
         plan = ResumePlan(path=found, meta=meta, changes=[], world_changed=False, universal=False,
                           global_batch=(0, 0))
@@ -227,6 +235,15 @@ class Checkpointer:
             if self.cfg.deepspeed.zero_stage == 3:
                 reshard.repair_zero3_optimizer(self.engine, hyperparameters)
             reshard.place_loaded_steps(self.engine)
+        elif plan.weights_only:
+            # DeepSpeed loads the module (each expert from its file by global id, for this run's expert-parallel
+            # ranks), the lr schedule and its step counters, and copies the weights into ZeRO's fp32 partitions;
+            # a ZeRO-0 fp16/bf16 optimizer's fp32 master weights are refreshed as DeepSpeed's module-only load does.
+            self.engine.load_checkpoint(str(plan.path.parent), tag=plan.path.name, load_optimizer_states=False,
+                                        load_lr_scheduler_states=True)
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:
+                refresh()
         else:
             self.engine.load_checkpoint(str(plan.path.parent), tag=plan.path.name, load_optimizer_states=True,
                                         load_lr_scheduler_states=True)

@@ -268,6 +268,12 @@ class CheckpointConfig:
     trust: bool = False
     """Load checkpoint files that need Python globals outside the safe allowlist (they may run code when read):
     only for checkpoints whose source you trust. Same as `--trust-checkpoint`."""
+    resume_weights_only: bool = False
+    """Where a checkpoint's optimizer state cannot be loaded by this run (an MoE checkpoint of another
+    parallel.expert, or of parallel.expert > 1 under ZeRO 1-2 on another world size; refused otherwise), resume
+    its weights (the experts re-split), step, data position and lr schedule, and start the optimizer state fresh,
+    with a warning and a `weights_only_resume` event in metrics.jsonl. Elsewhere it changes nothing: a requeued
+    job that keeps it resumes in full. Same as `--resume-weights-only`."""
 
 
 @dataclass

@@ -60,7 +60,8 @@ EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR: a save hit ENOSPC / EDQUOT / EFBIG; 
 def train(cfg: Config, resume: str = "latest") -> int:
     """Train to cfg.train.max_steps (resuming when a checkpoint exists); return the process exit code."""
     place = distributed.discover()
-    finished = check_before_launch(Path(cfg.run.out_dir), cfg, resume)  # reads only: a refusal changes nothing
+    # Reads only: a refusal changes nothing.
+    finished = check_before_launch(Path(cfg.run.out_dir), cfg, resume, place.world_size)
     if finished:
         Rank0(place).print(finished)
         return EXIT_COMPLETED
