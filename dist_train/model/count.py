@@ -11,6 +11,11 @@ span-corruption lengths, `dist_train.data.span_corruption`): 6 x (encoder parame
 Ld + cross-attention key/value projections x Le + head x Ld) + 12·n_layers·d_model·(Le² + Ld² + Ld·Le) for the
 scores of the encoder's, the decoder's and the cross attention; "per token" divides by seq_len, the training
 tokens the trainer counts per example.
+
+Mixture-of-Experts decoders (model.moe) hold num_experts expert MLPs, a bias-free router (d_model x num_experts)
+and the shared experts' MLP in each MoE block, but a token passes through only top_k of the experts: N of the
+6·N is the *active* parameters (all but the num_experts - top_k experts a token skips in each MoE layer, router
+included), the convention of Switch, Mixtral and DeepSeekMoE for FLOPs and MFU.
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ class ParamCount:
     non_embedding: int
     """total - embedding (a tied head is part of the embedding, as in Kaplan et al. 2020)."""
     flops_params: int
-    """N of the 6·N FLOPs: every parameter used in a matmul per token, i.e. all but the input embedding
-    tables, with the output head counted even when it is tied to the token embedding."""
+    """N of the 6·N FLOPs: every parameter used in a matmul per token, i.e. all active parameters but the input
+    embedding tables, with the output head counted even when it is tied to the token embedding."""
+    active: int
+    """Parameters one token uses: total less the num_experts - top_k routed experts it skips in each MoE layer
+    (the router and shared experts are used by every token); equals total for a dense model, and for an
+    hf_config model, whose own routing (a transformers MoE architecture) is not read."""
 
 
 def _norm_params(cfg: ModelConfig) -> int:
@@ -61,15 +70,29 @@ def _cross_params(cfg: ModelConfig) -> int:
     return _attention_params(cfg) + _norm_params(cfg) + layerscale
 
 
-def _block_params(cfg: ModelConfig) -> int:
-    d, f = cfg.d_model, cfg.d_ff
-    attn = _attention_params(cfg)
+def _mlp_params(cfg: ModelConfig, d_ff: int) -> int:
+    d, f = cfg.d_model, d_ff
     if cfg.mlp in ("swiglu", "geglu"):
-        mlp = 3 * d * f + (2 * f + d if cfg.bias else 0)  # gate, up, down
+        return 3 * d * f + (2 * f + d if cfg.bias else 0)  # gate, up, down
+    return 2 * d * f + (f + d if cfg.bias else 0)  # up, down
+
+
+def _block_params(cfg: ModelConfig, moe: bool = False) -> int:
+    """A block with the dense MLP, or (`moe`) with model.moe's experts, router and shared experts."""
+    d = cfg.d_model
+    if moe:
+        e = cfg.moe
+        mlp = (e.num_experts * _mlp_params(cfg, cfg.d_ff) + d * e.num_experts  # experts, router (no bias)
+               + (_mlp_params(cfg, cfg.d_ff * e.shared_experts) if e.shared_experts else 0))
     else:
-        mlp = 2 * d * f + (f + d if cfg.bias else 0)  # up, down
+        mlp = _mlp_params(cfg, cfg.d_ff)
     layerscale = 2 * d if cfg.layerscale_init is not None else 0
-    return attn + mlp + 2 * _norm_params(cfg) + layerscale
+    return _attention_params(cfg) + mlp + 2 * _norm_params(cfg) + layerscale
+
+
+def moe_layers(cfg: ModelConfig) -> int:
+    """Blocks with an MoE MLP: every model.moe.every-th (blocks every-1, 2·every-1, ...); 0 for a dense model."""
+    return cfg.n_layers // cfg.moe.every if cfg.moe.enabled else 0
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
@@ -81,9 +104,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     token_emb = cfg.vocab_size * cfg.d_model
     embedding = token_emb + (cfg.seq_len * cfg.d_model if cfg.pos == "learned" else 0)
     head = 0 if cfg.tie_embeddings else token_emb
-    total = embedding + cfg.n_layers * _block_params(cfg) + _norm_params(cfg) + head
+    n_moe = moe_layers(cfg)
+    blocks = (cfg.n_layers - n_moe) * _block_params(cfg) + n_moe * _block_params(cfg, moe=True)
+    total = embedding + blocks + _norm_params(cfg) + head
+    skipped = n_moe * (cfg.moe.num_experts - cfg.moe.top_k) * _mlp_params(cfg, cfg.d_ff)  # experts a token skips
     return ParamCount(total=total, embedding=embedding, non_embedding=total - embedding,
-                      flops_params=total - embedding + (token_emb if cfg.tie_embeddings else 0))
+                      flops_params=total - skipped - embedding + (token_emb if cfg.tie_embeddings else 0),
+                      active=total - skipped)
 
 
 def _count_encoder_decoder(cfg: ModelConfig) -> ParamCount:
@@ -94,7 +121,8 @@ def _count_encoder_decoder(cfg: ModelConfig) -> ParamCount:
     blocks = cfg.n_layers * (2 * _block_params(cfg) + _cross_params(cfg))
     total = embedding + relative + blocks + 2 * _norm_params(cfg) + head
     return ParamCount(total=total, embedding=embedding, non_embedding=total - embedding,
-                      flops_params=total - embedding - relative + (token_emb if cfg.tie_embeddings else 0))
+                      flops_params=total - embedding - relative + (token_emb if cfg.tie_embeddings else 0),
+                      active=total)
 
 
 def _hf_model_on_meta(cfg: ModelConfig) -> nn.Module:
@@ -112,7 +140,7 @@ def _count_hf(cfg: ModelConfig) -> ParamCount:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     return ParamCount(total=total, embedding=embedding, non_embedding=total - embedding,
-                      flops_params=total - embedding + (head.weight.numel() if tied else 0))
+                      flops_params=total - embedding + (head.weight.numel() if tied else 0), active=total)
 
 
 def attention_shape(cfg: ModelConfig) -> tuple[int, int]:

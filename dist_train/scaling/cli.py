@@ -1,6 +1,7 @@
 """Size a run before paying for it: `python -m dist_train.scaling {count,plan,memory,fit}`.
 
-- count   exact parameter count and training FLOPs of a config (dist_train.model.count)
+- count   exact parameter count and training FLOPs of a config (dist_train.model.count); for an MoE model
+          also the parameters active per token, which the FLOPs (and the trainer's MFU) count
 - plan    compute-optimal N and D under the published laws, a model shape and a config (plan)
 - memory  bytes per GPU for weights, gradients, optimizer states and activations (memory)
 - fit     fit L(N, D) = E + A/N^α + B/D^β to your own runs (fit)
@@ -53,14 +54,15 @@ def _emit(result: dict[str, Any], as_json: bool, text: str) -> None:
 
 
 def count_report(cfg: Config, tokens: int | None) -> dict[str, Any]:
-    from dist_train.model.count import count_params, flops_per_token
+    from dist_train.model.count import count_params, flops_per_token, moe_layers
 
     m = cfg.model
     pc = count_params(m)
     per_token = flops_per_token(m, cfg.data.noise_density, cfg.data.mean_noise_span_length)
-    return {"total": pc.total, "embedding": pc.embedding, "non_embedding": pc.non_embedding,
+    moe = {"num_experts": m.moe.num_experts, "top_k": m.moe.top_k, "layers": moe_layers(m)} if m.moe.enabled else None
+    return {"total": pc.total, "active": pc.active, "embedding": pc.embedding, "non_embedding": pc.non_embedding,
             "flops_params": pc.flops_params, "seq_len": m.seq_len, "flops_per_token": per_token,
-            "tokens": tokens, "run_flops": per_token * tokens if tokens else None}
+            "tokens": tokens, "run_flops": per_token * tokens if tokens else None, "moe": moe}
 
 
 def _count_text(r: dict[str, Any]) -> str:
@@ -69,6 +71,10 @@ def _count_text(r: dict[str, Any]) -> str:
              f"  non-embedding {r['non_embedding']:>18,}",
              (f"FLOPs per token {r['flops_per_token']:>18,}  (6·{r['flops_params']:,} + attention at "
              f"seq_len {r['seq_len']})")]
+    if r["moe"]:
+        e = r["moe"]
+        lines.insert(3, f"active per token{r['active']:>18,}  ({_fmt_count(r['active'])}: a token's top-{e['top_k']} "
+                        f"of {e['num_experts']} experts in {e['layers']} MoE layers, router included)")
     if r["tokens"]:
         lines.append(f"run FLOPs       {r['run_flops']:>18.3e}  ({_fmt_count(r['tokens'])} tokens)")
     return "\n".join(lines)
@@ -94,15 +100,15 @@ def _plan_text(r: dict[str, Any]) -> str:
         lines.append(f"{row['method'] + mark:<11} {row['a']:>6.3f} {_fmt_count(row['params']):>10} "
                      f"{_fmt_count(row['tokens']):>10} {row['tokens_per_param']:>6.1f} "
                      f"{row['compute']:>10.3e}  {loss:>5}  {row['source']}")
-    s, p = r["shape"], r["params"]
+    s = r["shape"]
+    per = "active " if r["moe"] else ""
     kv = f", n_kv_heads {s['n_kv_heads']}" if s["n_kv_heads"] else ""
     lines += ["",
               (f"shape for {r['method']} (* above): n_layers {s['n_layers']}, d_model {s['d_model']}, "
               f"n_heads {s['n_heads']}{kv}, d_ff {s['d_ff']} (head dim {s['d_model'] // s['n_heads']}, "
               f"{s['mlp']}, vocab {s['vocab_size']}, seq_len {s['seq_len']})"),
-              (f"parameters      {p['total']:,} ({r['params_error']:+.1%} from N = "
-              f"{_fmt_count(r['target_params'])}), non-embedding {p['non_embedding']:,}"),
-              f"tokens          {r['tokens']:,} ({r['tokens_per_param']:.1f} per parameter)",
+              _plan_params_text(r),
+              f"tokens          {r['tokens']:,} ({r['tokens_per_param']:.1f} per {per}parameter)",
               f"training FLOPs  {r['run_flops']:.3e} ({r['flops_per_token']:,} per token, attention included)",
               (f"time            {r['hours']:,.1f} h on {r['gpus']} GPU(s) at {r['mfu']:.0%} MFU of "
               f"{r['peak_tflops']:g} TFLOP/s ({r['gpu_hours']:,.0f} GPU-hours)")]
@@ -115,6 +121,17 @@ def _plan_text(r: dict[str, Any]) -> str:
     if r.get("config"):
         lines.append(f"config          {r['config']} (train.max_steps {r['max_steps']:,}, run folder {r['out_dir']})")
     return "\n".join(lines)
+
+
+def _plan_params_text(r: dict[str, Any]) -> str:
+    p, error = r["params"], f"{r['params_error']:+.1%} from N = {_fmt_count(r['target_params'])}"
+    if not r["moe"]:
+        return f"parameters      {p['total']:,} ({error}), non-embedding {p['non_embedding']:,}"
+    e = r["moe"]
+    return (f"parameters      {p['active']:,} active per token ({error}), {p['total']:,} in all (top-{e['top_k']} "
+            f"of {e['num_experts']} experts)\n"
+            f"MoE             N is the active parameters (C = 6ND counts a token's FLOPs); the laws are dense "
+            f"models' fits, which an MoE model of this active N and D beats (Clark et al. 2022)")
 
 
 def _data_text(r: dict[str, Any]) -> list[str]:
@@ -220,8 +237,9 @@ def _gib(n: int) -> str:
 def _memory_text(r: dict[str, Any]) -> str:
     e = r["estimate"]
     offload = ", optimizer offloaded to CPU" if r["offload_optimizer"] else ""
-    tp, sp = r["tensor_parallel"], r["sequence_parallel"]
+    tp, sp, ep = r["tensor_parallel"], r["sequence_parallel"], r["expert_parallel"]
     layout = f" (tensor parallel {tp}, sequence parallel {sp})" if tp * sp > 1 else ""
+    layout += f" (expert parallel {ep}: {r['experts_per_gpu']} experts per MoE layer per GPU)" if r["moe"] else ""
     rows = [f"per GPU: ZeRO-{r['zero_stage']} on {r['gpus']} GPU(s){layout}, {r['precision']}, micro-batch "
             f"{r['micro_batch']} x {r['seq_len']} tokens{offload} ({_fmt_count(r['params'])} parameters)",
             f"  weights                    {_gib(e['weights'])}",
@@ -236,6 +254,9 @@ def _memory_text(r: dict[str, Any]) -> str:
             f"  peak with recomputation    {_gib(e['peak_checkpointed'])}"]
     if e["cpu_offloaded"]:
         rows.append(f"  CPU memory per rank        {_gib(e['cpu_offloaded'])}")
+    if r["moe"]:
+        rows.append("  note: activations count each MoE layer as the dense MLP; its top-k experts and DeepSpeed's "
+                    "dispatch buffers save more, so they and the peaks are low for MoE")
     return "\n".join(rows)
 
 
@@ -245,10 +266,13 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
     cfg = with_overrides(load_sizing_config(args.config, overrides_from(args)), zero_stage=args.zero_stage,
                          offload_optimizer=args.offload_optimizer or None, micro_batch=args.micro_batch,
-                         precision=args.precision, tensor=args.tensor, sequence=args.sequence)
+                         precision=args.precision, tensor=args.tensor, sequence=args.sequence, expert=args.expert)
     est = estimate_memory(cfg, args.gpus)
+    moe = cfg.model.moe
     r = {"gpus": args.gpus, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.precision,
          "tensor_parallel": cfg.parallel.tensor, "sequence_parallel": cfg.parallel.sequence,
+         "expert_parallel": cfg.parallel.expert, "moe": moe.enabled,
+         "experts_per_gpu": moe.num_experts // cfg.parallel.expert if moe.enabled else None,
          "offload_optimizer": cfg.deepspeed.offload_optimizer, "micro_batch": cfg.train.micro_batch_size,
          "seq_len": cfg.model.seq_len, "params": count_params(cfg.model).total, "estimate": est.to_dict()}
     _emit(r, args.json, _memory_text(r))
@@ -292,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("count", help="exact parameter count and training FLOPs of a config")
+    p = sub.add_parser("count", help="exact parameter count and training FLOPs of a config (MoE: total and "
+                                     "active per token; FLOPs count the active ones)")
     _add_config_args(p)
     p.add_argument("--tokens", type=float, help="training tokens of the run: also print the run's FLOPs")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -301,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="compute-optimal N and D under each published law, a shape and a config",
                        description="Budget: exactly one of --compute, --params, --tokens, or --gpus/--hours. "
                                    "Without --config the family is Llama-style with vocab 32000, seq_len 2048, "
-                                   "bf16.")
+                                   "bf16. A config with model.moe is planned by its active parameters (N of the "
+                                   "laws and of C = 6ND: what a token uses), its experts kept on top; the laws "
+                                   "are fits to dense models, which an MoE model of that active size beats.")
     p.add_argument("--compute", type=float, help="training budget in FLOPs (C = 6ND convention)")
     p.add_argument("--params", type=float, help="model size N: gives each law's compute-optimal D and C")
     p.add_argument("--tokens", type=float, help="token budget D: gives each law's compute-optimal N and C")
@@ -328,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default 1)")
     p.add_argument("--tensor", type=int, help="tensor-parallel size (default: the config's parallel.tensor)")
     p.add_argument("--sequence", type=int, help="sequence-parallel size (default: the config's parallel.sequence)")
+    p.add_argument("--expert", type=int, help="expert-parallel size of an MoE model: each GPU holds num_experts / "
+                                              "EXPERT experts per MoE layer (default: the config's parallel.expert)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="default: the config's")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the CPU (ZeRO >= 1)")
     p.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (default: the config's)")

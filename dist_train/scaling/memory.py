@@ -12,6 +12,12 @@ optimizer state per parameter (fp32 master weights, momentum, variance), checked
                                                   stay whole on every rank)
 
 with p the bytes of the working precision (2 for bf16/fp16, 4 for fp32), Ψ parameters and N GPUs.
+Mixture-of-Experts (model.moe, ZeRO 0-2): a rank holds the dense parameters Ψd and its share Ψe/E of the
+experts (E = parallel.expert: num_experts/E whole experts per MoE layer), and DeepSpeed partitions the experts'
+gradients and optimizer states over the N/E ranks that hold the same experts (the expert-data-parallel group):
+a partition is Ψd/N + (Ψe/E)/(N/E) = Ψ/N, as for a dense model. Expert parallelism shrinks the terms with whole
+copies (the weights, ZeRO-0's gradients and optimizer states, ZeRO-1's full gradients in backward), Ψ = Ψd + Ψe/E
+there.
 ZeRO >= 1 keeps an fp32 master partition even in fp32 runs. Under bf16 at ZeRO 1-3 the generated config sums
 gradients in fp32: their partition takes 4·Ψ/N at ZeRO 2/3, and ZeRO-1 runs DeepSpeed's BF16_Optimizer, which
 holds a whole fp32 gradient (4·Ψ) and no reduce bucket. DeepSpeed also allocates reduce buckets of
@@ -20,12 +26,16 @@ ZeRO-3; at most Ψ) during backward (stages 1, 2) or for the whole run (stage 3)
 briefly holds the fp32 gradient partition (4·Ψ/N).
 
 Activations are counted tensor by tensor from what `dist_train.model` saves for the backward pass with a
-fused (flash) attention kernel and no dropout; tests check them against `saved_tensors_hooks`.
+fused (flash) attention kernel and no dropout; tests check them against `saved_tensors_hooks`. Not yet for an
+MoE model's MoE layers, which are counted as the dense MLP: a token's top_k experts, DeepSpeed's dispatch buffers
+and the router save more (moe-tiny, 4 x 64 tokens: 23.2 MB saved against 13.0 MB counted), so `activations`
+is low for MoE.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -169,28 +179,33 @@ def _encoder_decoder_activations(m: ModelConfig, precision: str, micro_batch: in
 # ---------------------------------------------------------------------------------------------------------
 # Model states
 
-def _meta_model_sizes(m: ModelConfig) -> tuple[list[tuple[str, int]], int]:
-    """((name, element count) of every distinct parameter, parameters of the largest module) of the model built on
+def _meta_model_sizes(m: ModelConfig, expert: int = 1) -> tuple[list[tuple[str, int, bool]], int]:
+    """((name, element count, whether an expert's) of every distinct parameter, parameters of the largest module)
+    of the model one of `expert` expert-parallel ranks builds (its num_experts / expert experts per MoE layer), on
     the meta device (no memory). Cached per shape: `plan --gpu-memory` estimates one model in many settings."""
-    key = json.dumps(dataclasses.asdict(dataclasses.replace(m, grad_checkpointing=False)), sort_keys=True)
+    key = json.dumps([dataclasses.asdict(dataclasses.replace(m, grad_checkpointing=False)), expert], sort_keys=True)
     if key not in _META_SIZES:
         from dist_train.model.build import build_model
+        from dist_train.model.moe import is_expert_parameter
 
         with torch.device("meta"):
-            model = build_model(m)
+            model = build_model(m, expert_parallel=(expert, 0))
         largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
-        _META_SIZES[key] = ([(name, p.numel()) for name, p in model.named_parameters()], largest)
+        _META_SIZES[key] = ([(name, p.numel(), is_expert_parameter(p)) for name, p in model.named_parameters()],
+                            largest)
     return _META_SIZES[key]
 
 
-_META_SIZES: dict[str, tuple[list[tuple[str, int]], int]] = {}
+_META_SIZES: dict[str, tuple[list[tuple[str, int, bool]], int]] = {}
 
 
-def parameter_numels(m: ModelConfig, tensor: int = 1) -> list[int]:
-    """Element counts of every distinct parameter on one of `tensor` tensor-parallel ranks, from the model built
-    on the meta device (no memory). AutoTP splits the layers `tensor_parallel_split` names; the others stay
-    whole on every rank."""
-    return [numel // tensor if tensor_parallel_split(name, m) else numel for name, numel in _meta_model_sizes(m)[0]]
+def parameter_numels(m: ModelConfig, tensor: int = 1, expert: int = 1) -> list[tuple[int, bool]]:
+    """(element count, whether an expert's) of every distinct parameter on one rank of `tensor` tensor-parallel
+    and `expert` expert-parallel ranks, from the model built on the meta device (no memory). AutoTP splits the
+    layers `tensor_parallel_split` names; the others stay whole on every rank. An expert-parallel rank holds
+    num_experts / expert whole experts of each MoE layer."""
+    return [(numel // tensor if tensor_parallel_split(name, m) else numel, is_expert)
+            for name, numel, is_expert in _meta_model_sizes(m, expert)[0]]
 
 
 def tensor_parallel_split(name: str, m: ModelConfig) -> bool:
@@ -218,13 +233,21 @@ def _zero_settings(ds_config: dict[str, Any]) -> dict[str, Any]:
     return zero
 
 
+def _partition_bytes(nbytes: int, dense: int, experts: int, n: int, expert: int) -> int:
+    """Bytes of one rank's ZeRO partition at `nbytes` per parameter: the `dense` parameters are partitioned over
+    all `n` data-parallel ranks, this rank's `experts` over the n / `expert` ranks that hold the same experts
+    (DeepSpeed's expert-data-parallel group)."""
+    return nbytes * dense // n + nbytes * experts // (n // expert)
+
+
 def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     """Per-GPU bytes of `cfg` on `gpus` GPUs (stage, offload, precision, micro-batch, parallel.*: cfg).
 
     Tensor parallelism (AutoTP) leaves each rank its share of the split layers, and ZeRO partitions that over
     the data-parallel ranks (gpus / tensor). Sequence parallelism leaves the parameters whole and ZeRO
     partitions over all ranks (DeepSpeed's sequence-data-parallel group), while each rank's activations are
-    those of seq_len / sequence tokens."""
+    those of seq_len / sequence tokens. Expert parallelism (an MoE model) leaves each rank num_experts /
+    parallel.expert experts per MoE layer, partitioned over the ranks holding the same ones (module doc)."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     m, ds, par = cfg.model, cfg.deepspeed, cfg.parallel
@@ -232,29 +255,35 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     stage, p, n = ds.zero_stage, precision_bytes(cfg.precision), gpus // par.tensor
     ds_config = deepspeed_config(cfg, gpus)
     zero = _zero_settings(ds_config)
-    numels = parameter_numels(m, par.tensor)
-    psi = sum(numels)
+    numels = parameter_numels(m, par.tensor, par.expert)
+    psi_experts = sum(k for k, is_expert in numels if is_expert)  # this rank's experts
+    psi_dense = sum(k for k, is_expert in numels if not is_expert)
+    psi = psi_dense + psi_experts  # parameters this rank holds whole
+    partition = functools.partial(_partition_bytes, dense=psi_dense, experts=psi_experts, n=n, expert=par.expert)
     master = 0 if (stage == 0 and cfg.precision == "fp32") else MASTER_BYTES
 
     if stage < 3:
         weights = p * psi
     else:
-        persistent = sum(k for k in numels if k < zero["stage3_param_persistence_threshold"])
-        weights = p * psi // n + p * persistent
+        persistent = sum(k for k, _ in numels if k < zero["stage3_param_persistence_threshold"])
+        weights = partition(p) + p * persistent
     # Gradients are summed in fp32 under bf16 at ZeRO 1-3 (ds_config data_types.grad_accum_dtype).
     fp32_sums = stage >= 1 and "data_types" in ds_config
     g = 4 if fp32_sums else p
     bf16_optimizer = fp32_sums and stage == 1 and not ds.offload_optimizer  # DeepSpeed's BF16_Optimizer
-    gradients = p * psi if stage == 0 else g * psi if bf16_optimizer else g * psi // n
+    gradients = p * psi if stage == 0 else g * psi if bf16_optimizer else partition(g)
     sharded_states = stage >= 1
-    optimizer = (ADAM_BYTES + master) * psi // (n if sharded_states else 1)
-    if stage == 0:  # DeepSpeed flattens the gradients into buckets of 5e8 elements for the all-reduce
-        backward_transient = p * min(psi, ALLREDUCE_BUCKET) if n > 1 else 0
+    optimizer = partition(ADAM_BYTES + master) if sharded_states else (ADAM_BYTES + master) * psi
+    # DeepSpeed's data-parallel all-reduce flattens the gradients in buckets of at most 5e8 elements, the dense
+    # ones first, then the experts' (over their own group).
+    allreduce_bucket = max(min(psi_dense, ALLREDUCE_BUCKET), min(psi_experts, ALLREDUCE_BUCKET))
+    if stage == 0:
+        backward_transient = p * allreduce_bucket if n > 1 else 0
     else:  # ZeRO-1 holds full gradients until the reduce at the accumulation boundary
-        backward_transient = p * psi - p * psi // n if stage == 1 and not bf16_optimizer else 0
-    step_transient = 4 * psi // (n if sharded_states else 1) if master else 0
+        backward_transient = p * psi - partition(p) if stage == 1 and not bf16_optimizer else 0
+    step_transient = (partition(4) if sharded_states else 4 * psi) if master else 0
     if bf16_optimizer and n > 1:  # before its step, the fp32 all-reduce flattens the gradients in 5e8-element buffers
-        step_transient = max(step_transient, 4 * min(psi, ALLREDUCE_BUCKET))
+        step_transient = max(step_transient, 4 * allreduce_bucket)
     # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one at init, in fp32 where it
     # reduces in fp32 (fp32 sums). The BF16_Optimizer keeps no bucket (its all-reduce buffers: step transient).
     bucket_bytes = (zero["reduce_bucket_size"] * (g if stage == 3 else p)
@@ -265,7 +294,7 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
 
     cpu = 0
     if ds.offload_optimizer:  # DeepSpeed keeps the states and the fp32 gradient partition on the CPU
-        cpu = optimizer + 4 * psi // n
+        cpu = optimizer + partition(4)
         optimizer, step_transient = 0, 0
         gradients = 0 if stage < 3 else gradients
     if ds.offload_params:
@@ -282,10 +311,10 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
 
 def with_overrides(cfg: Config, zero_stage: int | None = None, offload_optimizer: bool | None = None,
                    micro_batch: int | None = None, precision: str | None = None, tensor: int | None = None,
-                   sequence: int | None = None) -> Config:
+                   sequence: int | None = None, expert: int | None = None) -> Config:
     """cfg with the memory command's flags applied (None keeps the config's value)."""
     tree = cfg.to_dict()
-    for key, value in (("tensor", tensor), ("sequence", sequence)):
+    for key, value in (("tensor", tensor), ("sequence", sequence), ("expert", expert)):
         if value is not None:
             tree["parallel"][key] = value
     if zero_stage is not None:

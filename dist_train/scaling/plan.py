@@ -1,6 +1,13 @@
 """From a budget to a run: compute-optimal N and D under each published law, a concrete model shape whose
 exact parameter count is within 5 % of the chosen N, the training time, and a config `launch/train.py`
-accepts as is."""
+accepts as is.
+
+A Mixture-of-Experts base config (model.moe) is planned by its *active* parameters: N of the laws is what a token
+uses (the shape's experts, router and shared experts kept from the base; `dist_train.model.count`), as C = 6ND
+counts the FLOPs of an MoE model. The laws were fitted on dense models: at the same active N and D an MoE model
+reaches a lower loss than they predict (Clark et al. 2022, Unified Scaling Laws for Routed Language Models), so
+the plan is the compute-optimal dense run's compute, tokens and time, with the experts added on top; the
+memory (all experts) is sized by `plan --gpu-memory` / `scaling memory`."""
 
 from __future__ import annotations
 
@@ -57,10 +64,16 @@ def _shape(base: ModelConfig, d_model: int, n_layers: int) -> ModelConfig:
                                n_kv_heads=n_kv_heads, d_ff=d_ff_for(d_model, base.mlp), hf_config=None)
 
 
+def planned_params(cfg: ModelConfig) -> int:
+    """The N a plan sizes: all parameters of a dense model, the active ones of an MoE model (module doc)."""
+    return count_params(cfg).active
+
+
 def shape_for_params(target: float, base: ModelConfig, tolerance: float = SHAPE_TOLERANCE) -> ModelConfig:
-    """The shape (n_layers, d_model, n_heads, d_ff) of `base`'s family whose exact total count is within
-    `tolerance` of `target` and whose depth-to-width ratio is closest to published models of that size.
-    Vocabulary, sequence length and the norm/position/MLP/bias/tie options are kept from `base`."""
+    """The shape (n_layers, d_model, n_heads, d_ff) of `base`'s family whose exact count (`planned_params`: active
+    parameters for an MoE model) is within `tolerance` of `target` and whose depth-to-width ratio is closest to
+    published models of that size. Vocabulary, sequence length, the norm/position/MLP/bias/tie options and
+    model.moe are kept from `base` (at least model.moe.every layers, so that one has an MoE MLP)."""
     embedding_only = count_params(dataclasses.replace(_shape(base, 64, 1), n_layers=0)).total
     if target < embedding_only:
         raise ValueError(f"a {target:.3g}-parameter model cannot hold the embedding of vocab_size "
@@ -71,9 +84,9 @@ def shape_for_params(target: float, base: ModelConfig, tolerance: float = SHAPE_
     for d_model in range(64, 32768 + 1, 64):
         if d_model % head_dim_for(d_model) or (d_model // head_dim_for(d_model)) % _kv_group(base):
             continue  # whole heads, and whole kv groups when the base uses grouped-query attention
-        for n_layers in range(1, 257):
+        for n_layers in range(base.moe.every if base.moe.enabled else 1, 257):
             cfg = _shape(base, d_model, n_layers)
-            error = count_params(cfg).total / target - 1.0
+            error = planned_params(cfg) / target - 1.0
             if error > tolerance:
                 break  # deeper only grows the count
             if error < -tolerance:
@@ -118,6 +131,7 @@ def plan(base: Config, compute: float | None = None, params: float | None = None
     d_target = tokens if tokens is not None else chosen["tokens"]
     model = shape_for_params(n_target, base.model)
     count = count_params(model)
+    n_planned = planned_params(model)
     run_tokens = round(d_target)
     run_flops = flops_per_token(model) * run_tokens
     return {
@@ -125,8 +139,10 @@ def plan(base: Config, compute: float | None = None, params: float | None = None
         "shape": {k: getattr(model, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff",
                                                  "vocab_size", "seq_len", "norm", "pos", "mlp", "bias",
                                                  "tie_embeddings")},
-        "params": dataclasses.asdict(count), "params_error": count.total / n_target - 1.0,
-        "tokens": run_tokens, "tokens_per_param": run_tokens / count.total,
+        "params": dataclasses.asdict(count), "params_error": n_planned / n_target - 1.0,
+        "sized_by": "active" if model.moe.enabled else "total",
+        "moe": dataclasses.asdict(model.moe) if model.moe.enabled else None,
+        "tokens": run_tokens, "tokens_per_param": run_tokens / n_planned,
         "flops_per_token": flops_per_token(model), "run_flops": run_flops,
         "gpus": gpus, "peak_tflops": peak_tflops, "mfu": mfu,
         "hours": training_hours(run_flops, gpus, peak_tflops, mfu),

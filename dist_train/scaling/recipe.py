@@ -22,6 +22,8 @@ MEMORY_HEADROOM = 0.10
 ZERO_STAGES = (1, 2, 3)
 """Tried in this order: ZeRO-1 and -2 add no communication over data parallelism's, ZeRO-3 gathers every
 layer's weights in forward and backward."""
+MOE_ZERO_STAGES = (1, 2)
+"""An MoE model's: DeepSpeed's MoE layer does not run under ZeRO-3 (config validation refuses it)."""
 
 # DeepSeek LLM (Bi et al. 2024, section 3.1, eq. 1): compute-optimal hyperparameters fitted on runs from 1e17 to
 # 2e19 FLOPs, C in FLOPs (their M·D: non-embedding FLOPs per token, attention included, times tokens).
@@ -83,13 +85,14 @@ def _with(cfg: Config, micro: int, stage: int, recompute: bool) -> Config:
 
 
 def fit_memory(cfg: Config, gpus: int, per_gpu_batch: int, budget_bytes: int) -> tuple[Config, int, str]:
-    """The first setting that fits `budget_bytes` less the headroom: ZeRO-1, -2, -3 without recomputation,
-    then with; at each, the largest power-of-two micro-batch up to `per_gpu_batch` (fewer, larger
-    micro-batches run faster). Returns the config, its estimated peak and the note that says so."""
+    """The first setting that fits `budget_bytes` less the headroom: ZeRO-1, -2, -3 (an MoE model: -1, -2)
+    without recomputation, then with; at each, the largest power-of-two micro-batch up to `per_gpu_batch`
+    (fewer, larger micro-batches run faster). Returns the config, its estimated peak and the note that says so."""
     usable = int(budget_bytes * (1 - MEMORY_HEADROOM))
     micros = [2**k for k in range(int(math.log2(max(1, per_gpu_batch))), -1, -1)]
+    stages = MOE_ZERO_STAGES if cfg.model.moe.enabled else ZERO_STAGES
     for recompute in (False, True):
-        for stage in ZERO_STAGES:
+        for stage in stages:
             for micro in micros:
                 trial = _with(cfg, micro, stage, recompute)
                 peak = estimate_memory(trial, gpus).peak(recompute)
@@ -97,12 +100,16 @@ def fit_memory(cfg: Config, gpus: int, per_gpu_batch: int, budget_bytes: int) ->
                     note = (f"micro-batch {micro}, ZeRO-{stage}, recomputation {'on' if recompute else 'off'}: "
                             f"the memory estimate's peak is {peak / GIB:.1f} GiB per GPU, within "
                             f"{budget_bytes / GIB:.0f} GiB less {MEMORY_HEADROOM:.0%} headroom (first fit of "
-                            f"ZeRO-1/2/3 without, then with recomputation; largest micro-batch first)")
+                            f"ZeRO-{'/'.join(map(str, stages))} without, then with recomputation; largest micro-batch "
+                            f"first)")
                     return trial, peak, note
-    smallest = estimate_memory(_with(cfg, 1, 3, True), gpus).peak(True)
-    raise ValueError(f"the planned model does not fit {budget_bytes / GIB:.0f} GiB per GPU even at ZeRO-3 with "
-                     f"recomputation and micro-batch 1 (estimated peak {smallest / GIB:.1f} GiB): use more GPUs "
-                     f"(--gpus), GPUs with more memory, or a smaller budget")
+    smallest = estimate_memory(_with(cfg, 1, stages[-1], True), gpus).peak(True)
+    moe, expert = cfg.model.moe, cfg.parallel.expert
+    experts = (f", a larger parallel.expert (now {expert}: each GPU holds {moe.num_experts // expert} of the "
+               f"{moe.num_experts} experts of each MoE layer)" if moe.enabled and expert < moe.num_experts else "")
+    raise ValueError(f"the planned model does not fit {budget_bytes / GIB:.0f} GiB per GPU even at ZeRO-{stages[-1]} "
+                     f"with recomputation and micro-batch 1 (estimated peak {smallest / GIB:.1f} GiB): use more GPUs "
+                     f"(--gpus){experts}, GPUs with more memory, or a smaller budget")
 
 
 def recipe(cfg: Config, compute: float, tokens: int, gpus: int, budget_bytes: int) -> tuple[Config, Recipe]:
