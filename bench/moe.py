@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # bench/throughput.py; the repo first, its data_prep package included
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
 
