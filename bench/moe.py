@@ -58,36 +58,13 @@ def train(config: str, overrides: list[str], nproc: int, steps: int, out: Path) 
 
 
 LAYER_PEAK = """
-import json, sys, weakref
+import json, sys
 sys.path.insert(0, REPO)
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from dist_train import distributed
 from dist_train.config import load_config
 from dist_train.model.moe import MoEMLP
-
-
-class NewTensorBytes(TorchDispatchMode):
-    # Bytes of the tensors torch ops create (not views of an input), from creation until released: the peak alive.
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                size = t.untyped_storage().nbytes()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self.release, size)
-        return out
-
-    def release(self, size):
-        self.live -= size
-
+from dist_train.monitor.tensor_bytes import NewTensorBytes
 
 cfg = load_config(CONFIG, OVERRIDES)
 distributed.init(distributed.discover())

@@ -6,20 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import weakref
 
 import pytest
 import torch
 from distributed_helpers import REPO, cpu_env
 from resume_helpers import STEPS, TINY, checkpoint, shared_run
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_train.checkpoint.weights import checkpoint_weights, open_weights, save_weights_folder
 from dist_train.config import ConfigError, load_config
 from dist_train.model.build import build_model
 from dist_train.model.decoder import Transformer
+from dist_train.monitor.tensor_bytes import NewTensorBytes
 from dist_train.tools.export import export, family
 
 LLAMA_VARIANT = ("model.n_kv_heads=2", "model.tie_embeddings=false", "model.bias=true", "model.layerscale_init=0.5")
@@ -133,30 +131,6 @@ def test_export_of_a_trained_gpt2_family_run_is_a_gpt2_that_matches_ours(tmp_pat
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     ours = ours_from_checkpoint(checkpoint(run_dir, 2))
     assert_hf_matches(ours, out, val_batch(shard_dir, 128))
-
-
-class NewTensorBytes(TorchDispatchMode):
-    """Bytes of the tensors that torch ops create while the mode is on (outputs that are not views of an input),
-    counted from creation until the tensor object is released; the peak of what was alive at once. Memory-mapped
-    checkpoint files are not counted: their pages belong to the files, not to the process."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                size = t.untyped_storage().nbytes()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._release, size)
-        return out
-
-    def _release(self, size: int) -> None:
-        self.live -= size
 
 
 @pytest.mark.slow
