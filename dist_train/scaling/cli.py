@@ -315,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dist_train.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_count, _add_plan, _add_memory, _add_fit):
+        add(sub)
+    return parser
 
+
+def _add_count(sub: Any) -> None:
     p = sub.add_parser("count", help="exact parameter count and training FLOPs of a config (MoE: total and "
                                      "active per token; FLOPs count the active ones)")
     _add_config_args(p)
@@ -323,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_count)
 
+
+def _add_plan(sub: Any) -> None:
     p = sub.add_parser("plan", help="compute-optimal N and D under each published law, a shape and a config",
                        description="Budget: exactly one of --compute, --params, --tokens, or --gpus/--hours. "
                                    "Without --config the family is Llama-style with vocab 32000, seq_len 2048, "
@@ -349,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_memory(sub: Any) -> None:
     p = sub.add_parser("memory", help="bytes per GPU: weights, gradients, optimizer states, activations")
     _add_config_args(p, required=True)
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the run: data x tensor x sequence parallel "
@@ -364,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_memory)
 
+
+def _add_fit(sub: Any) -> None:
     p = sub.add_parser("fit", help="fit L(N, D) = E + A/N^α + B/D^β to your runs (Hoffmann et al.'s method)")
     p.add_argument("runs", nargs="+", help="a CSV with columns N, D, loss; run folders (summary.json + "
                                            "config.yaml); or folders holding run folders")
@@ -374,7 +385,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "grid (default 50), or 'all'")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_fit)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

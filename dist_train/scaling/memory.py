@@ -284,14 +284,7 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     step_transient = (partition(4) if sharded_states else 4 * psi) if master else 0
     if bf16_optimizer and n > 1:  # before its step, the fp32 all-reduce flattens the gradients in 5e8-element buffers
         step_transient = max(step_transient, 4 * allreduce_bucket)
-    # ZeRO-1/2 double-buffer the bucket when overlap_comm is on; ZeRO-3 allocates one at init, in fp32 where it
-    # reduces in fp32 (fp32 sums). The BF16_Optimizer keeps no bucket (its all-reduce buffers: step transient).
-    bucket_bytes = (zero["reduce_bucket_size"] * (g if stage == 3 else p)
-                    * (2 if zero["overlap_comm"] and stage < 3 else 1))
-    buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] and not bf16_optimizer else 0
-    if stage == 3:
-        buffers += 2 * p * _largest_layer(m)  # the gathered layer and its gradient
-
+    buffers = _buffer_bytes(m, zero, stage, p, g, bf16_optimizer)
     cpu = 0
     if ds.offload_optimizer:  # DeepSpeed keeps the states and the fp32 gradient partition on the CPU
         cpu = optimizer + partition(4)
@@ -307,6 +300,18 @@ def estimate_memory(cfg: Config, gpus: int) -> MemoryEstimate:
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer_states=optimizer, buffers=buffers,
                           backward_transient=backward_transient, step_transient=step_transient,
                           activations=acts, activations_checkpointed=acts_ckpt, cpu_offloaded=cpu)
+
+
+def _buffer_bytes(m: Any, zero: dict[str, Any], stage: int, p: int, g: int, bf16_optimizer: bool) -> int:
+    """ZeRO-1/2 double-buffer the reduce bucket when overlap_comm is on; ZeRO-3 allocates one at init, in fp32
+    where it reduces in fp32 (fp32 sums), and holds the gathered layer and its gradient. The BF16_Optimizer keeps
+    no bucket (its all-reduce buffers are a step transient)."""
+    bucket_bytes = (zero["reduce_bucket_size"] * (g if stage == 3 else p)
+                    * (2 if zero["overlap_comm"] and stage < 3 else 1))
+    buffers = bucket_bytes if stage >= 1 and zero["contiguous_gradients"] and not bf16_optimizer else 0
+    if stage == 3:
+        buffers += 2 * p * _largest_layer(m)  # the gathered layer and its gradient
+    return buffers
 
 
 def with_overrides(cfg: Config, zero_stage: int | None = None, offload_optimizer: bool | None = None,
