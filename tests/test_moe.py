@@ -134,3 +134,41 @@ def test_the_expert_parallel_checkpoint_exports_as_a_mixtral_with_our_logits(exp
     with torch.no_grad():
         first = ours(prompt)[0, -1].argmax().item()
     assert generated.shape[1] > 16 and generated[0, 16].item() == first
+
+
+def test_average_evaluate_and_export_read_the_expert_files_and_refuse_a_corrupt_one(expert_parallel_run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from distributed_helpers import cpu_env
+
+    run_dir, _ = expert_parallel_run
+
+    def tool(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                              timeout=300)
+
+    averaged = tool("dist_train.average", "--run", str(run_dir), "--last", "1", "--out", str(tmp_path / "avg"))
+    assert averaged.returncode == 0, averaged.stderr
+    evaluated = tool("dist_train.evaluate", "--run", str(run_dir), "--weights", str(tmp_path / "avg"),
+                     "--max-samples", "8", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    rows = json.loads(evaluated.stdout.strip().splitlines()[-1])["rows"]
+    print(rows)
+    assert rows[0]["step"] == STEPS and rows[0]["val_loss"] < 7.0, "the trained checkpoint, experts included"
+    assert rows[1]["val_loss"] == pytest.approx(rows[0]["val_loss"], abs=1e-6), "an average of one is the checkpoint"
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb"))
+    expert_file = checkpoint(copy, STEPS) / "layer_1_expert_2_mp_rank_00_model_states.pt"
+    data = bytearray(expert_file.read_bytes())
+    data[-200] ^= 0xFF
+    expert_file.write_bytes(bytes(data))
+    for argv in (("dist_train.export", "--run", str(copy), "--out", str(tmp_path / "hf")),
+                 ("dist_train.evaluate", "--run", str(copy), "--max-samples", "8"),
+                 ("dist_train.average", "--run", str(copy), "--last", "1", "--out", str(tmp_path / "avg2"))):
+        refused = tool(*argv)
+        assert refused.returncode == 2, (argv, refused.stderr[-2000:])
+        assert expert_file.name in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "avg2").exists()
