@@ -114,6 +114,9 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
                           f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}",
                           ("model.n_heads", "model.n_kv_heads"))
+    _require(not (m.qk_norm and m.hf_config), "model.qk_norm with model.hf_config: the transformers config decides "
+             "its attention (Qwen3's and OLMo 2's have their own q/k norms); remove model.qk_norm", "model.qk_norm",
+             "model.hf_config")
     if m.pos == "relative":
         _require(m.arch == "encoder_decoder", "model.pos=relative (T5's relative attention bias) is built for "
                  "model.arch=encoder_decoder only; use pos=rope or pos=learned", "model.pos")
