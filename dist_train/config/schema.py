@@ -191,6 +191,11 @@ class TrainConfig:
     """AdamW epsilon; range > 0."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off); range >= 0."""
+    z_loss: float = 0.0
+    """Weight of PaLM's z-loss (1e-4 there; 0 turns it off): this times the mean over the loss's tokens of
+    log(Z)^2, Z the softmax normaliser of the output logits, is added to the loss so that log Z stays near 0
+    instead of drifting (logged apart as z_loss, the unweighted mean; the logged loss stays the cross-entropy);
+    range >= 0."""
     seed: int = 1234
     """Seed of the model init and the data order; range in [0, 4294967295]."""
     eval_every: int = 100

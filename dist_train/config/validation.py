@@ -64,7 +64,7 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": NON_NEGATIVE, "train.seed": Range(0, 2**32 - 1), "train.eval_every": NON_NEGATIVE,
     "train.eval_steps": POSITIVE, "train.log_every": POSITIVE, "train.max_bad_steps": POSITIVE,
     "train.max_rollbacks": NON_NEGATIVE, "train.spike_window": POSITIVE, "train.spike_margin": POSITIVE,
-    "train.spike_steps": POSITIVE,
+    "train.spike_steps": POSITIVE, "train.z_loss": NON_NEGATIVE,
     "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
     "deepspeed.fp16_initial_scale_power": Range(0, 40),
     "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE, "parallel.expert": POSITIVE,
