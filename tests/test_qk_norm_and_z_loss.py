@@ -1,5 +1,7 @@
 """train.z_loss (PaLM's z-loss): the loss and log(Z)^2 from one logsumexp, and real training runs in which it is
-logged apart from the cross-entropy and pulls log Z towards 0 against a run without it."""
+logged apart from the cross-entropy and pulls log Z towards 0 against a run without it; with model.qk_norm, tensor-
+and sequence-parallel runs that equal one process. (The q/k norms' export and count: test_export.py,
+test_scaling.py.)"""
 
 from __future__ import annotations
 
@@ -81,6 +83,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def step_values(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in metrics(run_dir) if key in r}
+
+
 @torch.no_grad()
 def mean_log_z_squared(run_dir: Path, shard_dir: Path) -> float:
     """Mean log(Z)^2 of the run's final weights over 4 validation sequences (the same for every run)."""
@@ -120,3 +126,33 @@ def test_z_loss_is_logged_apart_and_pulls_log_z_towards_zero_against_a_run_witho
     assert z_with < z_without / 2
     assert z_with == pytest.approx(logged[-1], rel=0.5), "the logged value measures what the model computes"
     assert "| z_loss " in (with_z / "train.log").read_text()
+
+
+QK_Z = ("model.qk_norm=true", "train.z_loss=0.1", "train.warmup_steps=1", "train.max_steps=4", "checkpoint.every=4")
+"""q/k norms and a large z-loss, 4 steps at full lr: a wrong gradient of either shows in the losses of steps 2-4."""
+
+
+@pytest.mark.slow
+def test_qk_norm_and_z_loss_under_tensor_and_sequence_parallelism_equal_one_process(shard_dir, tmp_path):
+    runs = {}
+    for name, nproc, layout in (("x1", 1, None), ("tp2", 2, "parallel.tensor=2"), ("sp2", 2, "parallel.sequence=2")):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        log = runs[name] / "train.log"
+        cmd = command(overrides(shard_dir, runs[name], *QK_Z, *([layout] if layout else [])), nproc=nproc)
+        assert run(cmd, log) == 0, tail(log)
+    reference = {key: step_values(runs["x1"], key) for key in ("loss", "z_loss")}
+    print(f"one process: {reference}")
+    assert sorted(reference["z_loss"]) == [1, 2, 3, 4] and reference["z_loss"][4] < reference["z_loss"][1]
+    for name in ("tp2", "sp2"):
+        for key in ("loss", "z_loss"):  # SP: each rank's share of the sequences' z-loss, summed by DeepSpeed
+            assert step_values(runs[name], key) == pytest.approx(reference[key], rel=1e-4), (name, key)
+    # Each TP rank norms its own heads: the norms' gradients are summed over the group, so the ranks keep equal
+    # norms, those of one process.
+    single = checkpoint_weights(checkpoint(runs["x1"], 4))
+    shards = [torch.load(checkpoint(runs["tp2"], 4) / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"]
+              for r in (0, 1)]
+    for name in ("blocks.0.attn.q_norm.weight", "blocks.1.attn.k_norm.weight"):
+        assert shards[0][name].shape == (32,) and (single.get(name) - 1).abs().max() > 1e-3, "trained, not ones"
+        assert torch.equal(shards[0][name], shards[1][name]), name
+        assert torch.allclose(shards[0][name], single.get(name), rtol=0, atol=1e-5), name
