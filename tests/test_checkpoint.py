@@ -48,6 +48,19 @@ def test_model_shape_zero_stage_and_precision_changes_are_refused(tmp_path):
         assert key in str(err.value)
 
 
+def test_qk_norm_change_is_refused_and_a_checkpoint_from_before_it_existed_resumes_without_it(tmp_path):
+    path = fake_checkpoint(tmp_path, 4, config(tmp_path))
+    meta = json.loads((path / CLIENT_STATE).read_text())
+    del meta["config"]["model"]["qk_norm"]  # written before model.qk_norm existed
+    (path / CLIENT_STATE).write_text(json.dumps(meta))
+    write_files_list(path, {})
+    assert plan_resume(tmp_path, config(tmp_path, "train.z_loss=1e-4"), PLACE, "latest").path == path
+    with pytest.raises(ConfigError, match="cannot be resumed with this config: model.qk_norm: False -> True"):
+        plan_resume(tmp_path, config(tmp_path, "model.qk_norm=true"), PLACE, "latest")
+    assert config(tmp_path).model_hash() == config(tmp_path, "train.z_loss=1e-4").model_hash() != \
+        config(tmp_path, "model.qk_norm=true").model_hash()
+
+
 def test_seq_len_change_is_refused_for_rotary_and_learned_positions(tmp_path):
     """Learned positions change shape; with either, the loader's saved position counts seq_len windows."""
     learned = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu")

@@ -176,6 +176,16 @@ def test_hf_config_vocabulary_smaller_than_the_tokenizers_is_refused(shard_dir, 
         preflight(cfg, world_size=1)
 
 
+def test_qk_norm_with_an_hf_config_is_refused_naming_both_keys(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=2048).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="the transformers config decides its attention") as e:
+        load_config(CONFIGS / "tiny.yaml", ["data.path=unused", f"model.hf_config={tmp_path}", "model.qk_norm=true"])
+    assert set(e.value.keys) == {"model.qk_norm", "model.hf_config"}
+
+
 def numeric_fields(cls: type = Config, prefix: str = "") -> dict[str, type]:
     """Every int or float field of the schema (None allowed or not) by dotted key; `data.sources.weight` for
     the fields of each data source."""

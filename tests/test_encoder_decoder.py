@@ -32,7 +32,8 @@ def config(*overrides: str):
     ("model.pos=rope", "model.mlp=swiglu", "model.n_kv_heads=2", "model.layerscale_init=0.1",
      "model.tie_embeddings=false", "model.bias=true", "model.norm=layernorm"),
     ("model.norm_position=post", "model.pos=learned", "model.mlp=gelu", "model.grad_checkpointing=true"),
-], ids=["t5", "bart", "rope-gqa-layerscale-untied-bias", "post-learned"])
+    (*T5_LAYOUT, "model.n_kv_heads=2", "model.qk_norm=true"),
+], ids=["t5", "bart", "rope-gqa-layerscale-untied-bias", "post-learned", "t5-gqa-qk-norm"])
 def test_count_equals_the_built_models_parameters(options):
     cfg = config(*options)
     model = EncoderDecoder(cfg.model)
@@ -120,7 +121,8 @@ def saved_bytes(model, *inputs) -> int:
     ("model.pos=rope", "model.n_kv_heads=2", "model.layerscale_init=0.1"),
     (*BART_LAYOUT,),
     (*T5_LAYOUT, "model.mlp=geglu"),
-], ids=["rope-gqa-layerscale", "bart", "t5"])
+    ("model.pos=rope", "model.n_kv_heads=2", "model.qk_norm=true"),
+], ids=["rope-gqa-layerscale", "bart", "t5", "rope-gqa-qk-norm"])
 def test_activation_estimate_equals_the_bytes_autograd_saves(options, precision):
     from dist_train.data.span_corruption import span_lengths
     from dist_train.scaling.memory import activation_bytes

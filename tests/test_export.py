@@ -1,5 +1,6 @@
 """HF export: the `transformers` model loaded from the folder (no custom code) computes our logits within 1e-5
-and generates the same greedy tokens, for the Llama and GPT-2 families and from a ZeRO-3 checkpoint."""
+and generates the same greedy tokens, for the Llama, Qwen3 (q/k norms) and GPT-2 families and from a ZeRO-3
+checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dist_train.monitor.tensor_bytes import NewTensorBytes
 from dist_train.tools.export import export, family
 
 LLAMA_VARIANT = ("model.n_kv_heads=2", "model.tie_embeddings=false", "model.bias=true", "model.layerscale_init=0.5")
+QWEN3_VARIANT = ("model.qk_norm=true", "model.n_kv_heads=2", "model.tie_embeddings=false", "model.layerscale_init=0.5")
 GPT2 = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=true")
 GPT2_VARIANT = (*GPT2, "model.n_kv_heads=2", "model.layerscale_init=0.5")
 GPT2_NO_BIAS_UNTIED = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=false",
@@ -54,11 +56,14 @@ def assert_hf_matches(ours: torch.nn.Module, hf_dir, batch: torch.Tensor) -> Non
     assert theirs == mine and len(theirs) > 0
 
 
-@pytest.mark.parametrize("variant", [LLAMA_VARIANT, GPT2_VARIANT, GPT2_NO_BIAS_UNTIED],
-                         ids=["llama-gqa-untied-bias-layerscale", "gpt2-gqa-layerscale", "gpt2-nobias-untied"])
+@pytest.mark.parametrize("variant", [LLAMA_VARIANT, QWEN3_VARIANT, ("model.qk_norm=true",), GPT2_VARIANT,
+                                     GPT2_NO_BIAS_UNTIED],
+                         ids=["llama-gqa-untied-bias-layerscale", "qwen3-gqa-untied-layerscale", "qwen3-tied",
+                              "gpt2-gqa-layerscale", "gpt2-nobias-untied"])
 def test_export_of_every_option_computes_our_logits(tokenizer_dir, tmp_path, variant):
     """Random weights (norm gains, biases and LayerScale perturbed so none is trivial) through a weights
-    folder: the options without an HF field (LayerScale, GQA in GPT-2, no bias) are exported exactly."""
+    folder: the options without an HF field (LayerScale, GQA in GPT-2, no bias) are exported exactly, and q/k norms
+    (perturbed per channel too) as Qwen3's."""
     cfg = load_config(TINY, ["data.path=unused", "model.n_layers=2", "model.init_std=0.08", *variant])
     torch.manual_seed(0)
     model = Transformer(cfg.model)
@@ -72,6 +77,9 @@ def test_export_of_every_option_computes_our_logits(tokenizer_dir, tmp_path, var
     assert (out / "model.safetensors.index.json").exists(), "small shards force a sharded export"
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     batch = torch.randint(0, cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    expected = "Qwen3ForCausalLM" if cfg.model.qk_norm else "LlamaForCausalLM" if cfg.model.norm == "rmsnorm" \
+        else "GPT2LMHeadModel"
+    assert json.loads((out / "config.json").read_text())["architectures"] == [expected]
     assert_hf_matches(model, out, batch)
 
 
@@ -79,6 +87,28 @@ def test_a_model_no_transformers_class_computes_is_refused():
     cfg = load_config(TINY, ["data.path=unused", "model.norm=layernorm"])  # layernorm + rope + swiglu
     with pytest.raises(ConfigError, match="LlamaForCausalLM"):
         family(cfg.model)
+
+
+@pytest.mark.parametrize("override, reason", [
+    (GPT2, r"Qwen3 is rmsnorm/rope/swiglu"),
+    (("model.bias=true",), "Qwen3's MLP has no biases"),
+    (("model.norm_position=post",), "Qwen3 is pre-norm"),
+])
+def test_q_k_norms_in_a_layout_qwen3_does_not_compute_are_refused_at_export_with_the_reason(override, reason):
+    cfg = load_config(TINY, ["data.path=unused", "model.qk_norm=true", *override])
+    with pytest.raises(ConfigError, match=reason) as e:
+        family(cfg.model)
+    assert "model.qk_norm=true exports as Qwen3ForCausalLM" in str(e.value)
+
+
+def test_q_k_norms_in_an_moe_or_encoder_decoder_model_are_refused_at_export():
+    moe = load_config(REPO / "configs" / "moe-tiny.yaml", ["data.path=unused", "model.qk_norm=true"])
+    with pytest.raises(ConfigError, match="Mixtral's attention has no q/k norms"):
+        family(moe.model)
+    seq2seq = load_config(TINY, ["data.path=unused", "model.arch=encoder_decoder", "model.pos=relative",
+                                 "model.qk_norm=true"])
+    with pytest.raises(ConfigError, match="neither T5's nor BART's attention has q/k norms"):
+        family(seq2seq.model)
 
 
 @pytest.mark.parametrize("override, reason", [

@@ -56,23 +56,26 @@ def largest_layer(cfg: ModelConfig) -> int:
 # count
 
 OPTION_COMBINATIONS = list(itertools.product(["rmsnorm", "layernorm"], ["rope", "learned"], ["swiglu", "gelu"],
-                                             [False, True], [False, True], [None, 2], [None, 0.1]))
+                                             [False, True], [False, True], [None, 2], [None, 0.1], [False, True]))
 
 
-@pytest.mark.parametrize("norm,pos,mlp,bias,tied,kv_group,layerscale", OPTION_COMBINATIONS)
+@pytest.mark.parametrize("norm,pos,mlp,bias,tied,kv_group,layerscale,qk_norm", OPTION_COMBINATIONS)
 def test_count_equals_the_built_models_numel_for_every_option_combination(norm, pos, mlp, bias, tied, kv_group,
-                                                                          layerscale) -> None:
-    rng = random.Random(hash((norm, pos, mlp, bias, tied, kv_group, layerscale)) & 0xFFFF)
-    for _ in range(3):  # three random shapes per combination: 384 models in all
+                                                                          layerscale, qk_norm) -> None:
+    rng = random.Random(hash((norm, pos, mlp, bias, tied, kv_group, layerscale, qk_norm)) & 0xFFFF)
+    for _ in range(3):  # three random shapes per combination: 768 models in all
         n_heads = rng.choice([2, 4, 6, 8])
         head_dim = rng.choice([8, 16, 32])
         cfg = ModelConfig(n_layers=rng.randint(1, 6), d_model=n_heads * head_dim, n_heads=n_heads,
                           n_kv_heads=n_heads // kv_group if kv_group else None, d_ff=rng.randint(8, 300),
                           vocab_size=rng.randint(50, 3000), seq_len=rng.randint(8, 512), norm=norm, pos=pos,
-                          mlp=mlp, bias=bias, tie_embeddings=tied, layerscale_init=layerscale)
+                          mlp=mlp, bias=bias, tie_embeddings=tied, layerscale_init=layerscale, qk_norm=qk_norm)
         model = built_on_meta(cfg)
         counted = count_params(cfg)
         assert counted.total == sum(p.numel() for p in model.parameters()), cfg
+        qk_norms = sum(p.numel() for name, p in model.named_parameters() if name.endswith(("q_norm.weight",
+                                                                                           "k_norm.weight")))
+        assert qk_norms == (cfg.n_layers * 2 * head_dim if qk_norm else 0)
         embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
         assert counted.embedding == embedding
         assert counted.flops_params == counted.total - embedding + (cfg.vocab_size * cfg.d_model if tied else 0)
@@ -368,6 +371,8 @@ ACTIVATION_CASES = {
     "llama": ModelConfig(n_layers=2, d_model=128, n_heads=4, d_ff=384, vocab_size=1000, seq_len=64),
     "llama-gqa-layerscale": ModelConfig(n_layers=3, d_model=96, n_heads=6, n_kv_heads=2, d_ff=256,
                                         vocab_size=700, seq_len=32, layerscale_init=0.1),
+    "llama-gqa-qk-norm": ModelConfig(n_layers=2, d_model=96, n_heads=6, n_kv_heads=2, d_ff=256, vocab_size=700,
+                                     seq_len=32, qk_norm=True),
     "gpt2": dataclasses.replace(GPT2_SMALL, n_layers=2, d_model=128, n_heads=4, d_ff=512, vocab_size=1000,
                                 seq_len=64),
 }

@@ -55,6 +55,7 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     # to re-cut either, so a layout change is refused (a data-parallel change is re-sharded, see `reshard`).
     keys += [("deepspeed", "zero_stage"), ("precision", None), ("parallel", "tensor"), ("parallel", "sequence")]
     old = {"parallel": {"tensor": 1, "sequence": 1}, **old}  # saved before parallel.* existed: plain data parallel
+    old["model"] = {"qk_norm": False, **old["model"]}  # saved before model.qk_norm existed: no q/k norms
     if new.get("precision") == "bf16" and new.get("deepspeed", {}).get("zero_stage") == 1:
         # bf16 ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, whose checkpoint the ZeRO-1
         # optimizer of bf16 accumulation cannot load, nor the other way round.

@@ -98,7 +98,12 @@ class ModelConfig:
     batched matmuls and an fp32 softmax: faster than torch's CPU flash kernel in bf16 for short sequences, but
     seq_len^2 memory), `auto` (matmul for bf16/fp16 on the CPU up to 128 tokens, else sdpa). Same math."""
     norm_eps: float = 1e-5
-    """Epsilon of the normalisation layers; range > 0."""
+    """Epsilon of the normalisation layers (the q/k norms' too); range > 0."""
+    qk_norm: bool = False
+    """RMSNorm each head's query and key over head_dim (one learnable gain, starting at 1, for all query heads and
+    one for all key heads) after the projections and before RoPE: Qwen3's and Gemma 3's per-head form of the q/k
+    norm of OLMo 2 and Chameleon. It bounds the attention logits, which can otherwise grow at high learning rates
+    until the softmax saturates. Exports as Qwen3ForCausalLM."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies; range > 0."""
     init: Literal["normal", "xavier"] = "normal"
@@ -186,6 +191,11 @@ class TrainConfig:
     """AdamW epsilon; range > 0."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off); range >= 0."""
+    z_loss: float = 0.0
+    """Weight of PaLM's z-loss (1e-4 there; 0 turns it off): this times the mean over the loss's tokens of
+    log(Z)^2, Z the softmax normaliser of the output logits, is added to the loss so that log Z stays near 0
+    instead of drifting (logged apart as z_loss, the unweighted mean; the logged loss stays the cross-entropy);
+    range >= 0."""
     seed: int = 1234
     """Seed of the model init and the data order; range in [0, 4294967295]."""
     eval_every: int = 100
@@ -328,9 +338,11 @@ class Config:
         shape = {k: v for k, v in dataclasses.asdict(self.model).items() if k in SHAPE_KEYS}
         if shape["arch"] == "decoder":
             del shape["arch"]  # checkpoints written before model.arch existed keep their hash
+        if not shape["qk_norm"]:
+            del shape["qk_norm"]  # likewise before model.qk_norm existed
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Model fields that change tensor shapes or the parameter set: changing one breaks a resume.
 SHAPE_KEYS = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "norm", "pos", "mlp",
-              "bias", "tie_embeddings", "layerscale_init", "hf_config")
+              "bias", "tie_embeddings", "layerscale_init", "hf_config", "qk_norm")

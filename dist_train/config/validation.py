@@ -64,7 +64,7 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": NON_NEGATIVE, "train.seed": Range(0, 2**32 - 1), "train.eval_every": NON_NEGATIVE,
     "train.eval_steps": POSITIVE, "train.log_every": POSITIVE, "train.max_bad_steps": POSITIVE,
     "train.max_rollbacks": NON_NEGATIVE, "train.spike_window": POSITIVE, "train.spike_margin": POSITIVE,
-    "train.spike_steps": POSITIVE,
+    "train.spike_steps": POSITIVE, "train.z_loss": NON_NEGATIVE,
     "deepspeed.zero_stage": Range(0, 3, text="0, 1, 2 or 3"),
     "deepspeed.fp16_initial_scale_power": Range(0, 40),
     "parallel.tensor": POSITIVE, "parallel.sequence": POSITIVE, "parallel.expert": POSITIVE,
@@ -114,6 +114,9 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
                           f"use a divisor of {m.n_heads} such as {_nearest_divisor(m.n_heads, m.n_kv_heads)}",
                           ("model.n_heads", "model.n_kv_heads"))
+    _require(not (m.qk_norm and m.hf_config), "model.qk_norm with model.hf_config: the transformers config decides "
+             "its attention (Qwen3's and OLMo 2's have their own q/k norms); remove model.qk_norm", "model.qk_norm",
+             "model.hf_config")
     if m.pos == "relative":
         _require(m.arch == "encoder_decoder", "model.pos=relative (T5's relative attention bias) is built for "
                  "model.arch=encoder_decoder only; use pos=rope or pos=learned", "model.pos")

@@ -85,14 +85,17 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
 def tensor_parallel_section(cfg: Config) -> dict[str, Any]:
     """DeepSpeed AutoTP training. Our Transformer's layers are named for its partition rules: q/k/v and the MLP's
     gate/up projections split by output rows (whole heads per rank), o_proj and down_proj by input columns
-    (followed by an all-reduce); embeddings, norms and the head stay whole on every rank. An hf_config model
-    brings its own plan (transformers' base_model_tp_plan, else DeepSpeed's AutoTP parser)."""
+    (followed by an all-reduce); embeddings, norms and the head stay whole on every rank. The q/k norms
+    (model.qk_norm) stay whole too, but each rank applies them to its own heads only, so their gradients are
+    summed over the tensor-parallel group (as transformers' plan for Qwen3: replicated_with_grad_allreduce).
+    An hf_config model brings its own plan (transformers' base_model_tp_plan, else DeepSpeed's AutoTP parser)."""
     section: dict[str, Any] = {"autotp_size": cfg.parallel.tensor}
     if not cfg.model.hf_config:
-        section["partition_config"] = {"use_default_specs": False, "layer_specs": [
-            {"patterns": list(TP_COLUMN_PATTERNS), "partition_type": "column"},
-            {"patterns": list(TP_ROW_PATTERNS), "partition_type": "row"},
-        ]}
+        specs = [{"patterns": list(TP_COLUMN_PATTERNS), "partition_type": "column"},
+                 {"patterns": list(TP_ROW_PATTERNS), "partition_type": "row"}]
+        if cfg.model.qk_norm:
+            specs.append({"patterns": [TP_HEAD_NORM_PATTERN], "partition_type": "skip", "grad_allreduce": True})
+        section["partition_config"] = {"use_default_specs": False, "layer_specs": specs}
     return section
 
 
@@ -102,3 +105,5 @@ TP_COLUMN_PATTERNS = (r".*\.attn\.[qkv]_proj\.weight$", r".*\.mlp\.(gate|up)_pro
 TP_ROW_PATTERNS = (r".*\.attn\.o_proj\.weight$", r".*\.mlp\.down_proj\.weight$")
 """Linear layers split along their input features (weight dim 1); the bias stays whole, added after the
 all-reduce."""
+TP_HEAD_NORM_PATTERN = r".*\.attn\.[qk]_norm\.weight$"
+"""The q/k norms' gains: whole on every rank, their gradients summed over the tensor-parallel group."""

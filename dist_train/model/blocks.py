@@ -183,9 +183,9 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query attention (n_kv_heads <= n_heads), optional RoPE and an optional
-    additive position bias: causal or bidirectional self-attention, or cross-attention to `memory` (the encoder's
-    output) when given one."""
+    """Multi-head attention with grouped-query attention (n_kv_heads <= n_heads), optional q/k norms, optional RoPE
+    and an optional additive position bias: causal or bidirectional self-attention, or cross-attention to `memory`
+    (the encoder's output) when given one."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
@@ -199,6 +199,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.o_proj.is_residual_out = True  # scaled init, see Transformer._init_weights
+        # model.qk_norm: one RMSNorm over head_dim for all query heads and one for all key heads (Qwen3's). Per
+        # head, so a tensor-parallel rank's heads or a sequence-parallel rank's tokens are normed alone.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.ulysses: nn.Module | None = None
         """Set by `model.sequence_parallel.enable`: the all-to-all around the attention kernel."""
 
@@ -211,6 +215,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)  # (B, nkv, Tk, hd)
         v = self.v_proj(source).view(B, Tk, -1, self.head_dim).transpose(1, 2)  # (B, nkv, Tk, hd)
+        if self.q_norm is not None:  # before RoPE as in Qwen3: the per-channel scale does not commute with RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attention = matmul_attention if use_matmul_attention(self.kernel, x) else sdpa_attention

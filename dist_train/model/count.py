@@ -55,7 +55,8 @@ def _norm_params(cfg: ModelConfig) -> int:
 
 def _attention_params(cfg: ModelConfig) -> int:
     d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
-    return 2 * d * d + 2 * d * kv_dim + (2 * d + 2 * kv_dim if cfg.bias else 0)  # q, o + k, v
+    qk_norms = 2 * cfg.head_dim if cfg.qk_norm else 0  # one RMSNorm gain over head_dim for q, one for k
+    return 2 * d * d + 2 * d * kv_dim + (2 * d + 2 * kv_dim if cfg.bias else 0) + qk_norms  # q, o + k, v
 
 
 def _cross_kv_params(cfg: ModelConfig) -> int:

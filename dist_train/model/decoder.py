@@ -32,6 +32,7 @@ from dist_train.config import ModelConfig
 from dist_train.model.blocks import Block, RotaryEmbedding, init_weights, make_norm
 from dist_train.model.loss import IGNORE_INDEX, lm_loss
 from dist_train.model.moe import MoEMLP, RouterRecord, RouterWindow, is_expert_parameter, router_losses
+from dist_train.model.z_loss import ZLoss, model_loss
 
 if TYPE_CHECKING:
     from dist_train.model.sequence_parallel import SequenceParallel
@@ -57,6 +58,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.sequence_parallel: SequenceParallel | None = None
         """Set by `model.sequence_parallel.enable`: this rank holds one slice of each sequence."""
+        self.z_loss: ZLoss | None = None
+        """Set by `model.z_loss.enable` (train.z_loss > 0)."""
         for module in self.modules():  # experts apart: each is drawn from its own generator (init_experts)
             if not any(is_expert_parameter(p) for p in module.parameters(recurse=False)):
                 init_weights(module, cfg)
@@ -105,4 +108,4 @@ class Transformer(nn.Module):
             self.router_window.add(self.router_records)
         if labels is None:
             return logits
-        return self.sequence_parallel.loss(logits, labels) if self.sequence_parallel else lm_loss(logits, labels)
+        return model_loss(self, logits, labels)

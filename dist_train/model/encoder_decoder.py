@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dist_train.config import ModelConfig
 from dist_train.model.blocks import Block, RelativePositionBias, RotaryEmbedding, init_weights, make_norm
-from dist_train.model.loss import lm_loss
+from dist_train.model.z_loss import ZLoss, model_loss
 
 
 class Stack(nn.Module):
@@ -85,6 +85,8 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(cfg, is_decoder=False)
         self.decoder = Stack(cfg, is_decoder=True)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.z_loss: ZLoss | None = None
+        """Set by `model.z_loss.enable` (train.z_loss > 0)."""
         self.apply(lambda module: init_weights(module, cfg))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -98,7 +100,7 @@ class EncoderDecoder(nn.Module):
     def forward(self, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.decode(decoder_ids, self.encode(encoder_ids))
-        return logits if labels is None else lm_loss(logits, labels)
+        return logits if labels is None else model_loss(self, logits, labels)
 
     @torch.no_grad()
     def greedy(self, encoder_ids: torch.Tensor, start_id: int, new_tokens: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.formats.custom_code import custom_code_classes
 from dist_train.model.hf_router import HFRouterWindow, router_aux_loss_coef
-from dist_train.model.loss import lm_loss
+from dist_train.model.z_loss import ZLoss, model_loss
 
 
 def load_hf_config(path: str) -> Any:
@@ -81,6 +81,8 @@ class HFCausalLM(nn.Module):
         """MoE: the weight of the routers' load-balancing loss (None: a dense model)."""
         self.router_window = HFRouterWindow(hf_cfg.num_experts_per_tok) if self.aux_loss_coef is not None else None
         self._aux_loss: torch.Tensor | None = None  # of the last forward, when it was a training one
+        self.z_loss: ZLoss | None = None
+        """Set by `model.z_loss.enable` (train.z_loss > 0)."""
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """MoE: the weighted load-balancing loss of the last forward, added to the loss for the backward (None for
@@ -103,11 +105,7 @@ class HFCausalLM(nn.Module):
         if routed:
             self._keep_aux_loss(out)
         logits = out.logits  # (B, T, V)
-        if labels is None:
-            return logits
-        if self.sequence_parallel is not None:
-            return self.sequence_parallel.loss(logits, labels)
-        return lm_loss(logits, labels)
+        return logits if labels is None else model_loss(self, logits, labels)
 
     def _keep_aux_loss(self, out: Any) -> None:
         if not isinstance(out.aux_loss, torch.Tensor):  # transformers returns 0 when it recorded no router logits
@@ -134,8 +132,10 @@ class HFSeq2SeqLM(nn.Module):
             raise ValueError(f"model.hf_config: {cfg.hf_config} is not an encoder-decoder config; use "
                              f"model.arch=decoder for a causal LM")
         self.model = _build(AutoModelForSeq2SeqLM, hf_cfg, cfg, zero3_config)
+        self.z_loss: ZLoss | None = None
+        """Set by `model.z_loss.enable` (train.z_loss > 0)."""
 
     def forward(self, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.model(input_ids=encoder_ids, decoder_input_ids=decoder_ids, use_cache=False).logits
-        return logits if labels is None else lm_loss(logits, labels)  # logits (B, Td, V)
+        return logits if labels is None else model_loss(self, logits, labels)  # logits (B, Td, V)

@@ -106,6 +106,15 @@ def _norm_saved(m: ModelConfig, p: int) -> int:
     return 4 * m.d_model + 4 + p * m.d_model
 
 
+def _qk_norm_saved(m: ModelConfig, p: int, tensor: int = 1) -> tuple[int, int]:
+    """(per query token, per key token) bytes the q and k norms (model.qk_norm) save: RMSNorm's per head, over a
+    1/tensor share of the heads. Their input, q_proj's or k_proj's output, is saved by nothing else."""
+    if not m.qk_norm:
+        return 0, 0
+    return ((4 + p) * m.d_model // tensor + 4 * m.n_heads // tensor,
+            (4 + p) * m.kv_heads * m.head_dim // tensor + 4 * m.kv_heads // tensor)
+
+
 def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int = 1,
                                sequence: int = 1) -> tuple[int, int]:
     """(per layer, outside the layers) bytes saved per token by `dist_train.model`, on one of `tensor`
@@ -116,10 +125,11 @@ def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int = 1,
         raise ValueError("activation memory is counted for dist_train's own model, not for model.hf_config")
     p, d, f, t = precision_bytes(precision), m.d_model, m.d_ff, tensor
     # Attention: the normed input, q and k after RoPE, v, the output (a 1/t share of the heads on a
-    # tensor-parallel rank), and the fp32 log-sum-exp per head. With grouped-query attention SDPA takes k and v at
-    # n_kv_heads (enable_gqa); before torch 2.5 they are repeated to n_heads.
+    # tensor-parallel rank), and the fp32 log-sum-exp per head; the q/k norms' own. With grouped-query attention
+    # SDPA takes k and v at n_kv_heads (enable_gqa); before torch 2.5 they are repeated to n_heads.
     kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
     attn = p * d + p * (2 * d + 2 * kv) // t + 4 * m.n_heads // t + (p * d // t if sequence > 1 else 0)
+    attn += sum(_qk_norm_saved(m, p, t))
     # MLP: the normed input, then swiglu gate, silu(gate), up and their product; gelu input and output.
     mlp = p * (d + 4 * f // t) if m.mlp in ("swiglu", "geglu") else p * (d + 2 * f // t)
     layerscale = 2 * p * d if m.layerscale_init is not None else 0
@@ -162,9 +172,10 @@ def _encoder_decoder_activations(m: ModelConfig, precision: str, micro_batch: in
     le, ld = lengths.encoder, lengths.decoder
     per_layer, head = activation_bytes_per_token(m, precision)
     p, d = precision_bytes(precision), m.d_model
-    cross = _norm_saved(m, p) + 3 * p * d + 4 * m.n_heads + (p * d if m.layerscale_init is not None else 0)
+    q_norm, k_norm = _qk_norm_saved(m, p)
+    cross = _norm_saved(m, p) + 3 * p * d + 4 * m.n_heads + (p * d if m.layerscale_init is not None else 0) + q_norm
     kv = m.kv_heads * m.head_dim if SDPA_HAS_GQA else d
-    cross_kv = 2 * p * kv  # per encoder token and decoder layer: k and v, as for self-attention
+    cross_kv = 2 * p * kv + k_norm  # per encoder token and decoder layer: k and v, as for self-attention
     encoder_layer, decoder_layer = le * per_layer, ld * (per_layer + cross) + le * cross_kv
     outside = le * (_norm_saved(m, p) + p * d) + ld * (head + (p + 4) * m.vocab_size)  # + the encoder output
     if checkpointing:  # each block's input, and one decoder block's activations at a time

@@ -3,7 +3,8 @@
     python -m dist_train.export --run RUN --out DIR [--step N | --weights DIR] [--dtype fp32|bf16]
 
 rmsnorm + rope + swiglu models become `LlamaForCausalLM` (`MixtralForCausalLM` with model.moe, where the layout
-matches: `dist_train.tools.export_moe`), layernorm + learned positions + gelu ones `GPT2LMHeadModel`;
+matches: `dist_train.tools.export_moe`; `Qwen3ForCausalLM` with model.qk_norm: `dist_train.tools.export_qwen3`),
+layernorm + learned positions + gelu ones `GPT2LMHeadModel` (not with model.qk_norm, which GPT-2 has no place for);
 encoder-decoders (model.arch=encoder_decoder) become `T5ForConditionalGeneration` (pre-norm, T5 v1.1's layout) or
 `BartForConditionalGeneration` (post-norm) and load with `AutoModelForSeq2SeqLM` (`dist_train.tools.export_seq2seq`);
 a model trained from `model.hf_config` keeps its own architecture. The folder holds `config.json`,
@@ -26,6 +27,7 @@ and the checkpoint is checked against its files.json before it is read (`--no-ve
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.model.hf import load_hf_config
 from dist_train.tools.export_moe import check_mixtral, mixtral_config, mixtral_tensors
+from dist_train.tools.export_qwen3 import check_qwen3, qk_norm_tensors, qwen3_config
 from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
 from dist_train.tools.output_folder import check_output_folder, output_folder
 
@@ -52,8 +55,8 @@ TOOL = "dist_train.export"
 
 
 def family(m: ModelConfig) -> str:
-    """`llama`, `gpt2`, `mixtral`, `t5`, `bart` or `hf` (a model.hf_config model); refuse a mix no HF class
-    computes."""
+    """`llama`, `gpt2`, `mixtral`, `qwen3`, `t5`, `bart` or `hf` (a model.hf_config model); refuse a mix no HF
+    class computes."""
     if m.hf_config:
         return "hf"
     if m.moe.enabled:
@@ -61,6 +64,9 @@ def family(m: ModelConfig) -> str:
         return "mixtral"
     if m.arch == "encoder_decoder":
         return seq2seq_family(m)
+    if m.qk_norm:
+        check_qwen3(m)
+        return "qwen3"
     if m.norm_position == "post":
         raise ConfigError("model.norm_position=post has no decoder-only transformers class (GPT-2 and Llama are "
                           "pre-norm): export needs norm_position=pre")
@@ -92,6 +98,8 @@ def hf_config(m: ModelConfig, eos_token_id: int | None) -> Any:
         return seq2seq_config(m, eos_token_id)
     if family(m) == "mixtral":
         return mixtral_config(m, eos_token_id)
+    if family(m) == "qwen3":
+        return qwen3_config(m, eos_token_id)
     if family(m) == "llama":
         cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
                           num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
@@ -149,6 +157,11 @@ def llama_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     yield "model.norm.weight", w.get("norm_f.weight")
     if not m.tie_embeddings:
         yield "lm_head.weight", w.get("lm_head.weight")
+
+
+def qwen3_tensors(w: Weights) -> Iterator[tuple[str, torch.Tensor]]:
+    """Qwen3 is named as Llama, plus each layer's q/k norms."""
+    return itertools.chain(llama_tensors(w), qk_norm_tensors(w))
 
 
 def _all_heads(t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
@@ -303,7 +316,7 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
 
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         tensors = {"llama": llama_tensors, "gpt2": gpt2_tensors, "t5": t5_tensors, "bart": bart_tensors,
-                   "hf": hf_model_tensors, "mixtral": mixtral_tensors}[kind](w)
+                   "hf": hf_model_tensors, "mixtral": mixtral_tensors, "qwen3": qwen3_tensors}[kind](w)
         write_shards(tmp, tensors, max_shard_bytes, DTYPES[dtype])
         (tmp / "dist_train.json").write_text(json.dumps({"source": w.source, **w.meta, "family": kind}, indent=2))
         apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask

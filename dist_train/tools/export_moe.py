@@ -28,6 +28,7 @@ def mixtral_refusal(m: ModelConfig) -> str | None:
         (kind != MIXTRAL_LAYOUT, f"model.norm/pos/mlp = {'/'.join(kind)} (Mixtral is {'/'.join(MIXTRAL_LAYOUT)})"),
         (m.bias, "model.bias=true (Mixtral's projections have no biases)"),
         (m.norm_position != "pre", "model.norm_position=post (Mixtral is pre-norm)"),
+        (m.qk_norm, "model.qk_norm=true (Mixtral's attention has no q/k norms)"),
         (moe.every != 1, f"model.moe.every={moe.every} (Mixtral has an MoE MLP in every block)"),
         (moe.capacity_factor > 0, f"model.moe.capacity_factor={moe.capacity_factor} (Mixtral is dropless: a "
                                   f"dropped token would be computed there)"),
@@ -41,7 +42,8 @@ def mixtral_refusal(m: ModelConfig) -> str | None:
         return None
     return (f"this Mixture-of-Experts model has no transformers class without custom code: "
             f"{'; '.join(found)}. MixtralForCausalLM needs rmsnorm/rope/swiglu, no biases, an MoE MLP in every "
-            f"block (model.moe.every=1), dropless routing (capacity_factor=0), top_k >= 2 and no shared experts")
+            f"block (model.moe.every=1), dropless routing (capacity_factor=0), top_k >= 2, no shared experts and "
+            f"no q/k norms")
 
 
 def check_mixtral(m: ModelConfig) -> None:

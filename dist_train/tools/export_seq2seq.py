@@ -25,6 +25,10 @@ T5_MLP = {"geglu": "gated-gelu", "swiglu": "gated-silu", "gelu": "gelu_new"}
 
 def seq2seq_family(m: ModelConfig) -> str:
     """`t5` or `bart`; refuse a layout neither class computes, naming what to change."""
+    if m.qk_norm:
+        raise ConfigError("model.qk_norm=true: neither T5's nor BART's attention has q/k norms, so this "
+                          "encoder-decoder has no transformers class without custom code; train it without "
+                          "model.qk_norm to export it")
     if (m.norm_position, m.norm, m.pos) == ("pre", "rmsnorm", "relative") and not m.bias and m.tie_embeddings:
         return "t5"
     if (m.norm_position, m.norm, m.pos, m.mlp) == ("post", "layernorm", "learned", "gelu") and m.norm_eps == 1e-5:

@@ -57,8 +57,8 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
         batch = data.next_batch()
         loss = engine(*(t.to(device, non_blocking=True) for t in batch))
         loss_sum += loss.detach().double()  # nan/inf stay non-finite in the sum
-        router_loss = auxiliary_loss(engine.module)  # MoE: logged apart, the logged loss stays the LM's
-        backward(engine, loss if router_loss is None else loss + router_loss)
+        extra = auxiliary_loss(engine.module)  # logged apart: the logged loss stays the cross-entropy
+        backward(engine, loss if extra is None else loss + extra)
         if micro == accum - 1:
             # ZeRO 1-3 check the gradients and record their norm in step(); stage 0 does neither, so read the
             # (already all-reduced) gradients here: a non-finite norm is skipped like a non-finite loss.
@@ -76,9 +76,13 @@ def train_step(engine: Any, optimizer: Skippable, data: Batches, accum: int, dev
 
 
 def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor | None:
-    """The load-balancing and z-losses of a Mixture-of-Experts model's last forward (None for a dense model)."""
-    losses = getattr(model, "auxiliary_loss", None)
-    return losses() if losses is not None else None
+    """What the last forward adds to the loss for the backward: a Mixture-of-Experts model's load-balancing and
+    router z-losses, and train.z_loss x log(Z)^2 of the output logits (None when neither is on)."""
+    router = getattr(model, "auxiliary_loss", None)
+    z_loss = getattr(model, "z_loss", None)
+    parts = [router() if router is not None else None, z_loss.weighted() if z_loss is not None else None]
+    parts = [part for part in parts if part is not None]
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 _scaling_checked = False

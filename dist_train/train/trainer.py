@@ -252,6 +252,9 @@ class Run:
         router_window = getattr(self.engine.module, "router_window", None)
         if router_window is not None:  # MoE: router losses, expert load and dropped tokens of the window
             record.update(router_window.take())
+        z_loss = getattr(self.engine.module, "z_loss", None)
+        if z_loss is not None:  # train.z_loss: the mean log(Z)^2 of the window
+            record.update(z_loss.take(self.layout.sequence))
         if cfg.precision == "fp16":
             # As Megatron logs them: the scale, and the steps the scaler skipped for an overflow (DeepSpeed's count,
             # kept in its checkpoints), which train.max_bad_steps does not count.
@@ -351,7 +354,8 @@ def format_log_line(r: dict[str, Any], max_steps: int) -> str:
     reserved = f" ({r['mem_reserved_gib']:.2f} reserved)" if r["mem_reserved_gib"] is not None else ""
     scaler = (f" | loss scale {r['loss_scale']:g} ({r['overflow_steps']} overflows)"
               if r.get("loss_scale") is not None else "")
-    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {grad} | "
+    z_loss = f" | z_loss {r['z_loss']:.4f}" if r.get("z_loss") is not None else ""
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f}{z_loss} | lr {r['lr']:.2e} | grad_norm {grad} | "
             f"{r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {r['mem_gib']:.2f} GiB{reserved}{scaler}")
 
 
