@@ -152,6 +152,11 @@ class DataConfig:
     (0, 1)."""
     mean_noise_span_length: float = 3.0
     """model.arch=encoder_decoder: mean length of a masked span, in tokens (T5); range >= 1."""
+    document_mask: bool = False
+    """Mask attention to each document of a packed window (Llama 3's): a token attends only to the tokens after
+    the window's last EOS before it (an EOS ends its own document), and positions (RoPE or learned) restart at 0
+    at each document start; every next-token loss still counts. Decoder-only models of our own (not
+    model.arch=encoder_decoder, not model.hf_config)."""
 
     def weighted_paths(self) -> list[tuple[str, float]]:
         if self.sources:

@@ -214,6 +214,18 @@ def _validate_moe(cfg: Config) -> None:
              "sharded) or 1, and spread the experts with parallel.expert", "deepspeed.zero_stage", *keys)
 
 
+def _validate_document_mask(cfg: Config) -> None:
+    if not cfg.data.document_mask:
+        return
+    m = cfg.model
+    _require(m.arch == "decoder", "data.document_mask with model.arch=encoder_decoder: span corruption turns each "
+             "window into one encoder input and one target, with no packed documents to mask apart; remove "
+             "data.document_mask", "data.document_mask", "model.arch")
+    _require(m.hf_config is None, "data.document_mask with model.hf_config: the mask is built into dist_train's own "
+             "decoder; train a transformers architecture without it (remove data.document_mask) or use our "
+             "decoder's keys (model.n_layers, model.d_model, ...)", "data.document_mask", "model.hf_config")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need only the config; raise ConfigError naming the key and the fix."""
     check_ranges(cfg)
@@ -221,6 +233,7 @@ def validate(cfg: Config) -> None:
     _validate_train(cfg.train)
     _validate_parallel(cfg)
     _validate_moe(cfg)
+    _validate_document_mask(cfg)
     ds = cfg.deepspeed
     _require(not ds.offload_optimizer or ds.zero_stage >= 1,
              "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1", "deepspeed.offload_optimizer",

@@ -57,6 +57,14 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos(), emb.sin()
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, hd) of per-sequence positions (B, T) (data.document_mask restarts them per document)."""
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)  # (hd/2,)
+        freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
+        return emb.cos(), emb.sin()
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -64,7 +72,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd); cos, sin: (T, hd), already in x's dtype (computed in fp32 and cast, as HF does)."""
+    """x: (B, nh, T, hd); cos, sin: (T, hd) or (B, 1, T, hd), already in x's dtype (computed in fp32 and cast, as
+    HF does)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -139,12 +148,17 @@ def _additive_mask(q: torch.Tensor, k_len: int, causal: bool, bias: torch.Tensor
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool = True,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention through torch's scaled_dot_product_attention (flash kernels on GPU when there is no bias).
 
-    q: (B, nh, Tq, hd); k, v: (B, nkv, Tk, hd); bias: (1, nh, Tq, Tk) added to the scores. Each kv head serves
+    q: (B, nh, Tq, hd); k, v: (B, nkv, Tk, hd); bias: (1, nh, Tq, Tk) added to the scores; allowed: (B, 1, Tq, Tk)
+    boolean, the keys each query may see (data.document_mask; it replaces the causal mask). Each kv head serves
     nh/nkv consecutive query heads (HF's repeat_kv layout, which is also SDPA's enable_gqa layout)."""
     rep = q.shape[1] // k.shape[1]
+    if allowed is not None:
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, Tk, hd)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)  # (B, nh, Tq, hd)
     if rep > 1 and bias is None and gqa_in_kernel(q.device.type, q.dtype):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
                                               enable_gqa=True)  # (B, nh, Tq, hd)
@@ -157,10 +171,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool = True,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention as HF's "eager" attention computes it: scores in q's dtype, softmax in fp32.
 
-    q: (B, nh, Tq, hd); k, v: (B, nkv, Tk, hd) with nh a multiple of nkv; bias: (1, nh, Tq, Tk). The rep = nh/nkv
+    q: (B, nh, Tq, hd); k, v: (B, nkv, Tk, hd) with nh a multiple of nkv; bias: (1, nh, Tq, Tk); allowed: (B, 1,
+    Tq, Tk) boolean, the keys each query may see (replaces the causal mask). The rep = nh/nkv
     query heads that share a kv head are stacked along the rows, so k and v are never repeated:
     (B, nkv, rep*Tq, hd) @ (B, nkv, hd, Tk)."""
     B, nh, Tq, hd = q.shape
@@ -168,7 +183,11 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     rep = nh // nkv
     q = q.reshape(B * nkv, rep * Tq, hd)  # query heads h = g*rep + r, rows r*Tq + t
     kt = k.reshape(B * nkv, Tk, hd).transpose(1, 2)
-    mask = _additive_mask(q.view(B, nh, Tq, hd), Tk, causal, None if bias is None else bias.to(q.dtype))
+    if allowed is not None:  # the same for every head: (B, 1, Tq, Tk) -> (B*nkv, rep*Tq, Tk)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        mask = mask.expand(B, nkv, rep, Tq, Tk).reshape(B * nkv, rep * Tq, Tk)
+    else:
+        mask = _additive_mask(q.view(B, nh, Tq, hd), Tk, causal, None if bias is None else bias.to(q.dtype))
     if mask is None:
         scores = torch.bmm(q, kt) * hd**-0.5
     else:  # one kernel for scale, mask and q k^T: (.., rep*Tq, Tk) + (B*nkv, rep*Tq, hd) @ (B*nkv, hd, Tk)
@@ -207,7 +226,9 @@ class Attention(nn.Module):
         """Set by `model.sequence_parallel.enable`: the all-to-all around the attention kernel."""
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                bias: torch.Tensor | None = None, memory: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """allowed: (B, 1, T_window, T_window) boolean, the keys each query may see (data.document_mask)."""
         B, T, _ = x.shape
         source = x if memory is None else memory  # (B, Tk, C): keys and values come from here
         Tk = source.shape[1]
@@ -222,9 +243,9 @@ class Attention(nn.Module):
         attention = matmul_attention if use_matmul_attention(self.kernel, x) else sdpa_attention
         dropout = self.dropout if self.training else 0.0
         if self.ulysses is not None:  # T is this rank's slice; causal self-attention runs on the whole sequence
-            y = self.ulysses(q, k, v, attention, dropout)  # (B, nh, T, hd)
+            y = self.ulysses(q, k, v, attention, dropout, allowed)  # (B, nh, T, hd)
         else:
-            y = attention(q, k, v, dropout, self.causal, bias)  # (B, nh, T, hd)
+            y = attention(q, k, v, dropout, self.causal, bias, allowed)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         return self.o_proj(y)
 
@@ -297,8 +318,9 @@ class Block(nn.Module):
         return x + scale(self.resid_dropout(f(norm(x))))  # (B, T, C)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                bias: torch.Tensor | None = None, memory: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._sublayer(x, self.attn_norm, self.attn_scale, lambda h: self.attn(h, rope, bias))
+                bias: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._sublayer(x, self.attn_norm, self.attn_scale, lambda h: self.attn(h, rope, bias, allowed=allowed))
         if self.cross:
             x = self._sublayer(x, self.cross_norm, self.cross_scale, lambda h: self.cross_attn(h, None, memory=memory))
         return self._sublayer(x, self.mlp_norm, self.mlp_scale, self.mlp)

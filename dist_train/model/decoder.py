@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dist_train.config import ModelConfig
 from dist_train.model.blocks import Block, RotaryEmbedding, init_weights, make_norm
+from dist_train.model.document_mask import DocumentLayout, DocumentMask
 from dist_train.model.loss import IGNORE_INDEX, lm_loss
 from dist_train.model.moe import MoEMLP, RouterRecord, RouterWindow, is_expert_parameter, router_losses
 from dist_train.model.z_loss import ZLoss, model_loss
@@ -60,6 +61,8 @@ class Transformer(nn.Module):
         """Set by `model.sequence_parallel.enable`: this rank holds one slice of each sequence."""
         self.z_loss: ZLoss | None = None
         """Set by `model.z_loss.enable` (train.z_loss > 0)."""
+        self.document_mask: DocumentMask | None = None
+        """Set by `model.document_mask.enable` (data.document_mask): attention and positions per document."""
         for module in self.modules():  # experts apart: each is drawn from its own generator (init_experts)
             if not any(is_expert_parameter(p) for p in module.parameters(recurse=False)):
                 init_weights(module, cfg)
@@ -76,6 +79,12 @@ class Transformer(nn.Module):
             return None
         return MoEMLP(self.cfg, layer, self.router_records, *expert_parallel)
 
+    def _documents(self, input_ids: torch.Tensor) -> DocumentLayout | None:
+        """Positions and attention mask per document (data.document_mask), from the whole window's ids."""
+        if self.document_mask is None:
+            return None
+        return self.document_mask.layout(input_ids, self.sequence_parallel.group if self.sequence_parallel else None)
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The routers' weighted losses of the last forward, added to the loss for the backward (None: dense)."""
         return router_losses(self.router_records, self.cfg)
@@ -84,23 +93,30 @@ class Transformer(nn.Module):
         self.router_records.clear()  # a recompute (grad checkpointing) appends again in the backward: not read
         T = input_ids.shape[1]  # under sequence parallelism: this rank's slice, which starts at `start`
         start = self.sequence_parallel.start(T) if self.sequence_parallel else 0
+        documents = self._documents(input_ids)
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
             if self.pos_emb.num_embeddings < start + T:
                 raise ValueError(f"sequence of {start + T} tokens is longer than the {self.cfg.seq_len} learned "
                                  f"positions (model.seq_len)")
-            x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))  # (B, T, C)
+            positions = torch.arange(start, start + T, device=input_ids.device) if documents is None \
+                else documents.positions  # (T,) or (B, T)
+            x = x + self.pos_emb(positions)  # (B, T, C)
         if self.cfg.norm_position == "post":
             x = self.norm_f(x)  # post-norm: every block ends normed, the embeddings are normed on the way in
         x = self.emb_dropout(x)
         rope = None
         if self.rotary is not None:
             # Cast once here rather than in every layer: each cast is a (T, hd) copy kept for the backward.
-            rope = tuple(t.to(x.dtype) for t in self.rotary(T, input_ids.device, start))  # 2 x (T, hd)
+            angles = self.rotary(T, input_ids.device, start) if documents is None \
+                else self.rotary.at(documents.positions)  # 2 x (T, hd), or 2 x (B, 1, T, hd) per document
+            rope = tuple(t.to(x.dtype) for t in angles)
+        allowed = None if documents is None else documents.mask  # (B, 1, T_window, T_window)
         recompute = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             # Recompute keeps only each block's input for the backward pass instead of all its activations.
-            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+            x = checkpoint(block, x, rope, allowed=allowed, use_reentrant=False) if recompute \
+                else block(x, rope, allowed=allowed)
         if self.cfg.norm_position == "pre":
             x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, V)

@@ -22,7 +22,7 @@ from torch import nn
 
 from dist_train.model.loss import sliced_lm_loss
 
-AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+AttentionKernel = Callable[..., torch.Tensor]  # (q, k, v, dropout_p, allowed=None) -> attention output
 
 
 class SequenceParallel:
@@ -42,9 +42,11 @@ class SequenceParallel:
 
 
 def _heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: AttentionKernel,
-                 dropout_p: float) -> torch.Tensor:
-    """DistributedAttention hands over (B, T, heads/P, hd); our kernels take (B, heads/P, T, hd)."""
-    return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p).transpose(1, 2)
+                 dropout_p: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """DistributedAttention hands over (B, T, heads/P, hd); our kernels take (B, heads/P, T, hd). allowed: the
+    whole window's (B, 1, T, T) document mask (data.document_mask), or None for the causal mask."""
+    y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, allowed=allowed)
+    return y.transpose(1, 2)
 
 
 class UlyssesAttention(nn.Module):
@@ -58,9 +60,11 @@ class UlyssesAttention(nn.Module):
         self.attention = DistributedAttention(_heads_first, group, scatter_idx=2, gather_idx=1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: AttentionKernel,
-                dropout_p: float) -> torch.Tensor:
-        """q: (B, nh, T/P, hd), k, v: (B, nkv, T/P, hd) -> (B, nh, T/P, hd), attended over all T tokens."""
-        y = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, kernel, dropout_p)
+                dropout_p: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (B, nh, T/P, hd), k, v: (B, nkv, T/P, hd) -> (B, nh, T/P, hd), attended over all T tokens (those
+        `allowed`, (B, 1, T, T), lets each query see, under data.document_mask)."""
+        y = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, kernel, dropout_p,
+                           allowed)
         return y.transpose(1, 2)  # (B, nh, T/P, hd)
 
 
