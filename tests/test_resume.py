@@ -51,13 +51,14 @@ def reference(tmp_path_factory, shard_dir):
 
 VARIANTS = {"fp32": (), "bf16": ("precision=bf16",), "num_workers": ("data.num_workers=2",),
             "fp16": ("precision=fp16", "deepspeed.fp16_initial_scale_power=20"),
-            "moe_ep2": ("model.moe.num_experts=4", "parallel.expert=2")}
+            "moe_ep2": ("model.moe.num_experts=4", "parallel.expert=2"),
+            "document_mask": ("data.document_mask=true",)}
 """Runs that must resume bit for bit: the reference's fp32 run, bf16 (DeepSpeed's bf16 optimizer restores the
 fp32 master weights and rebuilds the bf16 ones), batches prepared ahead by loader workers (those prepared but
 not yet trained on at a save must be neither skipped nor repeated), and fp16 with a loss scale that overflows
 in steps 1-3 (2^20, hysteresis 2): resumed from step 2 with the scaler reset, step 3 would not be the same; and a
 Mixture-of-Experts model with its experts split over the 2 processes (each expert's weights and Adam moments in
-the files of its expert-parallel rank)."""
+the files of its expert-parallel rank); and a run with each document of a window masked apart (data.document_mask)."""
 
 _NO_FP16 = not cpu_runs_fp16() and not torch.cuda.is_available()
 

@@ -8,10 +8,11 @@ numbers compare side by side. With only --weights, the data of that folder's con
 
 Validation windows are the loader's (`dist_train.data`): seq_len + 1 tokens cut from each source's val split,
 in the loader's seeded order, the first --max-samples of them (default all); the loss is the mean next-token
-cross-entropy in nats over all their positions, the perplexity exp(loss). The unigram baseline predicts every
-token with its frequency in the training split (add-one smoothed over the model's vocabulary, counted over the
-first --unigram-tokens tokens of each source and mixed by the sources' weights): a model whose loss is not well
-below it has learned nothing about context.
+cross-entropy in nats over all their positions, the perplexity exp(loss). A run trained with data.document_mask
+is evaluated with the same mask: each token sees only its own document, at positions from 0. The unigram baseline
+predicts every token with its frequency in the training split (add-one smoothed over the model's vocabulary,
+counted over the first --unigram-tokens tokens of each source and mixed by the sources' weights): a model whose
+loss is not well below it has learned nothing about context.
 
 Encoder-decoders (model.arch=encoder_decoder) are evaluated on the same span corruption as in training
 (`dist_train.data.span_corruption`, the val split's examples), the loss over the labels. Their unigram baseline
@@ -44,6 +45,8 @@ from dist_train.data.loader import TokenLoader
 from dist_train.data.span_corruption import span_lengths
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.formats.errors import FormatError
+from dist_train.formats.manifest import read_manifest
+from dist_train.model import document_mask
 from dist_train.model.build import build_model, model_vocab_size
 
 
@@ -52,6 +55,8 @@ class ValData:
     columns: tuple[torch.Tensor, ...]
     """The model's inputs, labels last: (inputs, targets) (N, seq_len) each, or for an encoder-decoder (encoder
     input (N, Le), decoder input (N, Ld), labels (N, Ld))."""
+    eos_token_id: int
+    """The EOS that ends each document (the first source's manifest): a data.document_mask run's mask splits there."""
 
     @property
     def targets(self) -> torch.Tensor:
@@ -72,14 +77,18 @@ def _source_examples(cfg: Config, path: str, max_samples: int | None) -> list[tu
 
 def val_windows(cfg: Config, max_samples: int | None) -> ValData:
     """Every source's validation windows (up to max_samples each), in the loader's order."""
-    examples = [e for path, _ in cfg.data.weighted_paths() for e in _source_examples(cfg, path, max_samples)]
-    return ValData(columns=tuple(torch.from_numpy(np.stack(column)) for column in zip(*examples)))
+    paths = [path for path, _ in cfg.data.weighted_paths()]
+    examples = [e for path in paths for e in _source_examples(cfg, path, max_samples)]
+    return ValData(columns=tuple(torch.from_numpy(np.stack(column)) for column in zip(*examples)),
+                   eos_token_id=read_manifest(paths[0])["eos_token_id"])
 
 
 @torch.no_grad()
 def model_loss(weights: Weights, data: ValData, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy (nats per token) of the weights on the windows."""
+    """Mean cross-entropy (nats per token) of the weights on the windows, each document masked apart as in
+    training when the weights' run had data.document_mask."""
     model = weights.load_into(build_model(weights.config.model)).to(device).eval()
+    document_mask.enable(model, data.eos_token_id if weights.config.data.document_mask else None)
     total, count = 0.0, len(data.targets)
     for start in range(0, count, batch_size):
         batch = [column[start:start + batch_size].to(device) for column in data.columns]
