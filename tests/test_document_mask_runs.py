@@ -122,7 +122,8 @@ def test_masked_runs_under_tensor_and_sequence_parallelism_and_grad_checkpointin
         losses = step_losses(out)
         print(f"{name}: {losses}")
         if name == "plain":
-            assert abs(losses[1] - reference[1]) > 1e-3, "the mask changes the first step's loss"
+            # At init the logits are near uniform whatever a token sees; once trained, the mask shows.
+            assert all(abs(losses[step] - reference[step]) > 1e-3 for step in (2, 3, 4)), "the mask changes the loss"
         else:
             assert losses == pytest.approx(reference, rel=1e-5), name
 
