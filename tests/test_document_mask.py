@@ -103,3 +103,12 @@ def test_document_mask_with_an_hf_config_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["data.document_mask=true", f"model.hf_config={hf}"])
     assert "data.document_mask with model.hf_config" in str(e.value)
+
+
+@pytest.mark.slow
+def test_compiled_model_masks_per_document_like_the_eager_one():
+    model = masked_model(model_config())
+    compiled = torch.compile(model)  # the mask is built inside the traced forward (~30 s to compile on the CPU)
+    with torch.no_grad():
+        masked = compiled(packed_window())
+    torch.testing.assert_close(masked, alone_logits(model), rtol=0, atol=1e-5)
