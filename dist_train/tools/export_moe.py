@@ -16,6 +16,7 @@ import torch
 
 from dist_train.checkpoint.weights import Weights
 from dist_train.config import ConfigError, ModelConfig
+from dist_train.tools.llama_family import llama_family_kwargs
 
 MIXTRAL_LAYOUT = ("rmsnorm", "rope", "swiglu")
 
@@ -55,15 +56,9 @@ def check_mixtral(m: ModelConfig) -> None:
 def mixtral_config(m: ModelConfig, eos_token_id: int | None) -> Any:
     from transformers import MixtralConfig
 
-    cfg = MixtralConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-                        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-                        num_key_value_heads=m.kv_heads, head_dim=m.head_dim, max_position_embeddings=m.seq_len,
-                        rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, hidden_act="silu",
-                        attention_dropout=m.dropout, initializer_range=m.init_std,
-                        num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
-                        router_aux_loss_coef=m.moe.aux_loss_coef, router_jitter_noise=0.0,
-                        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-                        bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    cfg = MixtralConfig(**llama_family_kwargs(m, eos_token_id), num_local_experts=m.moe.num_experts,
+                        num_experts_per_tok=m.moe.top_k, router_aux_loss_coef=m.moe.aux_loss_coef,
+                        router_jitter_noise=0.0)
     cfg.architectures = ["MixtralForCausalLM"]
     return cfg
 

@@ -17,6 +17,7 @@ import torch
 
 from dist_train.checkpoint.weights import Weights
 from dist_train.config import ConfigError, ModelConfig
+from dist_train.tools.llama_family import llama_family_kwargs
 
 QWEN3_LAYOUT = ("rmsnorm", "rope", "swiglu")
 
@@ -47,13 +48,7 @@ def check_qwen3(m: ModelConfig) -> None:
 def qwen3_config(m: ModelConfig, eos_token_id: int | None) -> Any:
     from transformers import Qwen3Config
 
-    cfg = Qwen3Config(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-                      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
-                      head_dim=m.head_dim, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
-                      tie_word_embeddings=m.tie_embeddings, attention_bias=False, attention_dropout=m.dropout,
-                      hidden_act="silu", initializer_range=m.init_std, use_sliding_window=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-                      bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    cfg = Qwen3Config(**llama_family_kwargs(m, eos_token_id), attention_bias=False, use_sliding_window=False)
     cfg.architectures = ["Qwen3ForCausalLM"]
     return cfg
 

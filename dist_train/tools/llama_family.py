@@ -1,0 +1,17 @@
+"""What the transformers classes of Llama's family (Mixtral, Qwen3) share in an export's config: our shape fields
+under their names, RoPE as `rope_parameters`, and the EOS token as BOS and EOS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dist_train.config import ModelConfig
+
+
+def llama_family_kwargs(m: ModelConfig, eos_token_id: int | None) -> dict[str, Any]:
+    return dict(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+                num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
+                head_dim=m.head_dim, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
+                tie_word_embeddings=m.tie_embeddings, hidden_act="silu", attention_dropout=m.dropout,
+                initializer_range=m.init_std, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                bos_token_id=eos_token_id, eos_token_id=eos_token_id)
