@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from dist_train.model.moe import expert_load
+
 
 def router_aux_loss_coef(hf_cfg: Any) -> float | None:
     """The weight of the load-balancing loss of an MoE config; None for a dense one (or an MoE one without a
@@ -60,8 +62,7 @@ class HFRouterWindow:
         packed = torch.cat([self.aux_loss.reshape(1), self.expert_tokens.flatten()]).double()
         total = distributed.sum_over_ranks(packed)
         tokens = total[1:].view_as(self.expert_tokens)
-        shares = tokens / tokens.sum(-1, keepdim=True)  # (layers, E)
         out = {"moe_aux_loss": total[0].item() / self.forwards / distributed.world_size(),
-               "moe_load_min": shares.min().item(), "moe_load_max": shares.max().item()}
+               **expert_load(tokens)}
         self.__init__(self.top_k)
         return out

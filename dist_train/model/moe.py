@@ -140,6 +140,13 @@ def router_losses(records: list[RouterRecord], cfg: ModelConfig) -> torch.Tensor
             + moe.z_loss_coef * torch.stack([r.z_loss for r in records]).sum())
 
 
+def expert_load(expert_tokens: torch.Tensor) -> dict[str, float]:
+    """moe_load_min / moe_load_max: the smallest and largest share of its layer's routed token slots that any
+    expert took, from (layers, E) slot counts (1/E each when balanced)."""
+    shares = expert_tokens / expert_tokens.sum(-1, keepdim=True)  # (layers, E)
+    return {"moe_load_min": shares.min().item(), "moe_load_max": shares.max().item()}
+
+
 class RouterWindow:
     """Router statistics summed over the training forwards since the last log line, on the device (no host sync
     per step); `take` reduces them over the ranks and starts a new window."""
@@ -169,10 +176,8 @@ class RouterWindow:
         total = distributed.sum_over_ranks(packed)
         ranks = distributed.world_size()
         tokens = total[3:].view_as(self.expert_tokens)
-        shares = tokens / tokens.sum(-1, keepdim=True)  # (layers, E)
         out = {"moe_aux_loss": total[0].item() / self.forwards / ranks,
                "moe_z_loss": total[1].item() / self.forwards / ranks,
-               "moe_load_min": shares.min().item(), "moe_load_max": shares.max().item(),
-               "moe_dropped_tokens": int(total[2].item())}
+               **expert_load(tokens), "moe_dropped_tokens": int(total[2].item())}
         self.__init__()
         return out

@@ -45,10 +45,10 @@ from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.model.hf import load_hf_config
 from dist_train.tools.export_moe import check_mixtral, mixtral_config, mixtral_tensors
 from dist_train.tools.export_qwen3 import check_qwen3, qk_norm_tensors, qwen3_config
+from dist_train.tools.llama_family import LLAMA_LAYOUT
 from dist_train.tools.export_seq2seq import bart_tensors, seq2seq_config, seq2seq_family, t5_tensors
 from dist_train.tools.output_folder import check_output_folder, output_folder
 
-LLAMA = ("rmsnorm", "rope", "swiglu")
 GPT2 = ("layernorm", "learned", "gelu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOOL = "dist_train.export"
@@ -71,12 +71,12 @@ def family(m: ModelConfig) -> str:
         raise ConfigError("model.norm_position=post has no decoder-only transformers class (GPT-2 and Llama are "
                           "pre-norm): export needs norm_position=pre")
     kind = (m.norm, m.pos, m.mlp)
-    if kind == LLAMA:
+    if kind == LLAMA_LAYOUT:
         return "llama"
     if kind == GPT2:
         return "gpt2"
     raise ConfigError(f"model.norm/pos/mlp = {'/'.join(kind)} has no transformers class without custom code: "
-                      f"export needs {'/'.join(LLAMA)} (LlamaForCausalLM) or {'/'.join(GPT2)} (GPT2LMHeadModel)")
+                      f"export needs {'/'.join(LLAMA_LAYOUT)} (LlamaForCausalLM) or {'/'.join(GPT2)} (GPT2LMHeadModel)")
 
 
 def hf_config(m: ModelConfig, eos_token_id: int | None) -> Any:

@@ -15,18 +15,16 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.weights import Weights
-from dist_train.config import ConfigError, ModelConfig
-from dist_train.tools.llama_family import llama_family_kwargs
-
-MIXTRAL_LAYOUT = ("rmsnorm", "rope", "swiglu")
+from dist_train.config import ModelConfig
+from dist_train.tools.llama_family import LLAMA_LAYOUT, llama_family_kwargs, refuse_if_any
 
 
-def mixtral_refusal(m: ModelConfig) -> str | None:
-    """Why `m` (an MoE model) cannot be exported as Mixtral, or None when it can."""
+def check_mixtral(m: ModelConfig) -> None:
+    """Refuse `m` (an MoE model) with the reasons it cannot be exported as Mixtral."""
     moe = m.moe
     kind = (m.norm, m.pos, m.mlp)
     reasons = [
-        (kind != MIXTRAL_LAYOUT, f"model.norm/pos/mlp = {'/'.join(kind)} (Mixtral is {'/'.join(MIXTRAL_LAYOUT)})"),
+        (kind != LLAMA_LAYOUT, f"model.norm/pos/mlp = {'/'.join(kind)} (Mixtral is {'/'.join(LLAMA_LAYOUT)})"),
         (m.bias, "model.bias=true (Mixtral's projections have no biases)"),
         (m.norm_position != "pre", "model.norm_position=post (Mixtral is pre-norm)"),
         (m.qk_norm, "model.qk_norm=true (Mixtral's attention has no q/k norms)"),
@@ -38,19 +36,10 @@ def mixtral_refusal(m: ModelConfig) -> str | None:
         (moe.top_k == 1, "model.moe.top_k=1 (DeepSpeed's top-1 gate weights the expert by its router probability, "
                          "Mixtral renormalises it to 1)"),
     ]
-    found = [text for refused, text in reasons if refused]
-    if not found:
-        return None
-    return (f"this Mixture-of-Experts model has no transformers class without custom code: "
-            f"{'; '.join(found)}. MixtralForCausalLM needs rmsnorm/rope/swiglu, no biases, an MoE MLP in every "
-            f"block (model.moe.every=1), dropless routing (capacity_factor=0), top_k >= 2, no shared experts and "
-            f"no q/k norms")
-
-
-def check_mixtral(m: ModelConfig) -> None:
-    refusal = mixtral_refusal(m)
-    if refusal is not None:
-        raise ConfigError(refusal)
+    refuse_if_any(reasons, "this Mixture-of-Experts model has no transformers class without custom code",
+                  "MixtralForCausalLM needs rmsnorm/rope/swiglu, no biases, an MoE MLP in every block "
+                  "(model.moe.every=1), dropless routing (capacity_factor=0), top_k >= 2, no shared experts and no "
+                  "q/k norms")
 
 
 def mixtral_config(m: ModelConfig, eos_token_id: int | None) -> Any:

@@ -16,33 +16,22 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.weights import Weights
-from dist_train.config import ConfigError, ModelConfig
-from dist_train.tools.llama_family import llama_family_kwargs
-
-QWEN3_LAYOUT = ("rmsnorm", "rope", "swiglu")
-
-
-def qwen3_refusal(m: ModelConfig) -> str | None:
-    """Why `m` (a model with model.qk_norm) cannot be exported as Qwen3, or None when it can."""
-    kind = (m.norm, m.pos, m.mlp)
-    reasons = [
-        (kind != QWEN3_LAYOUT, f"model.norm/pos/mlp = {'/'.join(kind)} (Qwen3 is {'/'.join(QWEN3_LAYOUT)})"),
-        (m.bias, "model.bias=true (Qwen3's MLP has no biases, only its attention may)"),
-        (m.norm_position != "pre", "model.norm_position=post (Qwen3 is pre-norm)"),
-    ]
-    found = [text for refused, text in reasons if refused]
-    if not found:
-        return None
-    return (f"model.qk_norm=true exports as Qwen3ForCausalLM (the transformers class with per-head q/k norms), "
-            f"which does not compute this model: {'; '.join(found)}. It needs rmsnorm/rope/swiglu, pre-norm and "
-            f"model.bias=false; a model with another layout and q/k norms has no transformers class without custom "
-            f"code")
+from dist_train.config import ModelConfig
+from dist_train.tools.llama_family import LLAMA_LAYOUT, llama_family_kwargs, refuse_if_any
 
 
 def check_qwen3(m: ModelConfig) -> None:
-    refusal = qwen3_refusal(m)
-    if refusal is not None:
-        raise ConfigError(refusal)
+    """Refuse `m` (a model with model.qk_norm) with the reasons it cannot be exported as Qwen3."""
+    kind = (m.norm, m.pos, m.mlp)
+    reasons = [
+        (kind != LLAMA_LAYOUT, f"model.norm/pos/mlp = {'/'.join(kind)} (Qwen3 is {'/'.join(LLAMA_LAYOUT)})"),
+        (m.bias, "model.bias=true (Qwen3's MLP has no biases, only its attention may)"),
+        (m.norm_position != "pre", "model.norm_position=post (Qwen3 is pre-norm)"),
+    ]
+    refuse_if_any(reasons, "model.qk_norm=true exports as Qwen3ForCausalLM (the transformers class with per-head "
+                  "q/k norms), which does not compute this model",
+                  "It needs rmsnorm/rope/swiglu, pre-norm and model.bias=false; a model with another layout and q/k "
+                  "norms has no transformers class without custom code")
 
 
 def qwen3_config(m: ModelConfig, eos_token_id: int | None) -> Any:

@@ -1,11 +1,22 @@
-"""What the transformers classes of Llama's family (Mixtral, Qwen3) share in an export's config: our shape fields
-under their names, RoPE as `rope_parameters`, and the EOS token as BOS and EOS."""
+"""What the transformers classes of Llama's family (Llama, Mixtral, Qwen3) share in an export: the layout they
+compute, the refusal of a model they do not, and in the config our shape fields under their names, RoPE as
+`rope_parameters`, and the EOS token as BOS and EOS."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dist_train.config import ModelConfig
+from dist_train.config import ConfigError, ModelConfig
+
+LLAMA_LAYOUT = ("rmsnorm", "rope", "swiglu")
+"""model.norm, model.pos, model.mlp of the family."""
+
+
+def refuse_if_any(reasons: list[tuple[bool, str]], intro: str, needs: str) -> None:
+    """Raise a ConfigError "intro: the reasons that hold. needs" when any (holds, reason) pair holds."""
+    found = [reason for holds, reason in reasons if holds]
+    if found:
+        raise ConfigError(f"{intro}: {'; '.join(found)}. {needs}")
 
 
 def llama_family_kwargs(m: ModelConfig, eos_token_id: int | None) -> dict[str, Any]:
