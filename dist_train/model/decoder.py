@@ -90,6 +90,16 @@ class Transformer(nn.Module):
         return router_losses(self.router_records, self.cfg)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.lm_head(self.hidden_states(input_ids))  # (B, T, V)
+        if self.router_records and self.training:
+            self.router_window.add(self.router_records)
+        if labels is None:
+            return logits
+        return model_loss(self, logits, labels)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final normed states (B, T, C) that the head maps to logits: a caller that needs the logits of a few
+        positions only (downstream evaluation) projects just those."""
         self.router_records.clear()  # a recompute (grad checkpointing) appends again in the backward: not read
         T = input_ids.shape[1]  # under sequence parallelism: this rank's slice, which starts at `start`
         start = self.sequence_parallel.start(T) if self.sequence_parallel else 0
@@ -119,9 +129,4 @@ class Transformer(nn.Module):
                 else block(x, rope, allowed=allowed)
         if self.cfg.norm_position == "pre":
             x = self.norm_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        if self.router_records and self.training:
-            self.router_window.add(self.router_records)
-        if labels is None:
-            return logits
-        return model_loss(self, logits, labels)
+        return x

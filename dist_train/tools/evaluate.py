@@ -20,6 +20,11 @@ is the unigram model of the targets: of the Ld label positions of an example, on
 sentinels, one is EOS and `noise` are masked corpus tokens, so it predicts sentinel k and EOS with 1/Ld each on
 top of (noise/Ld) x the training split's token frequencies.
 
+With --tasks, the weights are evaluated on tasks of EleutherAI's lm-evaluation-harness instead (see
+`dist_train.tools.task_cli`): `--tasks shakespeare_next_line,shakespeare_ppl --include-path configs/eval` are the
+two offline tasks shipped here; hellaswag, arc_easy, lambada_openai, ... are lm-eval's own (their datasets come
+from the Hugging Face hub).
+
 The checkpoint is checked against its files.json before it is read (`--no-verify-hashes`: sizes only).
 """
 
@@ -48,6 +53,7 @@ from dist_train.formats.errors import FormatError
 from dist_train.formats.manifest import read_manifest
 from dist_train.model import document_mask
 from dist_train.model.build import build_model, model_vocab_size
+from dist_train.tools.task_cli import add_task_arguments, evaluate_tasks
 
 
 @dataclass
@@ -166,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, action="append", default=[],
                         help="a weights folder (from dist_train.average); repeatable")
     parser.add_argument("--max-samples", type=int, help="validation windows per source (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows (or lm-eval requests) per forward pass")
     parser.add_argument("--unigram-tokens", type=int, default=100_000_000,
                         help="training tokens per source counted for the unigram baseline")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_task_arguments(parser)
     add_trust_argument(parser)
     add_verify_argument(parser)
     args = parser.parse_args(argv)
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tasks:
+        return evaluate_tasks(args, sources, device)
     try:
         result = evaluate(sources, args.max_samples, args.batch_size, args.unigram_tokens, device)
     except FormatError as e:  # the run's shards: a relative data.path is read from the current folder

@@ -1,0 +1,131 @@
+"""Downstream tasks of EleutherAI's lm-evaluation-harness on a checkpoint's weights: one model load for all tasks,
+each task loaded on its own so that one that fails (a dataset missing offline, a typo) is reported and skipped.
+
+Used by `python -m dist_train.evaluate --tasks ...` and by training's `eval.tasks` (dist_train.train.task_eval).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train.checkpoint.weights import Weights
+from dist_train.model.build import build_model
+from dist_train.tools.lm_eval_model import DistTrainLM
+
+SHIPPED_TASKS = Path(__file__).resolve().parents[2] / "configs" / "eval"
+"""The offline tasks made from the bundled corpus (configs/eval: shakespeare_next_line, shakespeare_ppl)."""
+
+
+class UnknownTasks(ValueError):
+    """Task names that neither lm-eval nor the include path knows."""
+
+
+@dataclass
+class TaskResults:
+    results: dict[str, Any] | None
+    """lm-eval's results (`results`, `versions`, `n-shot`, `configs`, ... and `samples` when logged); None when
+    no task ran."""
+    failures: dict[str, str] = field(default_factory=dict)
+    """Task name -> why it was skipped."""
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat `eval/<task>/<metric>` values (lm-eval's `acc,none` -> `acc`; a filter other than `none` is kept
+        as a suffix, `exact_match_strict-match`); standard errors and aliases left out."""
+        flat = {}
+        for task, values in (self.results or {}).get("results", {}).items():
+            for key, value in values.items():
+                metric, _, filter_name = key.partition(",")
+                if "_stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
+                flat[f"eval/{task}/{name}"] = float(value) if math.isfinite(value) else None
+        return flat
+
+
+def task_manager(include_path: str | Path | None) -> Any:
+    """lm-eval's task index (~10 s: it reads every task YAML), with the include path's tasks added."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path) if include_path else None, verbosity="ERROR")
+
+
+def check_task_names(names: list[str], manager: Any, key: str) -> None:
+    """Raise UnknownTasks naming each unknown task, the closest known names, and where tasks come from."""
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = [f"{n!r} (closest: {', '.join(difflib.get_close_matches(n, known, n=3)) or 'none'})" for n in unknown]
+        raise UnknownTasks(f"{key}: unknown lm-eval task {'; '.join(hints)}. Tasks come from lm-eval's own registry "
+                           f"(`lm_eval ls tasks`) and the include path (the offline ones shipped here: "
+                           f"--include-path {SHIPPED_TASKS})")
+
+
+def serve(weights: Weights, tokenizer: Any, batch_size: int, device: torch.device) -> DistTrainLM:
+    """The weights in a fresh model (fp32, eval mode) on `device`, wrapped for lm-eval."""
+    model = weights.load_into(build_model(weights.config.model)).to(device)
+    return DistTrainLM(model, tokenizer, weights.config.model.seq_len, batch_size, device)
+
+
+def run_tasks(lm: DistTrainLM, names: list[str], manager: Any, *, num_fewshot: int | None = None,
+              limit: int | None = None, bootstrap_iters: int = 0, log_samples: bool = False) -> TaskResults:
+    """Evaluate `lm` on the tasks that load; a task that fails to load, or fails while evaluated, is skipped."""
+    from lm_eval.evaluator import simple_evaluate
+
+    start = time.perf_counter()
+    failures: dict[str, str] = {}
+    loadable = []
+    for name in names:
+        try:
+            manager.load_task_or_group([name])
+            loadable.append(name)
+        except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise anything (offline, missing files)
+            failures[name] = f"{type(e).__name__}: {e}"
+
+    def evaluate(tasks: list[str]) -> dict[str, Any] | None:
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                               bootstrap_iters=bootstrap_iters, log_samples=log_samples, verbosity="ERROR")
+
+    results = None
+    if loadable:
+        try:
+            results = evaluate(loadable)
+        except Exception:  # noqa: BLE001 - find which task it was: evaluate each alone, keep the ones that work
+            results = _one_by_one(evaluate, loadable, failures)
+    for name, why in failures.items():
+        logging.getLogger(__name__).warning("lm-eval task %s skipped: %s", name, why)
+    return TaskResults(results=results, failures=failures, seconds=time.perf_counter() - start)
+
+
+def _one_by_one(evaluate: Any, names: list[str], failures: dict[str, str]) -> dict[str, Any] | None:
+    merged: dict[str, Any] | None = None
+    for name in names:
+        try:
+            single = evaluate([name])
+        except Exception as e:  # noqa: BLE001
+            failures[name] = f"{type(e).__name__}: {e}"
+            continue
+        if merged is None:
+            merged = single
+        else:
+            for part, value in single.items():
+                if isinstance(value, dict) and isinstance(merged.get(part), dict):
+                    merged[part].update(value)
+    return merged
+
+
+def format_results(results: dict[str, Any] | None) -> str:
+    """lm-eval's own table (what `lm_eval` prints)."""
+    if not results:
+        return "(no task ran)"
+    from lm_eval.utils import make_table
+
+    return make_table(results)
