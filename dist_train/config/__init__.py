@@ -21,6 +21,7 @@ from dist_train.config.schema import (
     ConfigError,
     DataConfig,
     DeepSpeedConfig,
+    EvalConfig,
     ModelConfig,
     ParallelConfig,
     RunConfig,
@@ -30,7 +31,7 @@ from dist_train.config.schema import (
 )
 from dist_train.config.validation import data_parallel_size, resolve_grad_accum, validate
 
-__all__ = ["SHAPE_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "ModelConfig",
-           "ParallelConfig", "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig", "add_override_arguments",
-           "apply_override", "config_from_dict", "data_parallel_size", "load_config", "overrides_from",
-           "parse_args_with_overrides", "parse_yaml", "resolve_grad_accum", "validate"]
+__all__ = ["SHAPE_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "EvalConfig",
+           "ModelConfig", "ParallelConfig", "RunConfig", "SourceConfig", "TrainConfig", "WandbConfig",
+           "add_override_arguments", "apply_override", "config_from_dict", "data_parallel_size", "load_config",
+           "overrides_from", "parse_args_with_overrides", "parse_yaml", "resolve_grad_accum", "validate"]

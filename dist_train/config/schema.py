@@ -320,6 +320,26 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream tasks of EleutherAI's lm-evaluation-harness during training (dist_train.train.task_eval)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names (e.g. [hellaswag, arc_easy], or the offline [shakespeare_next_line, shakespeare_ppl] with
+    include_path: configs/eval), run on each eval.every-th published checkpoint and at the end; [] = none."""
+    every: int | None = None
+    """Steps between task evaluations: a multiple of checkpoint.every (the published checkpoint is what is
+    evaluated); None = checkpoint.every."""
+    limit: int | None = None
+    """The first N documents of each task (None: all); keep an evaluation to minutes, the other ranks wait."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt (None: each task's own)."""
+    include_path: str | None = None
+    """A folder of extra lm-eval task YAMLs (configs/eval holds the two offline tasks made from the corpus)."""
+    batch_size: int = 16
+    """lm-eval requests per forward pass."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -331,6 +351,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -72,6 +72,7 @@ RANGES: dict[str, Range] = {
     "model.moe.capacity_factor": NON_NEGATIVE, "model.moe.aux_loss_coef": NON_NEGATIVE,
     "model.moe.z_loss_coef": NON_NEGATIVE, "model.moe.shared_experts": NON_NEGATIVE,
     "checkpoint.every": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE,
+    "eval.every": POSITIVE, "eval.limit": POSITIVE, "eval.num_fewshot": NON_NEGATIVE, "eval.batch_size": POSITIVE,
 }
 """Every numeric config field (dotted key; `data.sources.weight` is each source's weight) and its range. A
 field set to None (where the schema allows it) means "off" or "derived" and is not checked."""
@@ -226,6 +227,24 @@ def _validate_document_mask(cfg: Config) -> None:
              "decoder's keys (model.n_layers, model.d_model, ...)", "data.document_mask", "model.hf_config")
 
 
+def _validate_eval(cfg: Config) -> None:
+    if not cfg.eval.tasks:
+        return
+    _require(cfg.model.arch == "decoder", "eval.tasks serves decoder-only models to lm-eval; for an encoder-decoder "
+             "remove eval.tasks, export the run and run `lm_eval --model hf --model_args pretrained=EXPORT,"
+             "backend=seq2seq`", "eval.tasks", "model.arch")
+    every = cfg.checkpoint.every
+    _require(every > 0, "eval.tasks evaluates published checkpoints: set checkpoint.every (e.g. 1000)",
+             "eval.tasks", "checkpoint.every")
+    _require(cfg.eval.every is None or cfg.eval.every % every == 0,
+             f"eval.every ({cfg.eval.every}) must be a multiple of checkpoint.every ({every}): the published "
+             f"checkpoint is what is evaluated; set eval.every={every * max(1, round((cfg.eval.every or 0) / every))}",
+             "eval.every", "checkpoint.every")
+    if cfg.eval.include_path is not None:
+        _require(Path(cfg.eval.include_path).is_dir(), f"eval.include_path: {cfg.eval.include_path} is not a folder "
+                 f"(configs/eval holds the offline tasks shipped with dist_train)", "eval.include_path")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need only the config; raise ConfigError naming the key and the fix."""
     check_ranges(cfg)
@@ -234,6 +253,7 @@ def validate(cfg: Config) -> None:
     _validate_parallel(cfg)
     _validate_moe(cfg)
     _validate_document_mask(cfg)
+    _validate_eval(cfg)
     ds = cfg.deepspeed
     _require(not ds.offload_optimizer or ds.zero_stage >= 1,
              "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1", "deepspeed.offload_optimizer",

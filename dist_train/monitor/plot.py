@@ -4,7 +4,9 @@
     python -m dist_train.plot runs/a runs/b --out compare.png      # several runs in one figure
 
 Panels: loss vs tokens (training solid, validation dashed with markers), learning rate vs step, training
-throughput (tokens/s) vs step. Each run keeps one colour in every panel; the legend names it by its folder.
+throughput (tokens/s) vs step, and one panel per downstream task a run logged (`eval.tasks`: its metrics vs tokens,
+a log scale where perplexities sit beside accuracies). Each run keeps one colour in every panel; the legend names
+it by its folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class PlotError(ValueError):
 
 
 def load_run(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """{'train': records with a loss, 'val': records with a val_loss} of one run, each sorted by step."""
+    """{'train': records with a loss, 'val': records with a val_loss, 'tasks': records with eval/<task>/<metric>
+    values} of one run, each sorted by step."""
     if not (run_dir / "metrics.jsonl").exists():
         raise PlotError(f"{run_dir} has no metrics.jsonl: is it a run folder (run.out_dir) that has logged "
                         f"at least one step?")
@@ -37,7 +40,40 @@ def load_run(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     val = sorted((r for r in records if r.get("val_loss") is not None), key=lambda r: r["step"])
     if not train and not val:
         raise PlotError(f"{run_dir}/metrics.jsonl has no training or validation losses yet")
-    return {"train": train, "val": val}
+    tasks = sorted((r for r in records if any(k.startswith("eval/") for k in r)), key=lambda r: r["step"])
+    return {"train": train, "val": val, "tasks": tasks}
+
+
+def _task_metrics(runs: dict[Path, dict[str, list[dict[str, Any]]]]) -> dict[str, list[str]]:
+    """task -> its metric names, over all runs, in the order first logged."""
+    tasks: dict[str, list[str]] = {}
+    for run in runs.values():
+        for record in run["tasks"]:
+            for key in record:
+                if key.startswith("eval/"):
+                    task, metric = key.removeprefix("eval/").rsplit("/", 1)
+                    if metric not in tasks.setdefault(task, []):
+                        tasks[task].append(metric)
+    return tasks
+
+
+def _plot_tasks(axes: list[Any], runs: dict[Path, dict[str, list[dict[str, Any]]]],
+                tasks: dict[str, list[str]]) -> None:
+    for ax, (task, metrics) in zip(axes, tasks.items()):
+        largest = 0.0
+        for i, (run_dir, run) in enumerate(runs.items()):
+            for style, metric in zip(("o-", "s--", "^:", "d-."), metrics):
+                points = [(r["tokens"], r[f"eval/{task}/{metric}"]) for r in run["tasks"]
+                          if r.get(f"eval/{task}/{metric}") is not None]
+                if points:
+                    largest = max(largest, max(v for _, v in points))
+                    ax.plot(*zip(*points), style, color=f"C{i % 10}", label=f"{run_dir.resolve().name} {metric}")
+        if largest > 10:
+            ax.set_yscale("log")  # perplexities beside accuracies
+        ax.set_title(f"task: {task}")
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def _val_tokens(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> list[float]:
@@ -60,7 +96,10 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
+    tasks = _task_metrics(runs)
+    fig, axes = plt.subplots(1, 3 + len(tasks), figsize=(5 * (3 + len(tasks)), 4.5), dpi=100)
+    ax_loss, ax_lr, ax_tps = axes[:3]
+    _plot_tasks(list(axes[3:]), runs, tasks)
     for i, (run_dir, run) in enumerate(runs.items()):
         color, name = f"C{i % 10}", run_dir.resolve().name
         train, val = run["train"], run["val"]

@@ -43,8 +43,9 @@ class TaskResults:
         flat = {}
         for task, values in (self.results or {}).get("results", {}).items():
             for key, value in values.items():
-                metric, _, filter_name = key.partition(",")
-                if "_stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+                metric, comma, filter_name = key.partition(",")  # metrics are `name,filter`; `alias` etc. are not
+                if (not comma or "_stderr" in metric or isinstance(value, bool)
+                        or not isinstance(value, (int, float))):
                     continue
                 name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
                 flat[f"eval/{task}/{name}"] = float(value) if math.isfinite(value) else None
@@ -65,8 +66,8 @@ def check_task_names(names: list[str], manager: Any, key: str) -> None:
     if unknown:
         hints = [f"{n!r} (closest: {', '.join(difflib.get_close_matches(n, known, n=3)) or 'none'})" for n in unknown]
         raise UnknownTasks(f"{key}: unknown lm-eval task {'; '.join(hints)}. Tasks come from lm-eval's own registry "
-                           f"(`lm_eval ls tasks`) and the include path (the offline ones shipped here: "
-                           f"--include-path {SHIPPED_TASKS})")
+                           f"(`lm_eval ls tasks`) and the include path (the offline tasks shipped with dist_train are "
+                           f"in {SHIPPED_TASKS})")
 
 
 def serve(weights: Weights, tokenizer: Any, batch_size: int, device: torch.device) -> DistTrainLM:

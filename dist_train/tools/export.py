@@ -39,7 +39,7 @@ import torch
 from dist_train.checkpoint.safe_load import UnsafeCheckpointError, add_trust_argument
 from dist_train.checkpoint.verify import CorruptCheckpoint, add_verify_argument
 from dist_train.checkpoint.weights import Weights, open_weights
-from dist_train.config import ConfigError, ModelConfig
+from dist_train.config import Config, ConfigError, ModelConfig
 from dist_train.distributed.process_group import deepspeed_logs_to_stderr
 from dist_train.formats.atomic_file import apply_umask_modes
 from dist_train.model.hf import load_hf_config
@@ -271,11 +271,11 @@ def write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], max_sha
     return names
 
 
-def tokenizer_path(w: Weights) -> Path | None:
+def tokenizer_path(cfg: Config) -> Path | None:
     """The tokenizer folder named by the manifest of the run's (first) data source."""
     from dist_train.formats.manifest import read_manifest
 
-    for path, _ in w.config.data.weighted_paths():
+    for path, _ in cfg.data.weighted_paths():
         try:
             return Path(read_manifest(path)["tokenizer"])
         except (OSError, ValueError):
@@ -301,7 +301,7 @@ def export(w: Weights, out: Path, tokenizer_dir: Path | None = None, dtype: str 
     kind = family(m)
     if tokenizer_dir is not None and tokenizer_dir.is_file():
         raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is a file: pass the folder {tokenizer_dir.parent}")
-    tokenizer_dir = tokenizer_dir or tokenizer_path(w)
+    tokenizer_dir = tokenizer_dir or tokenizer_path(w.config)
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"cannot find the tokenizer of {w.source} (the manifest of data.path names "
                                 f"{tokenizer_dir}); pass --tokenizer DIR")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.weights import Weights
+from dist_train.config import Config
 from dist_train.tools.downstream import (
     SHIPPED_TASKS,
     TaskResults,
@@ -66,15 +67,15 @@ def _refusal(args: argparse.Namespace, sources: list[Weights]) -> str | None:
     return None
 
 
-def load_run_tokenizer(weights: Weights) -> Any:
-    """The tokenizer named by the manifest of the weights' (first) data source."""
+def load_run_tokenizer(cfg: Config) -> Any:
+    """The tokenizer named by the manifest of the run's (first) data source."""
     from dist_train.formats.tokenizer_folder import load_tokenizer
     from dist_train.tools.export import tokenizer_path
 
-    path = tokenizer_path(weights)
+    path = tokenizer_path(cfg)
     if path is None:
-        raise FileNotFoundError(f"no tokenizer: the manifest of data.path of {weights.source} cannot be read (run "
-                                f"this from the folder training started in)")
+        raise FileNotFoundError(f"no tokenizer: the manifest of the run's data ({cfg.data.path or 'data.sources'}) "
+                                f"cannot be read (run this from the folder training started in)")
     return load_tokenizer(path)
 
 
@@ -85,7 +86,7 @@ def evaluate_tasks(args: argparse.Namespace, sources: list[Weights], device: tor
         return 2
     weights = sources[0]
     try:
-        tokenizer = load_run_tokenizer(weights)
+        tokenizer = load_run_tokenizer(weights.config)
         manager = task_manager(args.include_path)
         check_task_names(args.tasks, manager, "--tasks")
     except (FileNotFoundError, UnknownTasks) as e:

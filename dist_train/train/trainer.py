@@ -42,6 +42,7 @@ from dist_train.train.preflight import preflight
 from dist_train.train.run_lock import run_folder_lock
 from dist_train.train.signals import EXIT_PREEMPTED, StopRequest, fail_writes_over_the_file_size_limit
 from dist_train.train.spikes import Spike, SpikeDetector
+from dist_train.train.task_eval import TaskEvaluation
 from dist_train.train.step import (
     EXIT_DIVERGED,
     Batches,
@@ -116,11 +117,15 @@ def train_loop(run: Run, stop: StopRequest) -> int:
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not state.consecutive_bad_steps
                 and not spike_suspected):
             run.save(wait=False)
+        if run.tasks is not None and run.tasks.due(state.step, run.saved_step):
+            run.evaluate_tasks()
 
     val_loss = run.log_eval() if t.eval_every else None
     if run.saved_step != state.step:
         run.save()
     run.checkpointer.finish()  # the last checkpoint is published before the run says it is done
+    if run.tasks is not None and run.tasks.last_step != state.step:
+        run.evaluate_tasks()
     state.wall_s = run.clock.total()
     run.logger.summary({
         "final_step": state.step, "train_loss": state.last_loss, "val_loss": val_loss, "tokens": state.tokens,
@@ -159,6 +164,8 @@ class Run:
     published (the CPU)."""
     spikes: SpikeDetector | None
     """Loss-spike detection, when train.max_rollbacks > 0."""
+    tasks: TaskEvaluation | None
+    """lm-eval tasks on published checkpoints, when eval.tasks is set."""
 
     @classmethod
     def set_up(cls, cfg: Config, place: ProcessPlace, device: torch.device, resume: str) -> Run:
@@ -168,6 +175,7 @@ class Run:
         run_dir = Path(cfg.run.out_dir)
         check_shared_run_dir(run_dir, place)  # before any rank reads checkpoints or writes its part of one
         plan = plan_resume(run_dir, cfg, place, resume)  # refuses an incompatible config before files change
+        tasks = TaskEvaluation(cfg, rank0, device) if cfg.eval.tasks else None  # refuses unknown task names
         ds_config = deepspeed_config(cfg, place.world_size, load_universal=plan is not None and plan.universal)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -212,7 +220,8 @@ class Run:
                    flops_per_step=flops_per_token(cfg.model, cfg.data.noise_density, cfg.data.mean_noise_span_length)
                    * ds_config["train_batch_size"] * cfg.model.seq_len,
                    peak_flops=peak_flops(device, math_mode(cfg.precision)),
-                   spikes=SpikeDetector(t.spike_window, t.spike_margin, t.spike_steps) if t.max_rollbacks else None)
+                   spikes=SpikeDetector(t.spike_window, t.spike_margin, t.spike_steps) if t.max_rollbacks else None,
+                   tasks=tasks)
 
     @property
     def tokens_per_step(self) -> int:
@@ -269,6 +278,11 @@ class Run:
                          "val_ppl": math.exp(min(val_loss, 50))})
         self.rank0.print(f"step {self.state.step} | val_loss {val_loss:.4f}")
         return val_loss
+
+    def evaluate_tasks(self) -> None:
+        """eval.tasks on this step's checkpoint, once it is published (a background save is waited for)."""
+        self.checkpointer.finish()
+        self.tasks.run(self.dir, self.state.step, self.state.tokens, self.logger)
 
     def save(self, wait: bool = True) -> None:
         """Save a checkpoint; without `wait` (and with checkpoint.async_save) it is published a few steps later."""

@@ -1,0 +1,172 @@
+"""Downstream evaluation with EleutherAI's lm-evaluation-harness: `dist_train.evaluate --tasks` against
+`lm_eval --model hf` on the HF export of the same checkpoint, and `eval.tasks` during a 2-process training run.
+
+Offline: the two tasks shipped in configs/eval (made from the corpus), and a hub task with the hub switched off
+to stand for a task that cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from distributed_helpers import REPO, cpu_env, launch_training
+from resume_helpers import STEPS, TINY, overrides, shared_run
+
+from dist_train.monitor import wandb_reader
+
+pytestmark = pytest.mark.slow
+
+SHIPPED = REPO / "configs" / "eval"
+TASKS = "shakespeare_next_line,shakespeare_ppl"
+LIMIT = "12"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+GPT2 = ("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.bias=true")
+
+
+def run_cli(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(OFFLINE), capture_output=True, text=True,
+                          timeout=timeout)
+    return proc
+
+
+def lm_eval_hf_samples(export: Path, out: Path) -> tuple[dict, dict[str, dict[int, list[float]]]]:
+    """Results and per-sample log-likelihoods of `lm_eval --model hf` on an export (as users run it)."""
+    proc = run_cli(["-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",
+                    "--device", "cpu", "--tasks", TASKS, "--include_path", str(SHIPPED), "--limit", LIMIT,
+                    "--batch_size", "4", "--log_samples", "--output_path", str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    samples = {}
+    for task in TASKS.split(","):
+        rows = [json.loads(line) for line in next(out.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
+        samples[task] = {row["doc_id"]: log_likelihoods(row) for row in rows}
+    return results, samples
+
+
+def log_likelihoods(sample: dict) -> list[float]:
+    """One float per request of a document: each choice's log-likelihood, or the text's rolling one."""
+    return [float(r[0]) if isinstance(r, list) else float(r) for r in sample["filtered_resps"]]
+
+
+def metrics(results: dict) -> dict[str, float]:
+    return {f"{task}/{key}": value for task, values in results["results"].items() for key, value in values.items()
+            if "," in key and "stderr" not in key}
+
+
+@pytest.mark.parametrize("name,nproc,extra", [("zero2_x2", 2, ("deepspeed.zero_stage=2",)),
+                                              ("gpt2_x1", 1, (*GPT2, "train.max_steps=2"))],
+                         ids=["llama", "gpt2"])
+def test_evaluate_tasks_gives_lm_eval_hf_log_likelihoods_and_metrics_on_the_export(
+        tmp_path_factory, shard_dir, tmp_path, name, nproc, extra):
+    run_dir = shared_run(tmp_path_factory, shard_dir, name, nproc, *extra)
+    export = tmp_path / "export"
+    exported = run_cli(["-m", "dist_train.export", "--run", str(run_dir), "--out", str(export)])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+
+    ours_json = tmp_path / "ours.json"
+    ours = run_cli(["-m", "dist_train.evaluate", "--run", str(run_dir), "--tasks", TASKS, "--include-path",
+                    str(SHIPPED), "--limit", LIMIT, "--batch-size", "5", "--output", str(ours_json), "--log-samples"])
+    assert ours.returncode == 0, ours.stderr[-4000:]
+    assert "|shakespeare_next_line|" in ours.stdout and "word_perplexity" in ours.stdout  # lm-eval's table
+    report = json.loads(ours_json.read_text())
+    theirs_results, theirs = lm_eval_hf_samples(export, tmp_path / "lm_eval_hf")
+
+    for task in TASKS.split(","):
+        rows = report["samples"][task]
+        assert len(rows) == int(LIMIT) and set(theirs[task]) == {row["doc_id"] for row in rows}
+        for row in rows:
+            assert log_likelihoods(row) == pytest.approx(theirs[task][row["doc_id"]], abs=1e-4), (task, row["doc_id"])
+    expected = metrics(theirs_results)
+    assert set(metrics(report)) == set(expected)
+    for key, value in metrics(report).items():
+        assert value == pytest.approx(expected[key], rel=1e-6), key
+    assert report["dist_train"]["step"] == (STEPS if name == "zero2_x2" else 2)
+    acc = report["dist_train"]["metrics"]["eval/shakespeare_next_line/acc"]
+    assert acc == expected["shakespeare_next_line/acc,none"]
+
+
+def test_generation_is_greedy_decoding_as_transformers_does_it_on_the_export(tmp_path_factory, shard_dir, tmp_path):
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from dist_train.checkpoint.weights import open_weights
+    from dist_train.tools.downstream import serve
+    from dist_train.tools.task_cli import load_run_tokenizer
+
+    run_dir = shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, "deepspeed.zero_stage=2")
+    export = tmp_path / "export"
+    assert run_cli(["-m", "dist_train.export", "--run", str(run_dir), "--out", str(export)]).returncode == 0
+    prompts = ["To be, or not to be, that is the question:\n", "KING LEAR. Meantime we shall express our darker"]
+    requests = [Instance("generate_until", {}, (p, {"until": ["THE END"], "max_gen_toks": 24, "do_sample": False}), i)
+                for i, p in enumerate(prompts)]
+    weights = open_weights(run_dir)
+    ours = serve(weights, load_run_tokenizer(weights.config), 4, torch.device("cpu")).generate_until(requests)
+    hf = HFLM(pretrained=str(export), dtype="float32", device="cpu", batch_size=1).generate_until(requests)
+    assert ours == hf
+    assert any(ours), ours  # something was generated (a 6-step model may stop at once on a prompt)
+
+
+def test_training_logs_task_metrics_at_each_checkpoint_and_skips_a_task_that_fails(shard_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    # arc_easy is a hub task: offline, it cannot load, as on a cluster node without network.
+    proc = launch_training(TINY, overrides(shard_dir, run_dir, "checkpoint.every=3", "wandb.enabled=true",
+                                           "eval.tasks=[shakespeare_next_line,arc_easy,shakespeare_ppl]",
+                                           f"eval.include_path={SHIPPED}", "eval.limit=8"),
+                           nproc=2, extra_env=OFFLINE)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval/shakespeare_next_line/acc" in r]
+    assert [r["step"] for r in evaluations] == [3, 6]  # each published checkpoint (checkpoint.every=3, 6 steps)
+    for r in evaluations:
+        assert 0 <= r["eval/shakespeare_next_line/acc"] <= 1 and r["eval/shakespeare_ppl/bits_per_byte"] > 0
+        assert r["eval_tasks_s"] > 0 and "loss" not in r  # its own record: the step times exclude it
+    failures = [r for r in records if r.get("event") == "eval_task_failed"]
+    assert [(r["step"], r["task"]) for r in failures] == [(3, "arc_easy"), (6, "arc_easy")]
+    assert "arc_easy" in proc.stderr and "skipped" in proc.stderr
+
+    history = wandb_reader.read_run_file(wandb_reader.run_files(run_dir)[0]).history
+    logged = [row for row in history if "eval/shakespeare_ppl/word_perplexity" in row]
+    assert [row["_step"] for row in logged] == [3, 6]
+    assert logged[-1]["eval/shakespeare_next_line/acc"] == evaluations[-1]["eval/shakespeare_next_line/acc"]
+
+
+def test_unknown_task_is_refused_at_start_naming_it_and_the_closest(shard_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch_training(TINY, overrides(shard_dir, run_dir, "eval.tasks=[shakespeare_next_lin]",
+                                           f"eval.include_path={SHIPPED}"), nproc=1, launcher="python")
+    assert proc.returncode == 2
+    assert "eval.tasks: unknown lm-eval task 'shakespeare_next_lin' (closest: shakespeare_next_line" in proc.stderr
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+
+
+def test_evaluate_tasks_refuses_an_unknown_task_and_reports_one_that_cannot_run(tmp_path_factory, shard_dir):
+    run_dir = shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, "deepspeed.zero_stage=2")
+    unknown = run_cli(["-m", "dist_train.evaluate", "--run", str(run_dir), "--tasks", "hellaswag,shakespeare_pp",
+                       "--include-path", str(SHIPPED)])
+    assert unknown.returncode == 2 and "unknown lm-eval task 'shakespeare_pp'" in unknown.stderr
+    offline = run_cli(["-m", "dist_train.evaluate", "--run", str(run_dir), "--tasks", "arc_easy,shakespeare_ppl",
+                       "--include-path", str(SHIPPED), "--limit", "2", "--json"])
+    assert offline.returncode == 1, offline.stderr[-3000:]  # what could run ran; the exit code says one did not
+    assert "task arc_easy skipped" in offline.stderr
+    assert set(json.loads(offline.stdout)["dist_train"]["metrics"]) == {
+        "eval/shakespeare_ppl/word_perplexity", "eval/shakespeare_ppl/byte_perplexity",
+        "eval/shakespeare_ppl/bits_per_byte"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["model.arch=encoder_decoder"], "eval.tasks serves decoder-only models to lm-eval"),
+    (["eval.every=5", "checkpoint.every=2"], "eval.every (5) must be a multiple of checkpoint.every (2)"),
+    (["checkpoint.every=0"], "eval.tasks evaluates published checkpoints: set checkpoint.every"),
+    (["eval.include_path=/no/such/folder"], "eval.include_path: /no/such/folder is not a folder"),
+])
+def test_eval_tasks_config_is_refused_at_load_naming_the_key(extra, message):
+    from dist_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, ["eval.tasks=[shakespeare_ppl]", *extra])
