@@ -33,6 +33,8 @@ demo: install
 		--out $(DATA)/shards --val-fraction 0.05 --num-proc $(NPROC)
 	PYTHON=$(PYTHON) bash launch/run_local.sh $(NPROC) --config configs/tiny.yaml data.path=$(DATA)/shards run.out_dir=$(RUN)
 	$(PYTHON) -m dist_train.evaluate --run $(RUN)
+	$(PIP) install -e '.[eval]'
+	$(PYTHON) -m dist_train.evaluate --run $(RUN) --tasks shakespeare_next_line,shakespeare_ppl --include-path configs/eval
 	$(PYTHON) -m dist_train.plot $(RUN) --out $(RUN)/curves.png
 	@echo "run folder: $(RUN)  metrics: $(RUN)/metrics.jsonl  checkpoints: $(RUN)/checkpoints  curves: $(RUN)/curves.png"
 

@@ -215,7 +215,7 @@ def field_docstrings() -> dict[str, str]:
 
 SECTION_CLASSES = {"model": "ModelConfig", "model.moe": "MoEConfig", "data.sources": "SourceConfig",
                    "data": "DataConfig", "train": "TrainConfig", "deepspeed": "DeepSpeedConfig",
-                   "checkpoint": "CheckpointConfig", "parallel": "ParallelConfig"}
+                   "checkpoint": "CheckpointConfig", "parallel": "ParallelConfig", "eval": "EvalConfig"}
 
 
 def test_every_numeric_field_has_a_range_that_its_docstring_states():

@@ -328,15 +328,16 @@ class EvalConfig:
     include_path: configs/eval), run on each eval.every-th published checkpoint and at the end; [] = none."""
     every: int | None = None
     """Steps between task evaluations: a multiple of checkpoint.every (the published checkpoint is what is
-    evaluated); None = checkpoint.every."""
+    evaluated); None = checkpoint.every; range > 0."""
     limit: int | None = None
-    """The first N documents of each task (None: all); keep an evaluation to minutes, the other ranks wait."""
+    """The first N documents of each task (None: all); keep an evaluation to minutes, the other ranks wait;
+    range > 0."""
     num_fewshot: int | None = None
-    """Few-shot examples per prompt (None: each task's own)."""
+    """Few-shot examples per prompt (None: each task's own); range >= 0."""
     include_path: str | None = None
     """A folder of extra lm-eval task YAMLs (configs/eval holds the two offline tasks made from the corpus)."""
     batch_size: int = 16
-    """lm-eval requests per forward pass."""
+    """lm-eval requests per forward pass; range > 0."""
 
 
 @dataclass

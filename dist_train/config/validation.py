@@ -4,6 +4,7 @@ engine starts. Each error names the key and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,8 @@ def _validate_eval(cfg: Config) -> None:
     _require(cfg.model.arch == "decoder", "eval.tasks serves decoder-only models to lm-eval; for an encoder-decoder "
              "remove eval.tasks, export the run and run `lm_eval --model hf --model_args pretrained=EXPORT,"
              "backend=seq2seq`", "eval.tasks", "model.arch")
+    _require(importlib.util.find_spec("lm_eval") is not None, "eval.tasks needs EleutherAI's lm-evaluation-harness: "
+             "pip install 'dist-train[eval]' (or remove eval.tasks)", "eval.tasks")
     every = cfg.checkpoint.every
     _require(every > 0, "eval.tasks evaluates published checkpoints: set checkpoint.every (e.g. 1000)",
              "eval.tasks", "checkpoint.every")

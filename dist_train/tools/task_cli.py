@@ -14,6 +14,7 @@ pretrained=EXPORT,backend=seq2seq`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _refusal(args: argparse.Namespace, sources: list[Weights]) -> str | None:
+    if importlib.util.find_spec("lm_eval") is None:
+        return "--tasks needs EleutherAI's lm-evaluation-harness: pip install 'dist-train[eval]'"
     if len(sources) != 1:
         return "--tasks evaluates one set of weights: give --run RUN [--step N] or one --weights DIR"
     if sources[0].config.model.arch != "decoder":
