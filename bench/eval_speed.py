@@ -1,21 +1,21 @@
-"""Downstream evaluation speed: `dist_train.evaluate --tasks` against `lm_eval --model hf` on the run's HF export.
+"""Downstream evaluation speed: our model served to lm-eval against lm-eval's own `hf` model on the run's export.
 
     python bench/eval_speed.py [--run RUN] [--tasks shakespeare_next_line,shakespeare_ppl] [--batch-size 16]
                                [--limit N] [--repeats 3] [--json]
 
 Without --run, a tiny model (configs/tiny.yaml, 100 steps, one process) is trained on the bundled corpus first.
-The run is exported once (python -m dist_train.export); then both commands evaluate the same tasks (the offline
-ones of configs/eval by default), the same documents, at the same batch size, fp32, as users run them, in
-alternation --repeats times (median reported):
+The run is exported once (python -m dist_train.export). Then, the same tasks (the offline ones of configs/eval by
+default), documents and batch size, fp32:
 
-    ours      python -m dist_train.evaluate --run RUN --tasks ... --include-path configs/eval --batch-size B
-    lm_eval   lm_eval --model hf --model_args pretrained=EXPORT,dtype=float32 --device cpu|cuda --tasks ...
-              --include_path configs/eval --batch_size B
+1. evaluation (the figure): in one process, lm-eval's `simple_evaluate` on our model
+   (`dist_train.tools.lm_eval_model.DistTrainLM`, what `dist_train.evaluate --tasks` runs) and on
+   `HFLM(pretrained=EXPORT)` (what `lm_eval --model hf` runs), both loaded once, with one task index, in
+   alternation --repeats times; the median time of each;
+2. whole commands, once each: `python -m dist_train.evaluate --run RUN --tasks ...` and `lm_eval --model hf
+   --model_args pretrained=EXPORT,dtype=float32 ...`, start-up, task index and model loading included.
 
 requests/s = lm-eval requests (one per multiple-choice option, one per text of a perplexity task) / seconds.
-Two times per command: `command` is the wall time of the whole process (imports, task loading, model loading:
-what a user waits for); `evaluation` is the time lm-eval itself reports for the evaluation (lm_eval: its results'
-total_evaluation_time_seconds; ours: the time of lm-eval's `simple_evaluate` on our model). Goal: ours >= 1.0x.
+Goal: ours >= 1.0x lm_eval hf in the evaluation.
 """
 
 from __future__ import annotations
@@ -73,25 +73,42 @@ def timed(cmd: list[str], label: str) -> float:
     return seconds
 
 
-def ours(run: Path, args: argparse.Namespace, out: Path) -> tuple[float, float, int]:
-    """(command seconds, evaluation seconds, requests) of dist_train.evaluate --tasks."""
-    cmd = [sys.executable, "-m", "dist_train.evaluate", "--run", str(run), "--tasks", args.tasks, "--include-path",
-           str(SHIPPED), "--batch-size", str(args.batch_size), "--output", str(out), "--log-samples",
-           *(["--limit", str(args.limit)] if args.limit else [])]
-    seconds = timed(cmd, "ours")
-    report = json.loads(out.read_text())
-    requests = sum(len(s["arguments"]) for rows in report["samples"].values() for s in rows)
-    return seconds, report["dist_train"]["seconds"], requests
+def in_process(run: Path, export: Path, args: argparse.Namespace, device: str) -> tuple[dict[str, list[float]], int]:
+    """Seconds of lm-eval's simple_evaluate on each model, alternated; and the number of requests."""
+    import torch
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from dist_train.checkpoint.weights import open_weights
+    from dist_train.tools.downstream import serve, task_manager
+    from dist_train.tools.task_cli import load_run_tokenizer
+
+    manager = task_manager(SHIPPED)
+    weights = open_weights(run)
+    models = {"ours": serve(weights, load_run_tokenizer(weights.config), args.batch_size, torch.device(device)),
+              "lm_eval_hf": HFLM(pretrained=str(export), dtype="float32", device=device, batch_size=args.batch_size)}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    requests = 0
+    for repeat in range(args.repeats):
+        for name, lm in models.items():
+            start = time.perf_counter()
+            results = simple_evaluate(model=lm, tasks=args.tasks.split(","), task_manager=manager, limit=args.limit,
+                                      verbosity="ERROR")
+            times[name].append(time.perf_counter() - start)
+            requests = sum(len(s["arguments"]) for rows in results["samples"].values() for s in rows)
+        print(f"repeat {repeat + 1}/{args.repeats}: ours {times['ours'][-1]:.1f} s, lm_eval hf "
+              f"{times['lm_eval_hf'][-1]:.1f} s", flush=True)
+    return times, requests
 
 
-def lm_eval_hf(export: Path, args: argparse.Namespace, out: Path, device: str) -> tuple[float, float]:
-    """(command seconds, evaluation seconds) of lm_eval --model hf on the export."""
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",
-           "--device", device, "--tasks", args.tasks, "--include_path", str(SHIPPED), "--batch_size",
-           str(args.batch_size), "--output_path", str(out), *(["--limit", str(args.limit)] if args.limit else [])]
-    seconds = timed(cmd, "lm_eval hf")
-    results = sorted(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)[-1]
-    return seconds, float(json.loads(results.read_text())["total_evaluation_time_seconds"])
+def commands(run: Path, export: Path, args: argparse.Namespace, device: str, work: Path) -> dict[str, float]:
+    limit = ["--limit", str(args.limit)] if args.limit else []
+    ours = [sys.executable, "-m", "dist_train.evaluate", "--run", str(run), "--tasks", args.tasks, "--include-path",
+            str(SHIPPED), "--batch-size", str(args.batch_size), *limit]
+    theirs = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",
+              "--device", device, "--tasks", args.tasks, "--include_path", str(SHIPPED), "--batch_size",
+              str(args.batch_size), "--output_path", str(work / "lm_eval"), *limit]
+    return {"ours": timed(ours, "ours"), "lm_eval_hf": timed(theirs, "lm_eval hf")}
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
@@ -102,38 +119,27 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     subprocess.run([sys.executable, "-m", "dist_train.export", "--run", str(run), "--out", str(export)], cwd=REPO,
                    env=environment(), check=True, capture_output=True, text=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows: dict[str, list[tuple[float, float]]] = {"ours": [], "lm_eval_hf": []}
-    requests = 0
-    for repeat in range(args.repeats):
-        command_s, evaluation_s, requests = ours(run, args, work / f"ours_{repeat}.json")
-        rows["ours"].append((command_s, evaluation_s))
-        rows["lm_eval_hf"].append(lm_eval_hf(export, args, work / f"lm_eval_{repeat}", device))
-        print(f"repeat {repeat + 1}/{args.repeats}: ours {rows['ours'][-1][0]:.1f} s, lm_eval hf "
-              f"{rows['lm_eval_hf'][-1][0]:.1f} s (whole commands)", flush=True)
+    times, requests = in_process(run, export, args, device)
+    whole = commands(run, export, args, device, work)
     summary = {"tasks": args.tasks, "batch_size": args.batch_size, "limit": args.limit, "requests": requests,
                "device": device, "repeats": args.repeats}
-    for name, times in rows.items():
-        command_s = statistics.median(t[0] for t in times)
-        evaluation_s = statistics.median(t[1] for t in times)
-        summary[name] = {"command_s": command_s, "evaluation_s": evaluation_s,
-                         "requests_per_s_command": requests / command_s,
-                         "requests_per_s_evaluation": requests / evaluation_s}
-    for kind in ("command", "evaluation"):
-        summary[f"ratio_{kind}"] = (summary["ours"][f"requests_per_s_{kind}"]
-                                    / summary["lm_eval_hf"][f"requests_per_s_{kind}"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        summary[name] = {"evaluation_s": median, "requests_per_s": requests / median, "command_s": whole[name]}
+    summary["ratio"] = summary["ours"]["requests_per_s"] / summary["lm_eval_hf"]["requests_per_s"]
+    summary["ratio_command"] = whole["lm_eval_hf"] / whole["ours"]
     return summary
 
 
 def table(s: dict) -> str:
     lines = [f"{s['requests']} requests ({s['tasks']}), batch size {s['batch_size']}, {s['device']}, median of "
              f"{s['repeats']}",
-             f"{'':<12}{'command s':>11}{'req/s':>9}{'evaluation s':>14}{'req/s':>9}"]
+             f"{'':<12}{'evaluation s':>14}{'requests/s':>12}{'whole command s':>17}"]
     for name in ("ours", "lm_eval_hf"):
         r = s[name]
-        lines.append(f"{name:<12}{r['command_s']:>11.1f}{r['requests_per_s_command']:>9.1f}"
-                     f"{r['evaluation_s']:>14.1f}{r['requests_per_s_evaluation']:>9.1f}")
-    lines.append(f"ours / lm_eval hf: {s['ratio_command']:.2f}x (whole command), {s['ratio_evaluation']:.2f}x "
-                 f"(evaluation); goal >= 1.0x")
+        lines.append(f"{name:<12}{r['evaluation_s']:>14.1f}{r['requests_per_s']:>12.1f}{r['command_s']:>17.1f}")
+    lines.append(f"ours / lm_eval hf: {s['ratio']:.2f}x requests/s in the evaluation (goal >= 1.0x), "
+                 f"{s['ratio_command']:.2f}x for the whole command")
     return "\n".join(lines)
 
 
