@@ -170,3 +170,18 @@ def test_eval_tasks_config_is_refused_at_load_naming_the_key(extra, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(TINY, ["eval.tasks=[shakespeare_ppl]", *extra])
+
+
+def test_shipped_tasks_are_what_data_prep_makes_from_the_held_out_documents(corpus_file, tmp_path):
+    from data_prep.encode import in_val_split
+    from data_prep.eval_tasks import SPLIT_SEED, VAL_FRACTION, main
+
+    assert main(["--corpus", str(corpus_file), "--out", str(tmp_path)]) == 0
+    for name in ("shakespeare_next_line.jsonl", "shakespeare_ppl.jsonl"):
+        assert (tmp_path / name).read_text() == (SHIPPED / name).read_text(), name
+    held_out = [json.loads(line)["text"] for line in corpus_file.read_text().splitlines()]
+    held_out = "\n".join(t for t in held_out if in_val_split(t, SPLIT_SEED, VAL_FRACTION))
+    items = [json.loads(line) for line in (SHIPPED / "shakespeare_next_line.jsonl").read_text().splitlines()]
+    assert len(items) == 200 and {item["label"] for item in items} == {0, 1, 2, 3}
+    for item in items:  # the passage and its true next line come from the held-out documents
+        assert all(line in held_out for line in [*item["context"].splitlines(), item["choices"][item["label"]]])
