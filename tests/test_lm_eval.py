@@ -181,3 +181,18 @@ def test_shipped_tasks_are_what_data_prep_makes_from_the_held_out_documents(corp
     assert len(items) == 200 and {item["label"] for item in items} == {0, 1, 2, 3}
     for item in items:  # the passage and its true next line come from the held-out documents
         assert all(line in held_out for line in [*item["context"].splitlines(), item["choices"][item["label"]]])
+
+
+def test_evaluate_tasks_refuses_an_encoder_decoder_with_the_seq2seq_route():
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from dist_train.config import load_config
+    from dist_train.tools.task_cli import _refusal
+
+    t5 = SimpleNamespace(config=load_config(REPO / "configs" / "t5-tiny.yaml", []))
+    args = Namespace(include_path=None, num_fewshot=None, limit=None, bootstrap_iters=0)
+    assert "backend=seq2seq" in _refusal(args, [t5])
+    decoder = SimpleNamespace(config=load_config(TINY, []))
+    assert _refusal(args, [decoder]) is None
+    assert "one set of weights" in _refusal(args, [decoder, decoder])
