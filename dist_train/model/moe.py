@@ -1,10 +1,12 @@
-"""The Mixture-of-Experts MLP: DeepSpeed's MoE layer (router, expert-parallel all-to-all, experts) around our own
-MLP as the expert, plus what DeepSpeed leaves to its caller: the router z-loss, each expert's own initial weights,
+"""The Mixture-of-Experts MLP: DeepSpeed's MoE layer (router, experts, expert-parallel groups) around our own MLP
+as the expert, plus what DeepSpeed leaves to its caller: the router z-loss, each expert's own initial weights,
 always-on shared experts, and a record of each forward's router losses and expert load for the loss and the logs.
 
 DeepSpeed's top-2 gate is Mixtral's routing (softmax over all experts, the top k, renormalised over those k).
 `top2_2nd_expert_sampling` is turned off: it picks the second expert with Gumbel noise from the global RNG, even in
-eval, which no export reproduces. Dropless (capacity_factor 0) sizes each expert's buffer by the busiest expert.
+eval, which no export reproduces. The tokens go to their experts and back by `moe_dispatch` (DeepSpeed's gate, then
+a sort-based dispatch in DeepSpeed's expert-parallel group that sends only the routed slots), not by DeepSpeed's
+MOELayer.forward, which pads every expert to the busiest one's count when dropless (capacity_factor 0).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from dist_train.config import ModelConfig
 from dist_train.model.blocks import MLP
+from dist_train.model.moe_dispatch import dispatch, route
 
 
 @dataclass
@@ -32,28 +35,7 @@ class RouterRecord:
     expert_tokens: torch.Tensor
     """(num_experts,) routed token slots per expert on this rank (top_k per token), before any drop."""
     dropped: torch.Tensor
-    """Token slots over their expert's capacity (0 when dropless)."""
-
-
-class Expert(MLP):
-    """One expert: our MLP, run on the token slots DeepSpeed filled. DeepSpeed hands each expert a (sources, 1,
-    capacity, C) buffer per expert-parallel source rank, the capacity being the busiest expert's token count
-    (dropless) or the capacity limit, and fills each source's slots from the front (its `locations` are running
-    counts), the empty ones zero rows. Computing those would cost as much again as the tokens once the load is
-    uneven (8 experts, the busiest at a 30 % share: 2.4 x the routed tokens), so each source's slots up to its last
-    filled one are computed, in place, and the rest left zero, which DeepSpeed's combine weights with zero anyway."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slots = x.shape[-2]
-        chunks = x.reshape(-1, slots, x.shape[-1])  # (sources, slots, C)
-        positions = torch.arange(1, slots + 1, device=x.device)
-        used = (chunks.ne(0).any(-1) * positions).amax(-1).tolist()  # per source: slots up to its last filled one
-        out = x.new_zeros(chunks.shape[0], slots, self.down_proj.out_features)
-        for source, n in enumerate(used):
-            # Also on no slot at all: every expert parameter then gets its (zero) gradient on every rank, which
-            # the gradient reduction over the expert-data-parallel ranks needs (or their collectives mismatch).
-            out[source, :n] = super().forward(chunks[source, :n])
-        return out.view(*x.shape[:-1], out.shape[-1])
+    """Token slots over their expert's capacity, which DeepSpeed's gate dropped (0 when dropless)."""
 
 
 class MoEMLP(nn.Module):
@@ -67,10 +49,10 @@ class MoEMLP(nn.Module):
 
         moe = cfg.moe
         self.layer, self.records = layer, records
-        self.num_experts, self.top_k, self.capacity_factor = moe.num_experts, moe.top_k, moe.capacity_factor
+        self.num_experts, self.top_k = moe.num_experts, moe.top_k
         self.ep_rank = ep_rank
         factor = moe.capacity_factor or 1.0  # unused when dropless
-        self.moe = MoE(cfg.d_model, Expert(cfg), num_experts=moe.num_experts, ep_size=ep_size, k=moe.top_k,
+        self.moe = MoE(cfg.d_model, MLP(cfg), num_experts=moe.num_experts, ep_size=ep_size, k=moe.top_k,
                        capacity_factor=factor, eval_capacity_factor=factor, min_capacity=0,
                        drop_tokens=moe.capacity_factor > 0, use_rts=False, top2_2nd_expert_sampling=False)
         self.shared = None
@@ -86,24 +68,18 @@ class MoEMLP(nn.Module):
         return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, aux_loss, expert_tokens = self.moe(x)  # (B, T, C), scalar, (E,)
-        # The gate computes its logits inside DeepSpeed (in fp32); the z-loss needs them too: one (S, C) x (C, E)
-        # matmul again, small beside the experts.
-        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.router.weight.float())  # (S, E)
+        flat = x.reshape(-1, x.shape[-1])  # (S, C)
+        # DeepSpeed's gate computes these fp32 logits itself; computed here once, for the routing and the z-loss.
+        logits = F.linear(flat.float(), self.router.weight.float())  # (S, E)
+        routes = route(self.moe.deepspeed_moe.gate, logits)
+        out = dispatch(flat, routes, self.local_experts, self.moe.deepspeed_moe.ep_group, self.moe.ep_size)
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        self.records.append(RouterRecord(aux_loss, z_loss, expert_tokens.detach(),
-                                         self._dropped(expert_tokens, logits.shape[0])))
+        dropped = routes.experts.lt(0).sum()
+        self.records.append(RouterRecord(routes.aux_loss, z_loss, routes.expert_tokens.detach(), dropped))
+        out = out.view_as(x)  # (B, T, C)
         if self.shared is not None:
             out = out + self.shared(x)
         return out
-
-    def _dropped(self, expert_tokens: torch.Tensor, tokens: int) -> torch.Tensor:
-        """Slots past capacity: DeepSpeed keeps min(count, capacity) per expert, capacity = ceil(tokens / E x
-        capacity_factor x k) (its `_capacity`)."""
-        if not self.capacity_factor:
-            return torch.zeros((), device=expert_tokens.device)
-        capacity = math.ceil(tokens / self.num_experts * self.capacity_factor * self.top_k)
-        return (expert_tokens - capacity).clamp(min=0).sum().detach()
 
     @torch.no_grad()
     def init_experts(self, cfg: ModelConfig, seed: int) -> None:
