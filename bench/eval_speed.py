@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 
 SHIPPED = REPO / "configs" / "eval"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -47,14 +48,9 @@ def environment() -> dict[str, str]:
 
 def train_tiny(out: Path, steps: int) -> Path:
     """A small trained model to evaluate: configs/tiny.yaml on the bundled corpus, one process."""
-    import socket
-
     ensure_demo_data()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**environment(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": str(free_port())}
     env.pop("OMP_NUM_THREADS", None)  # one process: all cores
     subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", f"data.path={DEMO_SHARDS}",
                     f"run.out_dir={out}", f"train.max_steps={steps}", "train.eval_every=0",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,15 +32,10 @@ sys.path.insert(0, str(REPO / "bench"))  # bench/throughput.py; the repo first, 
 sys.path.insert(0, str(REPO))
 
 from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 
 TIMING_WARMUP_STEPS = 5
 EXPERTS, TOP_K = 8, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(config: str, overrides: list[str], nproc: int, steps: int, out: Path) -> tuple[float, float]:

@@ -31,7 +31,6 @@ Compare each run's `metrics.jsonl` (`tokens_per_s`, `mfu`, `mem_gb`) and the per
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -41,13 +40,8 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 from throughput import ours  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

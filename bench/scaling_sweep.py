@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from dist_train.config import ModelConfig, load_config  # noqa: E402
 from dist_train.model.count import count_params, flops_per_token  # noqa: E402
 from dist_train.scaling.fit import fit_loss_law, fit_report, load_runs, plot_fit  # noqa: E402
 from dist_train.scaling.plan import d_ff_for  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 
 BASE_CONFIG = REPO / "configs" / "tiny.yaml"
 TOKENS_PER_PARAM = 20  # where the sizes are centred (Chinchilla's rule of thumb)
@@ -79,12 +79,6 @@ def sizes_for_budget(budget: float, shapes: list[ModelConfig], k: int, spread: f
         pool = [s for s in shapes if s not in chosen]
         chosen.append(min(pool, key=lambda s: abs(math.log(count_params(s).total / target))))
     return sorted(chosen, key=lambda s: count_params(s).total)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_run(run_dir: Path, shape: ModelConfig, tokens: int, data: Path, base: Path) -> dict:

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from dist_train.monitor.jsonl import read_metrics  # noqa: E402
 from dist_train.train.spikes import SpikeDetector  # noqa: E402
 from dist_train.train.step import EXIT_DIVERGED  # noqa: E402
 from bench.demo_data import DEMO_SHARDS, ensure_demo_data  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 
 BASELINE, GUARDED = "baseline", "qk_norm+z_loss"
 WARMUP_STEPS = 20
@@ -86,12 +86,6 @@ class Outcome:
     val_loss: float | None
     """The validation loss at the end (None when the run stopped early)."""
     exit_code: int
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(variant: str, lr: float, seed: int, steps: int, data: Path, run_dir: Path, z_loss: float) -> list[str]:
