@@ -127,10 +127,8 @@ class DistTrainLM(TemplateLM):
             tokens = self.tok_encode(context)[-(self.max_length - max_new):]
             new: list[int] = []
             while len(new) < max_new:
-                window = torch.tensor([(tokens + new)[-self.max_length:]], device=self.device)
-                states = self.model.hidden_states(window)[:, -1] if hasattr(self.model, "hidden_states") else None
-                logits = self.model.lm_head(states) if states is not None else self.model(window)[:, -1]
-                new.append(int(logits.argmax(dim=-1)))
+                log_probs = self._continuation_log_probs([(tokens + new)[-self.max_length:]], [1])[0]  # (1, V)
+                new.append(int(log_probs.argmax(dim=-1)))
                 if new[-1] == self.eot_token_id or any(s in self.tok_decode(new) for s in stops):
                     break
             answer = postprocess_generated_text(self.tok_decode(new), stops, None)
