@@ -7,7 +7,7 @@
 # $OUT/gpu_check.jsonl, else runs/gpu_check/gpu_check.jsonl); those lines become the BENCHMARKS.md rows.
 # --dry-run prints every command instead of running it, quoted as a shell would run it, for a node of NGPU GPUs
 # (default 8; no GPU needed). --only runs the named checks.
-# Checks, on 1 GPU and on all of them where there are several (about 12 minutes on one H100-class GPU):
+# Checks, on 1 GPU and on all of them where there are several:
 #   env              torch, DeepSpeed, GPUs
 #   nccl-1, nccl-N   bf16 ZeRO-2 training on 1 and N GPUs (NCCL), the same global batch: same losses
 #   fp16-zero0/2     fp16 with dynamic loss scaling: the scale is logged, grad_norm is unscaled, scaler
@@ -22,6 +22,11 @@
 #   trainer-vs-hf    bench/throughput.py: our trainer against HF Trainer + DeepSpeed on the same model
 #   moe              bench/moe.py: top-2-of-8 MoE against the dense model of the same active parameters (expert
 #                    parallel over the GPUs where there are several), and the MoE layer's memory at 2k-32k tokens
+#   document-mask    data.document_mask on FlexAttention (compiled, block mask): its logits and gradients against
+#                    SDPA with the dense mask (fp32, bf16), and a training run on each with the same losses
+#   attention-mask   bench/attention_mask.py: masked (flex, dense) against causal (flash) step time at 512-8192
+#                    tokens, documents of ~1k tokens
+# All of them take about 17 minutes: on a shorter lease run them in two calls with --only.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -93,6 +98,12 @@ train.global_batch_size=4 wandb.enabled=false | $G record trainer-vs-hf"
 check moe 300 "$PY bench/moe.py --nproc $NGPU --steps 20 --repeats 1 --json precision=bf16 deepspeed.zero_stage=2 \
 model.n_layers=8 model.d_model=1024 model.n_heads=16 model.n_kv_heads=8 model.d_ff=2816 model.seq_len=1024 \
 wandb.enabled=false | $G record moe"
+check document-mask 420 "$G pytest document-mask tests/test_document_mask.py -m gpu -k cuda_flex && \
+$G train doc-mask-flex --nproc 1 $TINY_BF16 data.document_mask=true model.attention=flex && \
+$G train doc-mask-dense --nproc 1 $TINY_BF16 data.document_mask=true model.attention=sdpa && \
+$G same-losses doc-mask-flex-vs-dense doc-mask-flex doc-mask-dense"
+check attention-mask 300 "$PY bench/attention_mask.py --device cuda --dtype bf16 --d-model 1024 --n-heads 16 \
+--n-layers 4 --doc-len 1024 --seq 512 2048 8192 --json | $G record attention-mask"
 if [ "$DRY" = 0 ]; then
     echo "results: $RESULTS" >&2
     $PY -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; \

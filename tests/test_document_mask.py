@@ -112,3 +112,93 @@ def test_compiled_model_masks_per_document_like_the_eager_one():
     with torch.no_grad():
         masked = compiled(packed_window())
     torch.testing.assert_close(masked, alone_logits(model), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FlexAttention (the CUDA kernel of the mask): its block mask and wiring, checked through the CPU forward.
+
+def test_flex_block_mask_skips_the_blocks_between_documents_and_keeps_the_rule():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from dist_train.model.flex_kernel import document_block_mask
+
+    doc = torch.tensor([[0] * 256 + [1] * 256])  # two documents over four 128-token blocks
+    block_mask = document_block_mask(doc)
+    dense = block_mask.to_dense()[0, 0]  # (4, 4): which blocks the kernel computes
+    assert dense.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    causal = create_block_mask(lambda b, h, q, kv: kv <= q, 1, None, 512, 512, device="cpu").to_dense()[0, 0]
+    assert int(dense.sum()) < int(causal.sum()) == 10  # the causal triangle's blocks that span two documents go
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_flex_kernel_gives_each_token_the_logits_of_its_document_run_alone(pos):
+    model = masked_model(model_config(pos=pos, attention="flex"))
+    assert model.document_mask is not None
+    with torch.no_grad():
+        assert type(model.document_mask.layout(packed_window()).mask).__name__ == "BlockMask"
+        masked = model(packed_window())  # FlexAttention's CPU forward: its reference form, the same rule
+    torch.testing.assert_close(masked, alone_logits(model), rtol=0, atol=1e-5)
+
+
+def test_flex_kernel_model_traces_as_one_graph_with_its_block_mask():
+    """train.compile: the block mask is built inside the traced forward without a graph break (fullgraph). The
+    aot_eager backend traces as inductor does but runs the reference kernel (inductor has no CPU flex kernel for
+    this shape; on CUDA the GPU check compiles it)."""
+    model = masked_model(model_config(attention="flex"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        masked = compiled(packed_window())
+    torch.testing.assert_close(masked, alone_logits(model), rtol=0, atol=1e-5)
+
+
+def test_flex_kernel_without_gradients_on_the_cpu_only_and_training_there_is_refused(shard_dir):
+    from dist_train.train.preflight import preflight
+
+    model = masked_model(model_config(attention="flex")).train()
+    with pytest.raises(RuntimeError, match="no backward on the CPU"):
+        model(packed_window(), torch.roll(packed_window(), -1, dims=1))
+    cfg = load_config(TINY, [f"data.path={shard_dir}", "data.document_mask=true", "model.attention=flex"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.attention=flex needs a CUDA GPU"):
+            preflight(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention=flex"], "model.attention=flex runs the document mask"),
+    (["model.attention=flex", "data.document_mask=true", "model.dropout=0.1"],
+     "FlexAttention has no attention dropout"),
+])
+def test_flex_kernel_without_the_document_mask_or_with_dropout_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert message in str(e.value) and "model.attention" in e.value.keys
+
+
+def test_auto_kernel_builds_the_block_mask_on_cuda_only_and_never_with_dropout():
+    from dist_train.model.flex_kernel import wants_flex
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wants_flex("auto", cuda, 0.0) and wants_flex("flex", cpu, 0.0)
+    assert not wants_flex("auto", cpu, 0.0) and not wants_flex("auto", cuda, 0.1) and not wants_flex("sdpa", cuda, 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
+def test_cuda_flex_kernel_gives_the_dense_masks_logits_and_gradients(dtype, tolerance):
+    """The compiled FlexAttention kernel against SDPA with the dense boolean mask, forward and backward."""
+    results = []
+    for attention in ("flex", "sdpa"):
+        model = masked_model(model_config(attention=attention, seq_len=512, vocab_size=64)).cuda().to(dtype).train()
+        ids = torch.randint(1, 64, (2, 512), generator=torch.Generator().manual_seed(0))
+        ids[:, ::97] = EOS
+        ids = ids.cuda()
+        assert type(model.document_mask.layout(ids).mask).__name__ == ("BlockMask" if attention == "flex" else "Tensor")
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        results.append((logits.detach().float(), [p.grad.float() for p in model.parameters()]))
+    (flex, flex_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(flex, dense, rtol=0, atol=tolerance)
+    for a, b in zip(flex_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)

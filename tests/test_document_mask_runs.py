@@ -41,17 +41,19 @@ def packed_ids(vocab: int) -> torch.Tensor:
 
 def _sliced_masked_logits_worker(rank: int, world_size: int) -> list[float]:
     """Max |logits of the whole window (one process) - logits of the SP=2 slices| with the mask on, for RoPE and
-    learned positions, and the same against the unmasked model (which must differ). float64, weights of
-    init_std 0.3 as in test_parallel's SP test: attention depends strongly on position and document."""
+    learned positions on SDPA's dense mask and RoPE on FlexAttention's block mask (its CPU forward), and the same
+    against the unmasked model (which must differ). float64, weights of init_std 0.3 as in test_parallel's SP test:
+    attention depends strongly on position and document."""
     import torch.distributed as dist
 
     from dist_train.model import sequence_parallel
 
     out = []
     group = dist.new_group([0, 1])
-    for pos, norm, mlp in (("rope", "rmsnorm", "swiglu"), ("learned", "layernorm", "gelu")):
+    for pos, norm, mlp, kernel in (("rope", "rmsnorm", "swiglu", "sdpa"), ("learned", "layernorm", "gelu", "sdpa"),
+                                   ("rope", "rmsnorm", "swiglu", "flex")):
         cfg = load_config(TINY, [f"model.pos={pos}", f"model.norm={norm}", f"model.mlp={mlp}", "model.init_std=0.3",
-                                 "model.n_layers=2", "model.attention=sdpa"]).model
+                                 "model.n_layers=2", f"model.attention={kernel}", "data.document_mask=true"]).model
         torch.manual_seed(0)
         model = build_model(cfg).double().eval()
         document_mask.enable(model, EOS)
@@ -72,11 +74,13 @@ def _sliced_masked_logits_worker(rank: int, world_size: int) -> list[float]:
 
 @pytest.mark.slow
 def test_sequence_parallel_slices_give_one_process_masked_logits():
-    for rank, (rope, rope_plain, learned, learned_plain) in enumerate(run_distributed(_sliced_masked_logits_worker, 2)):
-        print(f"rank {rank}: max |SP=2 - whole| masked logits: rope {rope:.2e}, learned {learned:.2e}; "
-              f"against the unmasked model: {rope_plain:.2e}, {learned_plain:.2e}")
-        assert rope < 1e-5 and learned < 1e-5
-        assert rope_plain > 1e-2 and learned_plain > 1e-2
+    for rank, gaps in enumerate(run_distributed(_sliced_masked_logits_worker, 2)):
+        rope, rope_plain, learned, learned_plain, flex, flex_plain = gaps
+        print(f"rank {rank}: max |SP=2 - whole| masked logits: rope {rope:.2e}, learned {learned:.2e}, rope on "
+              f"FlexAttention {flex:.2e}; against the unmasked model: {rope_plain:.2e}, {learned_plain:.2e}, "
+              f"{flex_plain:.2e}")
+        assert rope < 1e-5 and learned < 1e-5 and flex < 1e-5
+        assert rope_plain > 1e-2 and learned_plain > 1e-2 and flex_plain > 1e-2
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

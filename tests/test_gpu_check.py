@@ -17,7 +17,14 @@ from distributed_helpers import REPO
 from dist_train.config import load_config
 
 CHECKS = ["env", "nccl-1", "nccl-N", "fp16-zero0", "fp16-zero2", "kernels", "compile-zero2", "zero3-offload",
-          "memory-estimate", "reshard-resume", "mfu-eager", "mfu-compiled", "trainer-vs-hf", "moe"]
+          "memory-estimate", "reshard-resume", "mfu-eager", "mfu-compiled", "trainer-vs-hf", "moe", "document-mask",
+          "attention-mask"]
+PYTEST_SELECTIONS = {
+    "memory-estimate": ["tests/test_scaling.py::test_memory_estimate_matches_torch_cuda_max_memory_allocated"],
+    "document-mask": [f"tests/test_document_mask.py::test_cuda_flex_kernel_gives_the_dense_masks_logits_and_gradients"
+                      f"[{dtype}]" for dtype in ("fp32", "bf16")],
+}
+"""The tests each pytest check must select: an empty selection would pass on a GPU without checking anything."""
 
 
 def test_gpu_check_dry_run_prints_every_command_it_would_run(tmp_path):
@@ -40,6 +47,9 @@ def test_gpu_check_dry_run_prints_every_command_it_would_run(tmp_path):
     assert "bench/throughput.py" in commands["trainer-vs-hf"] and "hf-trainer" in commands["trainer-vs-hf"]
     assert "-k cuda_max_memory" in commands["memory-estimate"]
     assert "bench/moe.py" in commands["moe"] and "--json" in commands["moe"]
+    assert "model.attention=flex" in commands["document-mask"] and "model.attention=sdpa" in commands["document-mask"]
+    assert "same-losses doc-mask-flex-vs-dense" in commands["document-mask"]
+    assert "--device cuda" in commands["attention-mask"] and "--seq 512 2048 8192" in commands["attention-mask"]
     assert not results.exists(), "a dry run must not run or record anything"
 
 
@@ -141,13 +151,14 @@ def test_every_gpu_check_command_is_accepted_by_its_script_and_its_config(tmp_pa
                 proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
                                        "no:cacheprovider", *args.pytest_args], cwd=REPO, capture_output=True,
                                       text=True, timeout=120)
-                assert [line for line in proc.stdout.splitlines() if "::" in line] == [
-                    "tests/test_scaling.py::test_memory_estimate_matches_torch_cuda_max_memory_allocated"], proc.stdout
+                selected = [line for line in proc.stdout.splitlines() if "::" in line]
+                assert selected == PYTEST_SELECTIONS[args.name], proc.stdout
         else:
             args = bench_script(script).build_parser().parse_args(argv)
             checked.add(script)
-            load_config(args.config, args.overrides)
+            if hasattr(args, "config"):  # bench/attention_mask.py builds its model from its own options
+                load_config(args.config, args.overrides)
     assert checked == {"bench/gpu_check.py train", "bench/gpu_check.py same-losses", "bench/gpu_check.py kernels",
                        "bench/gpu_check.py pytest", "bench/gpu_check.py record",
                        "bench/gpu_check.py cpu-to-gpu-resume", "bench/mfu.py",
-                       "bench/throughput.py", "bench/moe.py"}
+                       "bench/throughput.py", "bench/moe.py", "bench/attention_mask.py"}

@@ -217,9 +217,16 @@ def _validate_moe(cfg: Config) -> None:
 
 
 def _validate_document_mask(cfg: Config) -> None:
+    m = cfg.model
+    if m.attention == "flex":
+        _require(cfg.data.document_mask, "model.attention=flex runs the document mask (data.document_mask=true); "
+                 "the plain causal mask is fastest on SDPA's flash kernel: use model.attention=auto or sdpa",
+                 "model.attention", "data.document_mask")
+        _require(m.dropout == 0.0, "model.attention=flex with model.dropout > 0: FlexAttention has no attention "
+                 "dropout; set model.dropout=0 or model.attention=auto (SDPA with a boolean mask)", "model.attention",
+                 "model.dropout")
     if not cfg.data.document_mask:
         return
-    m = cfg.model
     _require(m.arch == "decoder", "data.document_mask with model.arch=encoder_decoder: span corruption turns each "
              "window into one encoder input and one target, with no packed documents to mask apart; remove "
              "data.document_mask", "data.document_mask", "model.arch")

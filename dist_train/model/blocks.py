@@ -13,6 +13,7 @@ from torch import nn
 
 from dist_train.config import ModelConfig
 from dist_train.distributed.process_group import gathered_for_init
+from dist_train.model.flex_kernel import flex_document_attention, is_block_mask
 
 
 class RMSNorm(nn.Module):
@@ -228,7 +229,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 bias: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """allowed: (B, 1, T_window, T_window) boolean, the keys each query may see (data.document_mask)."""
+        """allowed: the keys each query may see (data.document_mask): (B, 1, T_window, T_window) booleans, or
+        FlexAttention's block mask of the window."""
         B, T, _ = x.shape
         source = x if memory is None else memory  # (B, Tk, C): keys and values come from here
         Tk = source.shape[1]
@@ -240,7 +242,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        attention = matmul_attention if use_matmul_attention(self.kernel, x) else sdpa_attention
+        if is_block_mask(allowed):  # data.document_mask on CUDA: the kernel that skips the masked blocks
+            attention = flex_document_attention
+        else:
+            attention = matmul_attention if use_matmul_attention(self.kernel, x) else sdpa_attention
         dropout = self.dropout if self.training else 0.0
         if self.ulysses is not None:  # T is this rank's slice; causal self-attention runs on the whole sequence
             y = self.ulysses(q, k, v, attention, dropout, allowed)  # (B, nh, T, hd)

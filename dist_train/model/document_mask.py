@@ -10,9 +10,11 @@ Both come from the token ids of the whole window: under sequence parallelism (Ul
 so the slices are all-gathered over the group first (B x T int64 ids, small beside the activations). Attention
 then runs over the whole sequence after the all-to-all, with the mask of the whole window.
 
-The mask is a boolean (B, 1, T, T) tensor handed to SDPA (or added as -inf to the matmul kernel's scores); SDPA
-with an arbitrary mask cannot use the flash kernel, and on the CPU it costs the masked blocks too
-(bench/attention_mask.py measures it).
+On CUDA (model.attention=auto or flex) the mask is FlexAttention's block mask, built once per forward, and
+attention runs the compiled FlexAttention kernel, which skips the blocks no query may see (`flex_kernel`).
+Elsewhere it is a boolean (B, 1, T, T) tensor handed to SDPA (or added as -inf to the matmul kernel's scores);
+SDPA with an arbitrary mask cannot use the flash kernel and costs the masked blocks too (bench/attention_mask.py
+measures both).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+
+from dist_train.model.flex_kernel import document_block_mask, wants_flex
 
 
 def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -51,20 +56,24 @@ def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DocumentLayout:
-    """What one forward needs: this rank's positions (B, T_local) and the whole window's mask (B, 1, T, T)."""
+    """What one forward needs: this rank's positions (B, T_local) and the whole window's mask (B, 1, T, T), dense
+    booleans or FlexAttention's block mask."""
 
     positions: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | BlockMask
 
 
 class DocumentMask:
-    """The EOS id that separates documents, and (under sequence parallelism) the group to gather the window over."""
+    """The EOS id that separates documents, and which mask to build: model.attention and model.dropout choose
+    between FlexAttention's block mask and a dense one (`flex_kernel.wants_flex`)."""
 
-    def __init__(self, eos_token_id: int):
+    def __init__(self, eos_token_id: int, attention: str = "auto", dropout: float = 0.0):
         self.eos_token_id = eos_token_id
+        self.attention, self.dropout = attention, dropout
 
     def layout(self, input_ids: torch.Tensor, group: Any = None) -> DocumentLayout:
-        """input_ids: (B, T) this rank's tokens (a slice of the window when `group` is a sequence-parallel group)."""
+        """input_ids: (B, T) this rank's tokens (a slice of the window when `group` is a sequence-parallel group,
+        gathered over it)."""
         if group is None:
             full, start = input_ids, 0
         else:
@@ -73,9 +82,14 @@ class DocumentMask:
             full, start = torch.cat(slices, dim=1), dist.get_rank(group) * input_ids.shape[1]  # (B, T_window)
         doc = document_ids(full, self.eos_token_id)
         positions = document_positions(doc)[:, start:start + input_ids.shape[1]]  # (B, T_local)
-        return DocumentLayout(positions=positions, mask=block_causal_mask(doc))
+        flex = wants_flex(self.attention, input_ids.device, self.dropout)
+        return DocumentLayout(positions=positions, mask=document_block_mask(doc) if flex else block_causal_mask(doc))
 
 
 def enable(model: nn.Module, eos_token_id: int | None) -> None:
-    """Mask `model`'s attention per document split at `eos_token_id` (None: the plain causal mask)."""
-    model.document_mask = None if eos_token_id is None else DocumentMask(eos_token_id)
+    """Mask `model`'s attention per document split at `eos_token_id` (None: the plain causal mask); the kernel
+    follows the model's config (model.attention, model.dropout)."""
+    if eos_token_id is None:
+        model.document_mask = None
+    else:
+        model.document_mask = DocumentMask(eos_token_id, model.cfg.attention, model.cfg.dropout)

@@ -109,6 +109,9 @@ def check_machine(cfg: Config) -> None:
     if cfg.precision == "fp16" and not torch.cuda.is_available() and not cpu_runs_fp16():
         raise ConfigError("precision=fp16 needs a CUDA GPU or a CPU with fp16 arithmetic (AVX512-FP16 or AMX-FP16; "
                           "DeepSpeed refuses fp16 on this one); use precision=bf16 or precision=fp32 here")
+    if cfg.model.attention == "flex" and not torch.cuda.is_available():
+        raise ConfigError("model.attention=flex needs a CUDA GPU: torch's FlexAttention has no backward on the CPU; "
+                          "use model.attention=auto here (SDPA with a boolean document mask)")
 
 
 def check_positions(cfg: Config) -> None:
