@@ -209,3 +209,30 @@ def assert_same_end(run_dir, reference) -> None:
 def tail(path: Path, chars: int = 4000) -> str:
     return path.read_text()[-chars:] if path.exists() else "(no log)"
 
+
+
+def tensor_parallel_logits(rank: int, world_size: int, ckpt: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the run's own engine: AutoTP-sharded over 2 processes, the checkpoint loaded by DeepSpeed, the
+    model built as the trainer builds it (the document mask of data.document_mask included)."""
+    from dist_train.checkpoint.layout import read_client_state
+    from dist_train.config import config_from_dict
+    from dist_train.distributed import import_deepspeed
+    from dist_train.engine.build import documents_eos
+    from dist_train.engine.ds_config import deepspeed_config
+    from dist_train.engine.parallel import set_up_parallel
+    from dist_train.model import document_mask
+    from dist_train.model.build import build_model
+
+    path = Path(ckpt)
+    cfg = config_from_dict(read_client_state(path)["config"])
+    model = build_model(cfg.model)
+    document_mask.enable(model, documents_eos(cfg))
+    mpu = set_up_parallel(cfg, model)
+    engine, *_ = import_deepspeed().initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                               config=deepspeed_config(cfg, world_size), mpu=mpu)
+    assert engine.module.blocks[0].attn.q_proj.weight.shape[0] == cfg.model.d_model // 2, "the engine is sharded"
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    engine.eval()
+    with torch.no_grad():
+        return engine(ids).float().clone()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed_helpers import REPO, run_distributed
-from resume_helpers import checkpoint, command, overrides, run, tail
+from resume_helpers import checkpoint, command, overrides, run, tail, tensor_parallel_logits
 
 from data_prep.shard import shard_corpus
 from dist_train.checkpoint.weights import checkpoint_weights
@@ -130,6 +130,21 @@ def test_masked_runs_under_tensor_and_sequence_parallelism_and_grad_checkpointin
             assert all(abs(losses[step] - reference[step]) > 1e-3 for step in (2, 3, 4)), "the mask changes the loss"
         else:
             assert losses == pytest.approx(reference, rel=1e-5), name
+    # TP=2 on the logits too: the tp2 run's sharded engine against one process given its joined weights.
+    ckpt = checkpoint(tmp_path / "tp2", 4)
+    weights = checkpoint_weights(ckpt)
+    ids = val_windows(short_docs_dir, weights.config.model.seq_len, weights.config.train.seed, 2)[:, :-1]
+    sharded = run_distributed(tensor_parallel_logits, 2, str(ckpt), ids)[0]
+    one = weights.load_into(build_model(weights.config.model)).eval()
+    document_mask.enable(one, read_manifest(short_docs_dir)["eos_token_id"])
+    with torch.no_grad():
+        whole = one(ids)
+        one.document_mask = None
+        plain = one(ids)
+    print(f"max |TP=2 - one process| masked logits: {(sharded - whole).abs().max().item():.2e}; against the "
+          f"unmasked model: {(sharded - plain).abs().max().item():.2e}")
+    torch.testing.assert_close(sharded, whole, rtol=0, atol=1e-5)
+    assert (sharded - plain).abs().max() > 1e-2
 
 
 def val_windows(shard_dir: Path, seq_len: int, seed: int, count: int) -> torch.Tensor:

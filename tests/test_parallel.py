@@ -22,6 +22,7 @@ from resume_helpers import (
     shared_run,
     start,
     tail,
+    tensor_parallel_logits,
     wait_until,
 )
 
@@ -211,28 +212,6 @@ def test_kill_and_resume_matches_uninterrupted_run_bit_for_bit(request, shard_di
     for key in oa:
         assert torch.equal(oa[key], ob[key]), key
     print(f"{layout}: {len(ours)} weight tensors and {len(oa)} optimizer tensors identical after the kill")
-
-
-def tensor_parallel_logits(rank: int, world_size: int, ckpt: str, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the run's own engine: AutoTP-sharded over 2 processes, the checkpoint loaded by DeepSpeed."""
-    from dist_train.checkpoint.layout import read_client_state
-    from dist_train.config import config_from_dict
-    from dist_train.distributed import import_deepspeed
-    from dist_train.engine.parallel import set_up_parallel
-    from dist_train.model.build import build_model
-
-    path = Path(ckpt)
-    cfg = config_from_dict(read_client_state(path)["config"])
-    model = build_model(cfg.model)
-    mpu = set_up_parallel(cfg, model)
-    engine, *_ = import_deepspeed().initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                               config=deepspeed_config(cfg, world_size), mpu=mpu)
-    assert engine.module.blocks[0].attn.q_proj.weight.shape[0] == cfg.model.d_model // 2, "the engine is sharded"
-    engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
-    engine.eval()
-    with torch.no_grad():
-        return engine(ids).float().clone()
 
 
 @pytest.mark.slow
