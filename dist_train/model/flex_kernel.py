@@ -53,7 +53,10 @@ def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError("model.attention=flex: torch's FlexAttention has no backward on the CPU; train on the "
                            "CPU with model.attention=auto (SDPA with a boolean document mask)")
-    kernel = flex_attention if q.device.type == "cpu" else _compiled(flex_attention)
+    # Inside a compiled forward (train.compile) the tracer lowers flex_attention itself; on the CPU (forward only)
+    # the reference implementation runs.
+    plain = q.device.type == "cpu" or torch.compiler.is_compiling()
+    kernel = flex_attention if plain else _compiled(flex_attention)
     return kernel(q, k, v, block_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
 
 
