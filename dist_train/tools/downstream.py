@@ -78,35 +78,45 @@ def serve(weights: Weights, tokenizer: Any, batch_size: int, device: torch.devic
 
 def run_tasks(lm: DistTrainLM, names: list[str], manager: Any, *, num_fewshot: int | None = None,
               limit: int | None = None, bootstrap_iters: int = 0, log_samples: bool = False) -> TaskResults:
-    """Evaluate `lm` on the tasks that load; a task that fails to load, or fails while evaluated, is skipped."""
+    """Evaluate `lm` on the tasks that load; a task that fails to load, or fails while evaluated, is skipped.
+    Each is loaded once, alone (so that one failing does not take the others down), and the loaded tasks and
+    groups are handed to lm-eval as they are."""
     from lm_eval.evaluator import simple_evaluate
 
     start = time.perf_counter()
     failures: dict[str, str] = {}
-    loadable = []
+    loaded: list[Any] = []
     for name in names:
         try:
-            manager.load_task_or_group([name])
-            loadable.append(name)
+            loaded += _loaded_objects(manager.load([name]), name)
         except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise anything (offline, missing files)
             failures[name] = f"{type(e).__name__}: {e}"
 
-    def evaluate(tasks: list[str]) -> dict[str, Any] | None:
+    def evaluate(tasks: list[Any]) -> dict[str, Any] | None:
         return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
                                bootstrap_iters=bootstrap_iters, log_samples=log_samples, verbosity="ERROR")
 
     results = None
-    if loadable:
+    if loaded:
         try:
-            results = evaluate(loadable)
+            results = evaluate(loaded)
         except Exception:  # noqa: BLE001 - find which task it was: evaluate each alone, keep the ones that work
-            results = _one_by_one(evaluate, loadable, failures)
+            results = _one_by_one(evaluate, [n for n in names if n not in failures], failures)
     for name, why in failures.items():
         logging.getLogger(__name__).warning("lm-eval task %s skipped: %s", name, why)
     return TaskResults(results=results, failures=failures, seconds=time.perf_counter() - start)
 
 
+def _loaded_objects(loaded: dict[str, Any], name: str) -> list[Any]:
+    """What lm-eval built for the name `name` (TaskManager.load's {"tasks", "groups", ...}): its group, or its
+    task(s) (a tag names several)."""
+    if name in loaded["groups"]:
+        return [loaded["groups"][name]]
+    return list(loaded["tasks"].values())
+
+
 def _one_by_one(evaluate: Any, names: list[str], failures: dict[str, str]) -> dict[str, Any] | None:
+    """Each task by name again (loaded afresh: the failed run may have left the loaded ones half built)."""
     merged: dict[str, Any] | None = None
     for name in names:
         try:
