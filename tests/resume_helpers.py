@@ -210,7 +210,6 @@ def tail(path: Path, chars: int = 4000) -> str:
     return path.read_text()[-chars:] if path.exists() else "(no log)"
 
 
-
 def tensor_parallel_logits(rank: int, world_size: int, ckpt: str, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the run's own engine: AutoTP-sharded over 2 processes, the checkpoint loaded by DeepSpeed, the
     model built as the trainer builds it (the document mask of data.document_mask included)."""

@@ -10,7 +10,7 @@ from distributed_helpers import REPO
 from dist_train.config import ConfigError, ModelConfig, load_config
 from dist_train.model import document_mask
 from dist_train.model.decoder import Transformer
-from dist_train.model.document_mask import block_causal_mask, document_ids, document_positions
+from dist_train.model.document_mask import DocumentMask, block_causal_mask, document_ids, document_positions
 
 TINY = REPO / "configs" / "tiny.yaml"
 EOS = 0
@@ -130,10 +130,20 @@ def test_flex_block_mask_skips_the_blocks_between_documents_and_keeps_the_rule()
     assert int(dense.sum()) < int(causal.sum()) == 10  # the causal triangle's blocks that span two documents go
 
 
+FLEX_SHAPE = dict(d_model=64, d_ff=128)
+"""Heads of 16: torch's compiled FlexAttention refuses narrower ones on CUDA."""
+
+
+def flex_model(flex: str = "always", **overrides: object) -> Transformer:
+    """The masked model with the block mask built where `flex` says (always: also on the CPU, forward only)."""
+    model = masked_model(model_config(**FLEX_SHAPE, **overrides))
+    model.document_mask = DocumentMask(EOS, flex=flex)
+    return model
+
+
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_flex_kernel_gives_each_token_the_logits_of_its_document_run_alone(pos):
-    model = masked_model(model_config(pos=pos, attention="flex"))
-    assert model.document_mask is not None
+    model = flex_model(pos=pos)
     with torch.no_grad():
         assert type(model.document_mask.layout(packed_window()).mask).__name__ == "BlockMask"
         masked = model(packed_window())  # FlexAttention's CPU forward: its reference form, the same rule
@@ -144,7 +154,7 @@ def test_flex_kernel_model_traces_as_one_graph_with_its_block_mask():
     """train.compile: the block mask is built inside the traced forward without a graph break (fullgraph). The
     aot_eager backend traces as inductor does but runs the reference kernel (inductor has no CPU flex kernel for
     this shape; on CUDA the GPU check compiles it)."""
-    model = masked_model(model_config(attention="flex"))
+    model = flex_model()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
@@ -152,10 +162,10 @@ def test_flex_kernel_model_traces_as_one_graph_with_its_block_mask():
     torch.testing.assert_close(masked, alone_logits(model), rtol=0, atol=1e-5)
 
 
-def test_flex_kernel_without_gradients_on_the_cpu_only_and_training_there_is_refused(shard_dir):
+def test_flex_kernel_has_no_cpu_backward_so_training_there_is_refused(shard_dir):
     from dist_train.train.preflight import preflight
 
-    model = masked_model(model_config(attention="flex")).train()
+    model = flex_model().train()
     with pytest.raises(RuntimeError, match="no backward on the CPU"):
         model(packed_window(), torch.roll(packed_window(), -1, dims=1))
     cfg = load_config(TINY, [f"data.path={shard_dir}", "data.document_mask=true", "model.attention=flex"])
@@ -168,37 +178,62 @@ def test_flex_kernel_without_gradients_on_the_cpu_only_and_training_there_is_ref
     (["model.attention=flex"], "model.attention=flex runs the document mask"),
     (["model.attention=flex", "data.document_mask=true", "model.dropout=0.1"],
      "FlexAttention has no attention dropout"),
+    (["model.attention=flex", "data.document_mask=true", "model.n_heads=16", "model.n_kv_heads=4"],
+     "model.attention=flex with heads of 8"),
 ])
-def test_flex_kernel_without_the_document_mask_or_with_dropout_is_refused_naming_the_key(overrides, message):
+def test_flex_kernel_without_the_document_mask_with_dropout_or_narrow_heads_is_refused(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides)
     assert message in str(e.value) and "model.attention" in e.value.keys
 
 
-def test_auto_kernel_builds_the_block_mask_on_cuda_only_and_never_with_dropout():
-    from dist_train.model.flex_kernel import wants_flex
+def test_auto_kernel_builds_the_block_mask_on_cuda_only_without_dropout_and_for_heads_of_16():
+    from dist_train.model.flex_kernel import flex_policy
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert wants_flex("auto", cuda, 0.0) and wants_flex("flex", cpu, 0.0)
-    assert not wants_flex("auto", cpu, 0.0) and not wants_flex("auto", cuda, 0.1) and not wants_flex("sdpa", cuda, 0.0)
+    assert flex_policy(model_config(**FLEX_SHAPE)) == "cuda" == flex_policy(model_config(**FLEX_SHAPE,
+                                                                                         attention="flex"))
+    assert flex_policy(model_config(**FLEX_SHAPE, dropout=0.1)) == "never"
+    assert flex_policy(model_config(**FLEX_SHAPE, attention="sdpa")) == "never"
+    assert flex_policy(model_config()) == "never"  # heads of 8
+    model = masked_model(model_config(**FLEX_SHAPE))  # document_mask.enable: from the config
+    assert model.document_mask.flex == "cuda"
+    with torch.no_grad():  # on the CPU a "cuda" policy builds the dense mask (evaluating a flex-trained run)
+        assert model.document_mask.layout(packed_window()).mask.dtype == torch.bool
+
+
+def _flex_and_dense_runs(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Logits and gradients of one CUDA model (heads of 16, 512 tokens, a document every ~97) on the compiled
+    FlexAttention kernel, on SDPA with the dense mask, and with no mask. The loss projects the logits on fixed
+    random directions, so every gradient is of order one."""
+    ids = torch.randint(1, 64, (2, 512), generator=torch.Generator().manual_seed(0))
+    ids[:, ::97] = EOS
+    ids = ids.cuda()
+    directions = torch.randn(2, 512, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    runs = {}
+    for name, mask in (("flex", DocumentMask(EOS, flex="cuda")), ("dense", DocumentMask(EOS)), ("plain", None)):
+        model = masked_model(model_config(**FLEX_SHAPE, seq_len=512, vocab_size=64)).cuda().to(dtype).train()
+        model.document_mask = mask
+        logits = model(ids)
+        (logits.float() * directions).sum().backward()
+        runs[name] = (logits.detach().float(), [p.grad.float() for p in model.parameters()])
+    return runs
+
+
+def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
 def test_cuda_flex_kernel_gives_the_dense_masks_logits_and_gradients(dtype, tolerance):
-    """The compiled FlexAttention kernel against SDPA with the dense boolean mask, forward and backward."""
-    results = []
-    for attention in ("flex", "sdpa"):
-        model = masked_model(model_config(attention=attention, seq_len=512, vocab_size=64)).cuda().to(dtype).train()
-        ids = torch.randint(1, 64, (2, 512), generator=torch.Generator().manual_seed(0))
-        ids[:, ::97] = EOS
-        ids = ids.cuda()
-        assert type(model.document_mask.layout(ids).mask).__name__ == ("BlockMask" if attention == "flex" else "Tensor")
-        logits = model(ids)
-        logits.float().square().mean().backward()
-        results.append((logits.detach().float(), [p.grad.float() for p in model.parameters()]))
-    (flex, flex_grads), (dense, dense_grads) = results
-    torch.testing.assert_close(flex, dense, rtol=0, atol=tolerance)
-    for a, b in zip(flex_grads, dense_grads):
-        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    """The compiled FlexAttention kernel against SDPA with the dense boolean mask, forward and backward, each
+    tensor within `tolerance` in relative norm; the unmasked model must be well beyond it."""
+    runs = _flex_and_dense_runs(dtype)
+    (flex, flex_grads), (dense, dense_grads), (plain, plain_grads) = runs["flex"], runs["dense"], runs["plain"]
+    gaps = [relative_gap(flex, dense)] + [relative_gap(a, b) for a, b in zip(flex_grads, dense_grads)]
+    controls = [relative_gap(plain, dense)] + [relative_gap(a, b) for a, b in zip(plain_grads, dense_grads)]
+    print(f"{dtype}: flex against dense, worst relative gap {max(gaps):.2e} (logits {gaps[0]:.2e}); unmasked "
+          f"against dense: logits {controls[0]:.2e}, smallest over tensors {min(controls):.2e}")
+    assert max(gaps) < tolerance
+    assert controls[0] > 5 * tolerance and max(controls) > 10 * tolerance  # on the CPU: 0.19 and 0.87

@@ -20,7 +20,7 @@ from dist_train.data.loader import TokenLoader
 from dist_train.formats.manifest import read_manifest
 from dist_train.model import document_mask
 from dist_train.model.build import build_model
-from dist_train.model.document_mask import document_ids, document_positions
+from dist_train.model.document_mask import DocumentMask, document_ids, document_positions
 
 TINY = REPO / "configs" / "tiny.yaml"  # Llama-style: rmsnorm, rope, swiglu; n_heads 4, n_kv_heads 2, seq_len 128
 MASKED = ("data.document_mask=true", "train.max_steps=4", "checkpoint.every=4")
@@ -56,13 +56,14 @@ def _sliced_masked_logits_worker(rank: int, world_size: int) -> list[float]:
                                  "model.n_layers=2", f"model.attention={kernel}", "data.document_mask=true"]).model
         torch.manual_seed(0)
         model = build_model(cfg).double().eval()
-        document_mask.enable(model, EOS)
+        masked = DocumentMask(EOS, flex="always" if kernel == "flex" else "never")
         ids = packed_ids(cfg.vocab_size)
         with torch.no_grad():
+            model.document_mask = masked
             whole = model(ids)
             model.document_mask = None
             plain = model(ids)
-            document_mask.enable(model, EOS)
+            model.document_mask = masked
             sequence_parallel.enable(model, group)
             half = model(ids[:, rank * 64:(rank + 1) * 64]).contiguous()
         slices = [torch.empty_like(half) for _ in range(2)]

@@ -21,7 +21,7 @@ CHECKS = ["env", "nccl-1", "nccl-N", "fp16-zero0", "fp16-zero2", "kernels", "com
           "attention-mask"]
 PYTEST_SELECTIONS = {
     "memory-estimate": ["tests/test_scaling.py::test_memory_estimate_matches_torch_cuda_max_memory_allocated"],
-    "document-mask": [f"tests/test_document_mask.py::test_cuda_flex_kernel_gives_the_dense_masks_logits_and_gradients"
+    "document-mask": ["tests/test_document_mask.py::test_cuda_flex_kernel_gives_the_dense_masks_logits_and_gradients"
                       f"[{dtype}]" for dtype in ("fp32", "bf16")],
 }
 """The tests each pytest check must select: an empty selection would pass on a GPU without checking anything."""

@@ -156,21 +156,23 @@ def test_evaluate_tasks_refuses_an_unknown_task_and_reports_one_that_cannot_run(
 
 
 def test_evaluate_tasks_runs_a_group_and_a_task_given_together(tmp_path_factory, shard_dir, tmp_path):
-    """A group (its tasks loaded once, then handed to lm-eval as loaded objects) beside a plain task."""
+    """A group (loaded once, then handed to lm-eval as loaded) beside a plain task, evaluated together."""
     run_dir = shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, "deepspeed.zero_stage=2")
     include = tmp_path / "tasks"
     include.mkdir()
     for path in SHIPPED.iterdir():
         (include / path.name).write_bytes(path.read_bytes())
     (include / "shakespeare_group.yaml").write_text(
-        "group: shakespeare_both\ntask:\n  - shakespeare_next_line\n  - shakespeare_ppl\n"
+        "group: shakespeare_group\ntask:\n  - shakespeare_next_line\n"
         "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
-    proc = run_cli(["-m", "dist_train.evaluate", "--run", str(run_dir), "--tasks", "shakespeare_both,shakespeare_ppl",
+    proc = run_cli(["-m", "dist_train.evaluate", "--run", str(run_dir), "--tasks", "shakespeare_group,shakespeare_ppl",
                     "--include-path", str(include), "--limit", "2", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluating each alone" not in proc.stderr, "the tasks ran together, as loaded"
     results = json.loads(proc.stdout)
-    assert {"shakespeare_both", "shakespeare_next_line", "shakespeare_ppl"} <= set(results["results"])
-    assert "eval/shakespeare_next_line/acc" in results["dist_train"]["metrics"]
+    assert {"shakespeare_group", "shakespeare_next_line", "shakespeare_ppl"} <= set(results["results"])
+    metrics = results["dist_train"]["metrics"]
+    assert metrics["eval/shakespeare_group/acc"] == metrics["eval/shakespeare_next_line/acc"]  # its one task
 
 
 @pytest.mark.parametrize("extra,message", [

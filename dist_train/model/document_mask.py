@@ -10,11 +10,11 @@ Both come from the token ids of the whole window: under sequence parallelism (Ul
 so the slices are all-gathered over the group first (B x T int64 ids, small beside the activations). Attention
 then runs over the whole sequence after the all-to-all, with the mask of the whole window.
 
-On CUDA (model.attention=auto or flex) the mask is FlexAttention's block mask, built once per forward, and
-attention runs the compiled FlexAttention kernel, which skips the blocks no query may see (`flex_kernel`).
-Elsewhere it is a boolean (B, 1, T, T) tensor handed to SDPA (or added as -inf to the matmul kernel's scores);
-SDPA with an arbitrary mask cannot use the flash kernel and costs the masked blocks too (bench/attention_mask.py
-measures both).
+On CUDA (model.attention=auto or flex; without dropout, heads of 16 or more) the mask is FlexAttention's block
+mask, built once per forward, and attention runs the compiled FlexAttention kernel, which skips the blocks no
+query may see (`flex_kernel`). Elsewhere it is a boolean (B, 1, T, T) tensor handed to SDPA (or added as -inf to
+the matmul kernel's scores); SDPA with an arbitrary mask cannot use the flash kernel and costs the masked blocks
+too (bench/attention_mask.py measures both).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from dist_train.model.flex_kernel import document_block_mask, wants_flex
+from dist_train.model.flex_kernel import FlexPolicy, document_block_mask, flex_policy
 
 
 def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -64,12 +64,13 @@ class DocumentLayout:
 
 
 class DocumentMask:
-    """The EOS id that separates documents, and which mask to build: model.attention and model.dropout choose
-    between FlexAttention's block mask and a dense one (`flex_kernel.wants_flex`)."""
+    """The EOS id that separates documents, and where to build FlexAttention's block mask rather than the dense
+    one: `flex` is "cuda" (on CUDA devices: what model.attention=auto and flex train with, `flex_kernel.
+    flex_policy`), "never", or "always" (the CPU too, where FlexAttention runs forward only: tests and benches)."""
 
-    def __init__(self, eos_token_id: int, attention: str = "auto", dropout: float = 0.0):
+    def __init__(self, eos_token_id: int, flex: FlexPolicy = "never"):
         self.eos_token_id = eos_token_id
-        self.attention, self.dropout = attention, dropout
+        self.flex = flex
 
     def layout(self, input_ids: torch.Tensor, group: Any = None) -> DocumentLayout:
         """input_ids: (B, T) this rank's tokens (a slice of the window when `group` is a sequence-parallel group,
@@ -82,14 +83,14 @@ class DocumentMask:
             full, start = torch.cat(slices, dim=1), dist.get_rank(group) * input_ids.shape[1]  # (B, T_window)
         doc = document_ids(full, self.eos_token_id)
         positions = document_positions(doc)[:, start:start + input_ids.shape[1]]  # (B, T_local)
-        flex = wants_flex(self.attention, input_ids.device, self.dropout)
+        flex = self.flex == "always" or (self.flex == "cuda" and input_ids.device.type == "cuda")
         return DocumentLayout(positions=positions, mask=document_block_mask(doc) if flex else block_causal_mask(doc))
 
 
 def enable(model: nn.Module, eos_token_id: int | None) -> None:
     """Mask `model`'s attention per document split at `eos_token_id` (None: the plain causal mask); the kernel
-    follows the model's config (model.attention, model.dropout)."""
+    follows the model's config (model.attention, model.dropout, its head size)."""
     if eos_token_id is None:
         model.document_mask = None
     else:
-        model.document_mask = DocumentMask(eos_token_id, model.cfg.attention, model.cfg.dropout)
+        model.document_mask = DocumentMask(eos_token_id, flex_policy(model.cfg))

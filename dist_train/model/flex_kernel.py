@@ -2,22 +2,25 @@
 every 128 x 128 block of scores that no query may see (torchtitan's block-causal flex attention).
 
 A dense (B, 1, T, T) boolean mask costs SDPA the whole T x T score matrix and keeps it off the flash kernel; with
-documents of ~1k tokens in an 8k window the blocks inside the documents are about a tenth of the causal triangle,
-so the compiled FlexAttention kernel can be as fast as flash on the plain causal mask. The mask function is the
-same rule as `document_mask.block_causal_mask`: key s <= query t, and both in the same document.
+documents of ~1k tokens in an 8k window the blocks inside the documents are about a seventh of the causal
+triangle, so the compiled FlexAttention kernel can be as fast as flash on the plain causal mask. The mask
+function is the same rule as `document_mask.block_causal_mask`: key s <= query t, and both in the same document.
 
 torch 2.13's FlexAttention has no backward on the CPU (and its eager form materialises the scores), so it is the
-CUDA kernel: model.attention=auto takes it on CUDA when the document mask is on, `flex` asks for it anywhere the
-forward can run (a CPU forward without gradients runs it unfused, which the tests use to check the mask).
+CUDA kernel: model.attention=auto and flex take it on CUDA when the document mask is on (`flex_policy`); the
+tests check the mask through the CPU forward, which runs it unfused.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+if TYPE_CHECKING:  # config validation imports this module for FLEX_MIN_HEAD_DIM
+    from dist_train.config import ModelConfig
 
 
 def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
@@ -50,7 +53,7 @@ def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     causal rule is inside the block mask, and there is no dropout or bias (config validation refuses both)."""
     if dropout_p or bias is not None or allowed is None:
         raise ValueError("FlexAttention runs the document mask only, without dropout or a position bias")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("model.attention=flex: torch's FlexAttention has no backward on the CPU; train on the "
                            "CPU with model.attention=auto (SDPA with a boolean document mask)")
     # Inside a compiled forward (train.compile) the tracer lowers flex_attention itself; on the CPU (forward only)
@@ -64,9 +67,18 @@ def is_block_mask(allowed: Any) -> bool:
     return isinstance(allowed, BlockMask)
 
 
-def wants_flex(choice: str, device: torch.device, dropout: float) -> bool:
-    """Whether the document mask is built for FlexAttention (else as a dense boolean mask for SDPA or matmul):
-    model.attention=flex anywhere; auto on CUDA when there is no attention dropout (FlexAttention has none)."""
-    if choice == "flex":
-        return True
-    return choice == "auto" and device.type == "cuda" and dropout == 0.0
+FlexPolicy = Literal["cuda", "never", "always"]
+
+FLEX_MIN_HEAD_DIM = 16
+"""torch's compiled FlexAttention refuses heads narrower than this on CUDA ("NYI: embedding dimension ... must be
+at least 16")."""
+
+
+def flex_policy(cfg: ModelConfig) -> FlexPolicy:
+    """Where a model of `cfg` builds the document mask for FlexAttention: on CUDA under model.attention=auto or
+    flex, when it has no attention dropout (FlexAttention has none) and heads of 16 or more (validation refuses
+    `flex` otherwise; `auto` keeps the dense mask). On the CPU FlexAttention has no backward and its forward is
+    an unfused reference that holds heads x T x T scores, so a run trained with `flex` is evaluated there on
+    the dense mask, the same math."""
+    usable = cfg.dropout == 0.0 and cfg.head_dim >= FLEX_MIN_HEAD_DIM
+    return "cuda" if cfg.attention in ("auto", "flex") and usable else "never"

@@ -20,6 +20,8 @@ from dist_train.checkpoint.weights import Weights
 from dist_train.model.build import build_model
 from dist_train.tools.lm_eval_model import DistTrainLM
 
+log = logging.getLogger(__name__)
+
 SHIPPED_TASKS = Path(__file__).resolve().parents[2] / "configs" / "eval"
 """The offline tasks made from the bundled corpus (configs/eval: shakespeare_next_line, shakespeare_ppl)."""
 
@@ -100,10 +102,11 @@ def run_tasks(lm: DistTrainLM, names: list[str], manager: Any, *, num_fewshot: i
     if loaded:
         try:
             results = evaluate(loaded)
-        except Exception:  # noqa: BLE001 - find which task it was: evaluate each alone, keep the ones that work
+        except Exception as e:  # noqa: BLE001 - find which task it was: evaluate each alone, keep the ones that work
+            log.warning("lm-eval failed on the tasks together (%s: %s); evaluating each alone", type(e).__name__, e)
             results = _one_by_one(evaluate, [n for n in names if n not in failures], failures)
     for name, why in failures.items():
-        logging.getLogger(__name__).warning("lm-eval task %s skipped: %s", name, why)
+        log.warning("lm-eval task %s skipped: %s", name, why)
     return TaskResults(results=results, failures=failures, seconds=time.perf_counter() - start)
 
 
