@@ -97,8 +97,8 @@ class ModelConfig:
     """Attention kernel: `sdpa` (torch's scaled_dot_product_attention: the flash kernel on GPU), `matmul` (two
     batched matmuls and an fp32 softmax: faster than torch's CPU flash kernel in bf16 for short sequences, but
     seq_len^2 memory), `flex` (data.document_mask only: compiled FlexAttention with a block mask that skips the
-    masked blocks; CUDA, no dropout), `auto` (flex for the document mask on CUDA without dropout; matmul for
-    bf16/fp16 on the CPU up to 128 tokens; else sdpa). Same math."""
+    masked blocks; CUDA, no dropout, heads of 16 or more), `auto` (flex for the document mask on CUDA where it can
+    run; matmul for bf16/fp16 on the CPU up to 128 tokens; else sdpa). Same math."""
     norm_eps: float = 1e-5
     """Epsilon of the normalisation layers (the q/k norms' too); range > 0."""
     qk_norm: bool = False
