@@ -216,19 +216,23 @@ def _validate_moe(cfg: Config) -> None:
              "sharded) or 1, and spread the experts with parallel.expert", "deepspeed.zero_stage", *keys)
 
 
+FLEX_MIN_HEAD_DIM = 16
+"""torch's compiled FlexAttention refuses heads narrower than this on CUDA ("NYI: embedding dimension ... must be
+at least 16"): model.attention=flex is refused below it, and `auto` keeps the dense mask there."""
+
+
 def _validate_document_mask(cfg: Config) -> None:
     m = cfg.model
     if m.attention == "flex":
-        from dist_train.model.flex_kernel import FLEX_MIN_HEAD_DIM
         _require(cfg.data.document_mask, "model.attention=flex runs the document mask (data.document_mask=true); "
                  "the plain causal mask is fastest on SDPA's flash kernel: use model.attention=auto or sdpa",
                  "model.attention", "data.document_mask")
         _require(m.dropout == 0.0, "model.attention=flex with model.dropout > 0: FlexAttention has no attention "
                  "dropout; set model.dropout=0 or model.attention=auto (SDPA with a boolean mask)", "model.attention",
                  "model.dropout")
-        _require(m.head_dim >= FLEX_MIN_HEAD_DIM, f"model.attention=flex with heads of {m.head_dim} (model.d_model / "
-                 f"model.n_heads): torch's compiled FlexAttention needs 16 or more; use fewer heads or "
-                 f"model.attention=auto (SDPA with a boolean mask)", "model.attention", "model.n_heads")
+        _require(m.head_dim >= FLEX_MIN_HEAD_DIM, f"model.attention=flex with heads of {m.head_dim} (model.d_model "
+                 f"/ model.n_heads): torch's compiled FlexAttention needs {FLEX_MIN_HEAD_DIM} or more; use fewer heads "
+                 f"or model.attention=auto (SDPA with a boolean mask)", "model.attention", "model.n_heads")
     if not cfg.data.document_mask:
         return
     _require(m.arch == "decoder", "data.document_mask with model.arch=encoder_decoder: span corruption turns each "

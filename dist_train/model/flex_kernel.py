@@ -14,13 +14,13 @@ tests check the mask through the CPU forward, which runs it unfused.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-if TYPE_CHECKING:  # config validation imports this module for FLEX_MIN_HEAD_DIM
-    from dist_train.config import ModelConfig
+from dist_train.config import ModelConfig
+from dist_train.config.validation import FLEX_MIN_HEAD_DIM
 
 
 def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
@@ -68,11 +68,6 @@ def is_block_mask(allowed: Any) -> bool:
 
 
 FlexPolicy = Literal["cuda", "never", "always"]
-
-FLEX_MIN_HEAD_DIM = 16
-"""torch's compiled FlexAttention refuses heads narrower than this on CUDA ("NYI: embedding dimension ... must be
-at least 16")."""
-
 
 def flex_policy(cfg: ModelConfig) -> FlexPolicy:
     """Where a model of `cfg` builds the document mask for FlexAttention: on CUDA under model.attention=auto or
