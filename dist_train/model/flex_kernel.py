@@ -68,6 +68,8 @@ def is_block_mask(allowed: Any) -> bool:
 
 
 FlexPolicy = Literal["cuda", "never", "always"]
+"""Where DocumentMask builds FlexAttention's block mask: on CUDA devices, never, or always (the CPU too)."""
+
 
 def flex_policy(cfg: ModelConfig) -> FlexPolicy:
     """Where a model of `cfg` builds the document mask for FlexAttention: on CUDA under model.attention=auto or
