@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from dist_train.config import ModelConfig  # noqa: E402
 from dist_train.model.document_mask import DocumentMask  # noqa: E402
+from dist_train.tools.export import DTYPES  # noqa: E402
 from dist_train.model.decoder import Transformer  # noqa: E402
 
 EOS = 0
@@ -45,9 +46,6 @@ def step_ms(model: Transformer, ids: torch.Tensor) -> float:
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def document_masks(device: str) -> dict[str, DocumentMask | None]:
