@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,9 +160,7 @@ def test_evaluate_tasks_runs_a_group_and_a_task_given_together(tmp_path_factory,
     """A group (loaded once, then handed to lm-eval as loaded) beside a plain task, evaluated together."""
     run_dir = shared_run(tmp_path_factory, shard_dir, "zero2_x2", 2, "deepspeed.zero_stage=2")
     include = tmp_path / "tasks"
-    include.mkdir()
-    for path in SHIPPED.iterdir():
-        (include / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(SHIPPED, include)
     (include / "shakespeare_group.yaml").write_text(
         "group: shakespeare_group\ntask:\n  - shakespeare_next_line\n"
         "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
